@@ -1,0 +1,1 @@
+"""olss_dist: distributed OLSS calibration of fast diffusion schedulers."""

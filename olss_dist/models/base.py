@@ -1,0 +1,63 @@
+"""The model-adapter contract shared by the teacher, the on-policy fit, the Ray job and evaluation."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+
+class DiffusionModel(ABC):
+    """A guided noise predictor with everything calibration needs to know about it.
+
+    Attributes:
+        model_id: human-readable identity (hub id, path, ``"embedded"``, ``"analytic"``).
+        digest: sha256 hex digest of the content that affects sampling (weights and configs).
+        latent_shape: shape of one latent sample, e.g. ``(4, 64, 64)``.
+        alphas_cumprod: ``(num_train_timesteps,)`` float64, the model's own noise schedule.
+        prediction_type: what the network predicts (``"epsilon"`` or ``"v_prediction"``);
+            ``__call__`` always returns epsilon.
+        scheduler_config: the model's own diffusers scheduler config (for built-in solvers).
+        guidance_scale: classifier-free guidance scale used by ``__call__``.
+        device: where ``__call__`` runs.
+    """
+
+    model_id: str
+    digest: str
+    latent_shape: tuple[int, ...]
+    alphas_cumprod: np.ndarray
+    prediction_type: str
+    scheduler_config: dict[str, Any]
+    guidance_scale: float
+    device: torch.device
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(len(self.alphas_cumprod))
+
+    @abstractmethod
+    def encode_prompts(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None) -> Any:
+        """Conditioning for a batch of prompts, indexable along the batch (first) dimension."""
+
+    @abstractmethod
+    def __call__(self, x: torch.Tensor, t: int, cond: Any) -> torch.Tensor:
+        """Guided epsilon for ``x (B, *latent_shape)`` at train timestep ``t``; same shape and dtype as ``x``."""
+
+    def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:
+        """``(B, *latent_shape)`` float32 standard normal latents, one CPU generator per seed.
+
+        Each sample depends on its own seed only, so any shard can be recomputed bit for bit.
+        """
+        return torch.stack(
+            [torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        )
+
+    def default_prompts(self) -> list[str]:
+        """Prompts used when the user gives none."""
+        raise NotImplementedError(f"{type(self).__name__} has no default prompts; pass --prompts")
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray | None:
+        """``(B, H, W, 3)`` uint8 images for image models; ``None`` where there is no decoder."""
+        return None
