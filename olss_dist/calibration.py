@@ -1,0 +1,186 @@
+"""Calibration statistics: the triangular factor of all teacher trajectories, and the fits made from it."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from safetensors.numpy import save as save_safetensors
+from safetensors.numpy import load as load_safetensors
+
+from olss_dist.lstsq import solve_from_r
+from olss_dist.plan import Plan
+from olss_dist.planner import SearchErrors, check_nodes, even_nodes, output_column, search_path, state_column
+from olss_dist.teacher import validate_timesteps
+from olss_dist.tsqr import DEFAULT_CHUNK_ROWS, iter_row_chunks, merge_r_factors, streaming_r_factor
+
+FORMAT = "olss_dist.calibration"
+FORMAT_VERSION = 1
+
+
+def as_tensor(array: Any) -> torch.Tensor:
+    return array if isinstance(array, torch.Tensor) else torch.from_numpy(np.asarray(array))
+
+
+def check_trajectories(states: torch.Tensor, noise_preds: torch.Tensor, num_teacher_steps: int) -> None:
+    """Raise ValueError unless ``states (B, N+1, *shape)`` and ``noise_preds (B, N, *shape)`` are finite and match."""
+    if states.ndim < 3:
+        raise ValueError(f"states must be (B, N+1, *latent_shape), got shape {tuple(states.shape)}")
+    expected = (states.shape[0], num_teacher_steps, *states.shape[2:])
+    if states.shape[1] != num_teacher_steps + 1:
+        raise ValueError(
+            f"states has {states.shape[1]} states per sample, expected N+1 = {num_teacher_steps + 1} for {num_teacher_steps} timesteps"
+        )
+    if tuple(noise_preds.shape) != expected:
+        raise ValueError(f"noise_preds must have shape {expected}, got {tuple(noise_preds.shape)}")
+    if states.shape[0] == 0:
+        raise ValueError("trajectories are empty (batch size 0)")
+    for name, tensor in (("states", states), ("noise_preds", noise_preds)):
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{name} contain NaN or Inf")
+
+
+class Calibration:
+    """Exact least-squares statistics of teacher trajectories, independent of the sample count.
+
+    Args:
+        r_factor: ``(2N+1, 2N+1)`` float64 upper-triangular factor of the calibration matrix whose rows
+            are latent elements of samples and whose columns are ``s_0, e_0, s_1, ..., e_{N-1}, s_N``.
+        num_samples: trajectories behind ``r_factor``.
+        num_rows: rows behind ``r_factor`` (samples x latent elements).
+        timesteps: ``(N,)`` strictly decreasing train timesteps of the teacher.
+    """
+
+    def __init__(self, r_factor: np.ndarray, num_samples: int, num_rows: int, timesteps: Any):
+        self.timesteps = validate_timesteps(timesteps)
+        self.r_factor = np.ascontiguousarray(r_factor, dtype=np.float64)
+        size = 2 * len(self.timesteps) + 1
+        if self.r_factor.shape != (size, size):
+            raise ValueError(f"r_factor must be ({size}, {size}) for {len(self.timesteps)} timesteps, got {self.r_factor.shape}")
+        self.num_samples = int(num_samples)
+        self.num_rows = int(num_rows)
+        self._search_errors: SearchErrors | None = None
+
+    @property
+    def num_teacher_steps(self) -> int:
+        return len(self.timesteps)
+
+    @classmethod
+    def from_trajectories(
+        cls, states: Any, noise_preds: Any, timesteps: Any, chunk_rows: int = DEFAULT_CHUNK_ROWS
+    ) -> "Calibration":
+        """Reduce trajectories to their R factor, streaming ``chunk_rows`` rows at a time.
+
+        Args:
+            states: ``(B, N+1, *shape)`` teacher states, numpy or torch (any device; the QR runs there).
+            noise_preds: ``(B, N, *shape)`` guided outputs.
+            timesteps: ``(N,)`` teacher timesteps.
+            chunk_rows: rows per QR chunk; bounds memory to ``chunk_rows * (2N+1)`` float64.
+        """
+        timesteps = validate_timesteps(timesteps)
+        states, noise_preds = as_tensor(states), as_tensor(noise_preds)
+        check_trajectories(states, noise_preds, len(timesteps))
+        chunks = iter_row_chunks(states, noise_preds, chunk_rows)
+        r = streaming_r_factor(chunks, 2 * len(timesteps) + 1)
+        return cls(r.cpu().numpy(), states.shape[0], states[:, 0].numel(), timesteps)
+
+    @classmethod
+    def merge(cls, calibrations: Sequence["Calibration"]) -> "Calibration":
+        """Statistics of the union of the samples behind ``calibrations`` (order does not matter)."""
+        if len(calibrations) == 0:
+            raise ValueError("Calibration.merge needs at least one calibration")
+        first = calibrations[0]
+        for other in calibrations[1:]:
+            if not np.array_equal(other.timesteps, first.timesteps):
+                raise ValueError("cannot merge calibrations with different teacher timesteps")
+        return cls(
+            merge_r_factors([c.r_factor for c in calibrations]),
+            sum(c.num_samples for c in calibrations),
+            sum(c.num_rows for c in calibrations),
+            first.timesteps,
+        )
+
+    def fit(self, nodes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Teacher-forced OLSS fit of a path (the paper's coefficients).
+
+        Step ``i`` fits ``s_{nodes[i+1]}`` (``s_N`` after the last node) on ``[x_T, e_{nodes[0]}, ..., e_{nodes[i]}]``.
+
+        Returns:
+            coefficients ``(K, K+1)`` and step_errors ``(K,)``: mean squared error per element.
+        """
+        nodes = check_nodes(nodes, self.num_teacher_steps)
+        targets = nodes[1:] + [self.num_teacher_steps]
+        coefficients = np.zeros((len(nodes), len(nodes) + 1))
+        step_errors = np.zeros(len(nodes))
+        for i, target in enumerate(targets):
+            features = [state_column(0)] + [output_column(n) for n in nodes[: i + 1]]
+            weights, residual = solve_from_r(self.r_factor, features, [state_column(target)])
+            coefficients[i, : i + 2] = weights[:, 0]
+            step_errors[i] = residual[0] / self.num_rows
+        return coefficients, step_errors
+
+    def search_errors(self, nodes: Sequence[int]) -> np.ndarray:
+        """``(K,)`` local search errors of the path ``nodes`` (see ``olss_dist.planner``)."""
+        nodes = check_nodes(nodes, self.num_teacher_steps)
+        if self._search_errors is None:
+            self._search_errors = SearchErrors(self.r_factor, self.num_rows)
+        return self._search_errors.along(nodes)
+
+    def plan_for_nodes(self, nodes: Sequence[int], spacing: str) -> Plan:
+        """Teacher-forced plan on given nodes."""
+        nodes = check_nodes(nodes, self.num_teacher_steps)
+        coefficients, step_errors = self.fit(nodes)
+        return Plan(
+            nodes=nodes,
+            timesteps=self.timesteps[nodes],
+            coefficients=coefficients,
+            step_errors=step_errors,
+            search_errors=self.search_errors(nodes),
+            fit="teacher_forced",
+            spacing=spacing,
+            num_teacher_steps=self.num_teacher_steps,
+        )
+
+    def plan(self, num_steps: int) -> Plan:
+        """Minimax path of exactly ``num_steps`` nodes with its teacher-forced coefficients."""
+        nodes, _ = search_path(self.r_factor, self.num_rows, int(num_steps))
+        spacing = "uniform" if nodes == even_nodes(self.num_teacher_steps, int(num_steps)) else "minimax"
+        return self.plan_for_nodes(nodes, spacing)
+
+    def to_bytes(self) -> bytes:
+        """safetensors bytes: tensors ``r_factor`` and ``timesteps``, counts in the JSON metadata."""
+        metadata = {
+            "format": FORMAT,
+            "format_version": str(FORMAT_VERSION),
+            "num_samples": str(self.num_samples),
+            "num_rows": str(self.num_rows),
+        }
+        return save_safetensors({"r_factor": self.r_factor, "timesteps": self.timesteps}, metadata=metadata)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Calibration":
+        metadata = safetensors_metadata(data)
+        if metadata.get("format") != FORMAT:
+            raise ValueError(f"not an olss_dist calibration (format {metadata.get('format')!r})")
+        tensors = load_safetensors(data)
+        return cls(tensors["r_factor"], int(metadata["num_samples"]), int(metadata["num_rows"]), tensors["timesteps"])
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_bytes(self.to_bytes())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Calibration":
+        return cls.from_bytes(Path(path).read_bytes())
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors blob, read from its JSON header."""
+    if len(data) < 8:
+        raise ValueError("truncated safetensors data")
+    (header_size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + header_size])
+    return header.get("__metadata__", {})

@@ -1,0 +1,80 @@
+"""Least squares over the rows of a tall matrix, computed from its triangular factor R alone.
+
+For feature columns F and target columns Y of A = QR, the fit of A[:, Y] on A[:, F] equals the fit of
+R[:, Y] on R[:, F], with the same residual sum of squares. R is upper triangular, so only the rows
+up to the largest column index involved carry anything.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def solve_from_r(
+    r: np.ndarray, features: Sequence[int], targets: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares coefficients and residual sums of squares of ``targets`` on ``features``.
+
+    Args:
+        r: ``(C, C)`` float64 upper-triangular factor of the data matrix.
+        features: column indices of the regressors, ``F`` of them.
+        targets: column indices of the targets, ``T`` of them.
+
+    Returns:
+        coefficients ``(F, T)`` and residual sums of squares ``(T,)``, both float64, summed over
+        every row of the data matrix (divide by the row count for a mean).
+    """
+    features = list(features)
+    targets = list(targets)
+    top = max(features + targets) + 1
+    a = r[:top, features]
+    y = r[:top, targets]
+    coefficients = np.linalg.lstsq(a, y, rcond=None)[0]
+    residual = y - a @ coefficients
+    return coefficients, np.einsum("rt,rt->t", residual, residual)
+
+
+def orthonormal_basis(a: np.ndarray, rtol: float = 1e-12) -> np.ndarray:
+    """``(M, rank)`` orthonormal basis of the column space of ``a (M, F)``, by SVD.
+
+    Nearly dependent columns (neighbouring outputs are) are dropped below ``rtol`` times the largest
+    singular value instead of inflating the span with rounding noise.
+    """
+    u, s, _ = np.linalg.svd(a, full_matrices=False)
+    if s.size == 0 or s[0] == 0:
+        return u[:, :0]
+    return u[:, s > s[0] * rtol]
+
+
+def tail_sums_of_squares(r: np.ndarray, columns: Sequence[int]) -> np.ndarray:
+    """``(C+1, len(columns))``: entry ``[k, j]`` is the sum of ``r[k:, columns[j]] ** 2``."""
+    block = r[:, list(columns)] ** 2
+    tails = np.zeros((r.shape[0] + 1, block.shape[1]))
+    tails[:-1] = np.cumsum(block[::-1], axis=0)[::-1]
+    return tails
+
+
+def residuals_of_many(
+    r: np.ndarray, features: Sequence[int], targets: np.ndarray, target_tails: np.ndarray
+) -> np.ndarray:
+    """Residual sums of squares of many targets on one feature set, with one QR of the features.
+
+    The features live in rows ``0..top-1`` (``top = max(features) + 1``); the part of each target below
+    that is orthogonal to every feature and enters through ``target_tails``.
+
+    Args:
+        r: ``(C, C)`` upper-triangular factor.
+        features: feature column indices.
+        targets: ``(T,)`` target column indices.
+        target_tails: ``(C+1, T)`` tail sums of squares of the targets (``tail_sums_of_squares``).
+
+    Returns:
+        ``(T,)`` residual sums of squares.
+    """
+    top = max(features) + 1
+    q = orthonormal_basis(r[:top, list(features)])
+    y = r[:top, targets]
+    residual = y - q @ (q.T @ y)
+    return np.einsum("rt,rt->t", residual, residual) + target_tails[top]

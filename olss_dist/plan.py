@@ -1,0 +1,85 @@
+"""A plan: the K teacher nodes kept and the coefficients of each sampler step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Plan:
+    """A K-step sampler in OLSS form.
+
+    Step ``i`` computes ``x_{i+1} = c[i, 0] * x_T + sum_{j <= i} c[i, j+1] * eps_j`` where ``eps_j`` is the
+    model's guided output at step ``j`` (train timestep ``timesteps[j]``).
+
+    Attributes:
+        nodes: K strictly increasing teacher indices, ``nodes[0] == 0``.
+        timesteps: ``(K,)`` int64 train timesteps of the nodes.
+        coefficients: ``(K, K+1)`` float64, zeros right of the diagonal ``j = i + 1``.
+        step_errors: ``(K,)`` float64 mean squared error per element of each fitted step.
+        search_errors: ``(K,)`` float64 local errors of the path search (NaN where not searched).
+        fit: ``"teacher_forced"``, ``"on_policy"``, or ``"builtin:<solver>"`` for a converted solver.
+        spacing: how the nodes were chosen (``"minimax"``, ``"uniform"``, ``"trailing"``...).
+        candidates: every candidate considered for this step count with its validation scores.
+        num_teacher_steps: N of the calibration the nodes index into.
+    """
+
+    nodes: list[int]
+    timesteps: np.ndarray
+    coefficients: np.ndarray
+    step_errors: np.ndarray
+    search_errors: np.ndarray
+    fit: str = "teacher_forced"
+    spacing: str = "minimax"
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    num_teacher_steps: int | None = None
+
+    def __post_init__(self):
+        self.nodes = [int(n) for n in self.nodes]
+        self.timesteps = np.asarray(self.timesteps, dtype=np.int64)
+        self.coefficients = np.asarray(self.coefficients, dtype=np.float64)
+        self.step_errors = np.asarray(self.step_errors, dtype=np.float64)
+        self.search_errors = np.asarray(self.search_errors, dtype=np.float64)
+        k = len(self.nodes)
+        if self.timesteps.shape != (k,) or self.coefficients.shape != (k, k + 1):
+            raise ValueError(
+                f"plan with {k} nodes needs timesteps ({k},) and coefficients ({k}, {k + 1}), got "
+                f"{self.timesteps.shape} and {self.coefficients.shape}"
+            )
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.nodes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form."""
+        return {
+            "num_steps": self.num_steps,
+            "nodes": self.nodes,
+            "timesteps": self.timesteps.tolist(),
+            "coefficients": self.coefficients.tolist(),
+            "step_errors": self.step_errors.tolist(),
+            "search_errors": [None if np.isnan(e) else e for e in self.search_errors.tolist()],
+            "fit": self.fit,
+            "spacing": self.spacing,
+            "candidates": self.candidates,
+            "num_teacher_steps": self.num_teacher_steps,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        search = data.get("search_errors") or [None] * len(data["nodes"])
+        return cls(
+            nodes=data["nodes"],
+            timesteps=data["timesteps"],
+            coefficients=data["coefficients"],
+            step_errors=data.get("step_errors") or [np.nan] * len(data["nodes"]),
+            search_errors=[np.nan if e is None else e for e in search],
+            fit=data.get("fit", "teacher_forced"),
+            spacing=data.get("spacing", "minimax"),
+            candidates=list(data.get("candidates", [])),
+            num_teacher_steps=data.get("num_teacher_steps"),
+        )

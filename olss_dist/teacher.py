@@ -1,0 +1,112 @@
+"""The teacher: deterministic DDIM (eta 0) with the model's guided noise predictions.
+
+The teacher runs N steps over strictly decreasing train timesteps and ends at the clean sample
+(alpha 1 after the last step). It records every state and every guided output, which is all the
+calibration statistics are made of.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+Denoiser = Callable[[torch.Tensor, int, Any], torch.Tensor]
+"""``denoiser(x (B, *shape), t: int, cond) -> guided epsilon (B, *shape)``."""
+
+
+def trailing_timesteps(num_teacher_steps: int = 1000, num_train_timesteps: int = 1000) -> np.ndarray:
+    """``(N,)`` int64 train timesteps with diffusers' "trailing" spacing, starting at ``T - 1``.
+
+    For ``N == T`` this is ``T-1, ..., 0``. "leading" spacing with an offset is never used: at
+    ``N == T`` it would leave the range.
+    """
+    if not 1 <= num_teacher_steps <= num_train_timesteps:
+        raise ValueError(
+            f"num_teacher_steps must be in [1, {num_train_timesteps}], got {num_teacher_steps}"
+        )
+    ratio = num_train_timesteps / num_teacher_steps
+    return (np.round(np.arange(num_train_timesteps, 0, -ratio)) - 1).astype(np.int64)
+
+
+def validate_timesteps(timesteps: Any, num_train_timesteps: int | None = None) -> np.ndarray:
+    """Return ``timesteps`` as ``(N,)`` int64, or raise ValueError if not strictly decreasing in range."""
+    timesteps = np.asarray(timesteps)
+    if timesteps.ndim != 1 or timesteps.size == 0:
+        raise ValueError(f"timesteps must be a non-empty 1-D sequence, got shape {timesteps.shape}")
+    if not np.all(np.equal(np.mod(timesteps, 1), 0)):
+        raise ValueError("timesteps must be integers")
+    timesteps = timesteps.astype(np.int64)
+    if np.any(np.diff(timesteps) >= 0):
+        raise ValueError("timesteps must be strictly decreasing (e.g. 999, 998, ..., 0)")
+    if timesteps[-1] < 0 or (num_train_timesteps is not None and timesteps[0] >= num_train_timesteps):
+        raise ValueError(
+            f"timesteps must lie in [0, {num_train_timesteps}), got {timesteps[0]} ... {timesteps[-1]}"
+        )
+    return timesteps
+
+
+def ddim_coefficients(alpha_now: float, alpha_next: float) -> tuple[float, float]:
+    """``(a, b)`` with ``x_next = a * x + b * eps`` for one deterministic DDIM step.
+
+    ``a = sqrt(alpha_next / alpha_now)``, ``b = sqrt(1 - alpha_next) - sqrt(alpha_next (1 - alpha_now) / alpha_now)``;
+    alphas are cumulative products (``alphas_cumprod``), 1 meaning the clean sample.
+    """
+    a = float(np.sqrt(alpha_next / alpha_now))
+    b = float(np.sqrt(1.0 - alpha_next) - np.sqrt(alpha_next * (1.0 - alpha_now) / alpha_now))
+    return a, b
+
+
+def teacher_alphas(timesteps: np.ndarray, alphas_cumprod: Any) -> np.ndarray:
+    """``(N+1,)`` float64 cumulative alphas at each teacher state; the last one is 1 (clean sample)."""
+    alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
+    if timesteps[0] >= len(alphas_cumprod):
+        raise ValueError(
+            f"timestep {timesteps[0]} is outside alphas_cumprod of length {len(alphas_cumprod)}"
+        )
+    return np.append(alphas_cumprod[timesteps], 1.0)
+
+
+def record_trajectories(
+    denoiser: Denoiser,
+    x_T: torch.Tensor,
+    cond: Any,
+    timesteps: Any,
+    alphas_cumprod: Any,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the N-step DDIM teacher from ``x_T`` and record its states and guided outputs.
+
+    Args:
+        denoiser: ``denoiser(x, t, cond) -> eps``, see ``Denoiser``.
+        x_T: ``(B, *shape)`` initial noise.
+        cond: conditioning passed to the denoiser untouched.
+        timesteps: ``(N,)`` strictly decreasing train timesteps.
+        alphas_cumprod: ``(num_train_timesteps,)`` cumulative alphas of the model.
+        progress: called with the number of finished steps after each step.
+
+    Returns:
+        states: ``(B, N+1, *shape)`` with ``states[:, 0] == x_T`` and ``states[:, N]`` the clean sample.
+        noise_preds: ``(B, N, *shape)``, the guided output at each state.
+    """
+    timesteps = validate_timesteps(timesteps)
+    alphas = teacher_alphas(timesteps, alphas_cumprod)
+    num_steps = len(timesteps)
+    states = x_T.new_empty((x_T.shape[0], num_steps + 1, *x_T.shape[1:]))
+    noise_preds = x_T.new_empty((x_T.shape[0], num_steps, *x_T.shape[1:]))
+    states[:, 0] = x_T
+    x = x_T
+    for n, t in enumerate(timesteps.tolist()):
+        eps = denoiser(x, t, cond)
+        if eps.shape != x.shape:
+            raise ValueError(f"denoiser returned shape {tuple(eps.shape)} for input {tuple(x.shape)}")
+        if not torch.isfinite(eps).all():
+            raise ValueError(f"denoiser returned non-finite values at teacher step {n} (t={t})")
+        a, b = ddim_coefficients(alphas[n], alphas[n + 1])
+        x = a * x + b * eps.to(x.dtype)
+        noise_preds[:, n] = eps
+        states[:, n + 1] = x
+        if progress is not None:
+            progress(n + 1)
+    return states, noise_preds
