@@ -1,0 +1,160 @@
+"""Core maths against raw-row least squares: teacher, statistics, fits, merge, planner."""
+
+import numpy as np
+import pytest
+import torch
+
+from core_data import raw_lstsq, raw_rows, small_model, trajectories
+from olss_dist import Calibration, record_trajectories, trailing_timesteps
+from olss_dist.planner import even_nodes
+
+
+def assert_same_gram(a: Calibration, b: Calibration) -> None:
+    """R is unique only up to row signs and, since DDIM states are exact combinations of earlier
+    columns, up to rotations of its rank-deficient rows; R^T R (= A^T A) is unique."""
+    gram_a, gram_b = a.r_factor.T @ a.r_factor, b.r_factor.T @ b.r_factor
+    np.testing.assert_allclose(gram_a, gram_b, rtol=1e-10, atol=1e-10 * np.abs(gram_b).max())
+
+
+def test_trailing_timesteps_cover_999_to_0():
+    assert trailing_timesteps(1000).tolist() == list(range(999, -1, -1))
+    coarse = trailing_timesteps(10)
+    assert coarse[0] == 999 and np.all(np.diff(coarse) < 0) and len(coarse) == 10
+
+
+def test_teacher_equals_hand_written_ddim():
+    model = small_model()
+    x = torch.randn(3, *model.latent_shape, dtype=torch.float64)
+    cond = torch.tensor([0, 1, 2])
+    timesteps = trailing_timesteps(25)
+    states, noise_preds = record_trajectories(model, x, cond, timesteps, model.alphas_cumprod)
+    alphas = list(model.alphas_cumprod[timesteps]) + [1.0]
+    for n, t in enumerate(timesteps):
+        eps = model(x, int(t), cond)
+        x0 = (x - (1 - alphas[n]) ** 0.5 * eps) / alphas[n] ** 0.5
+        x = alphas[n + 1] ** 0.5 * x0 + (1 - alphas[n + 1]) ** 0.5 * eps
+        torch.testing.assert_close(noise_preds[:, n], eps, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(states[:, n + 1], x, rtol=1e-10, atol=1e-10)
+
+
+def test_fit_equals_raw_row_lstsq():
+    states, noise_preds, timesteps = trajectories()
+    calibration = Calibration.from_trajectories(states, noise_preds, timesteps)
+    nodes = [0, 3, 9, 20, 31]
+    coefficients, step_errors = calibration.fit(nodes)
+    s, e = raw_rows(states, noise_preds)
+    targets = nodes[1:] + [len(timesteps)]
+    for i, target in enumerate(targets):
+        features = np.column_stack([s[:, 0]] + [e[:, n] for n in nodes[: i + 1]])
+        weights, error = raw_lstsq(features, s[:, target])
+        np.testing.assert_allclose(coefficients[i, : i + 2], weights, rtol=1e-8)
+        assert coefficients[i, i + 2 :].tolist() == [0.0] * (len(nodes) - i - 1)
+        np.testing.assert_allclose(step_errors[i], error, rtol=1e-6)
+
+
+def test_search_errors_equal_raw_local_fits():
+    states, noise_preds, timesteps = trajectories()
+    calibration = Calibration.from_trajectories(states, noise_preds, timesteps)
+    nodes = [0, 5, 14, 27]
+    s, e = raw_rows(states, noise_preds)
+    targets = nodes[1:] + [len(timesteps)]
+    expected = [
+        raw_lstsq(np.column_stack([s[:, n]] + [e[:, m] for m in nodes[: i + 1]]), s[:, targets[i]])[1]
+        for i, n in enumerate(nodes)
+    ]
+    np.testing.assert_allclose(calibration.search_errors(nodes), expected, rtol=1e-6, atol=1e-14)
+
+
+def test_merge_matches_concatenated_batch_in_any_order():
+    states, noise_preds, timesteps = trajectories()
+    whole = Calibration.from_trajectories(states, noise_preds, timesteps)
+    parts = [Calibration.from_trajectories(states[a:b], noise_preds[a:b], timesteps) for a, b in ((0, 5), (5, 13), (13, 24))]
+    nodes = [0, 4, 11, 30]
+    for ordering in ([0, 1, 2], [2, 0, 1]):
+        merged = Calibration.merge([parts[i] for i in ordering])
+        assert merged.num_samples == whole.num_samples and merged.num_rows == whole.num_rows
+        assert_same_gram(merged, whole)
+        for got, want in zip(merged.fit(nodes), whole.fit(nodes)):
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 64])
+def test_chunked_streaming_equals_one_chunk(chunk_rows):
+    states, noise_preds, timesteps = trajectories()
+    whole = Calibration.from_trajectories(states, noise_preds, timesteps, chunk_rows=10**6)
+    chunked = Calibration.from_trajectories(states, noise_preds, timesteps, chunk_rows=chunk_rows)
+    assert_same_gram(chunked, whole)
+    for got, want in zip(chunked.fit([0, 2, 17]), whole.fit([0, 2, 17])):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-15)
+
+
+def test_save_load_round_trip(tmp_path):
+    states, noise_preds, timesteps = trajectories()
+    calibration = Calibration.from_trajectories(states.numpy(), noise_preds.numpy(), timesteps)
+    calibration.save(tmp_path / "calibration.safetensors")
+    loaded = Calibration.load(tmp_path / "calibration.safetensors")
+    assert np.array_equal(loaded.r_factor, calibration.r_factor)
+    assert np.array_equal(loaded.timesteps, calibration.timesteps)
+    assert (loaded.num_samples, loaded.num_rows) == (calibration.num_samples, calibration.num_rows)
+    assert np.allclose(np.tril(loaded.r_factor, -1), 0)
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 5, 10, 39, 40])
+def test_plan_has_exactly_k_valid_nodes_and_beats_uniform(num_steps):
+    states, noise_preds, timesteps = trajectories()
+    calibration = Calibration.from_trajectories(states, noise_preds, timesteps)
+    plan = calibration.plan(num_steps)
+    assert len(plan.nodes) == num_steps and plan.nodes[0] == 0
+    assert all(b > a for a, b in zip(plan.nodes, plan.nodes[1:])) and plan.nodes[-1] < 40
+    assert plan.timesteps.tolist() == timesteps[plan.nodes].tolist()
+    assert plan.coefficients.shape == (num_steps, num_steps + 1)
+    uniform = calibration.search_errors(even_nodes(40, num_steps)).max()
+    assert plan.search_errors.max() <= uniform * (1 + 1e-12)
+    np.testing.assert_allclose(plan.search_errors, calibration.search_errors(plan.nodes))
+
+
+def test_plan_is_strictly_better_than_uniform_on_curved_trajectories():
+    states, noise_preds, timesteps = trajectories()
+    calibration = Calibration.from_trajectories(states, noise_preds, timesteps)
+    plan = calibration.plan(6)
+    assert plan.spacing == "minimax"
+    assert plan.search_errors.max() < 0.9 * calibration.search_errors(even_nodes(40, 6)).max()
+
+
+def test_plan_on_exact_linear_data_splits_short_greedy_paths():
+    """A pure-noise teacher is exactly linear: every step has zero error, greedy needs one node."""
+    timesteps = trailing_timesteps(12)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    states = torch.stack([x * (1 - n / 12) for n in range(13)], 1)
+    noise_preds = torch.stack([x] * 12, 1)
+    plan = Calibration.from_trajectories(states, noise_preds, timesteps).plan(4)
+    assert len(plan.nodes) == 4 and plan.nodes[0] == 0
+
+
+@pytest.mark.parametrize("num_steps", [0, 41, -1])
+def test_plan_rejects_out_of_range_step_counts(num_steps):
+    states, noise_preds, timesteps = trajectories()
+    with pytest.raises(ValueError, match="num_steps must be between 1 and"):
+        Calibration.from_trajectories(states, noise_preds, timesteps).plan(num_steps)
+
+
+def test_bad_inputs_raise_clear_errors():
+    states, noise_preds, timesteps = trajectories()
+    broken = states.clone()
+    broken[0, 3, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        Calibration.from_trajectories(broken, noise_preds, timesteps)
+    with pytest.raises(ValueError, match="noise_preds must have shape"):
+        Calibration.from_trajectories(states, noise_preds[:, :-1], timesteps)
+    with pytest.raises(ValueError, match="states per sample"):
+        Calibration.from_trajectories(states, noise_preds, timesteps[:-1])
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        Calibration.from_trajectories(states, noise_preds, timesteps[::-1])
+    calibration = Calibration.from_trajectories(states, noise_preds, timesteps)
+    with pytest.raises(ValueError, match="different teacher timesteps"):
+        other_states, other_preds, other_timesteps = trajectories(num_teacher_steps=20)
+        Calibration.merge([calibration, Calibration.from_trajectories(other_states, other_preds, other_timesteps)])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        calibration.fit([0, 5, 5])
+    with pytest.raises(ValueError, match="start at 0"):
+        calibration.fit([1, 5])
