@@ -1,0 +1,81 @@
+"""One error type for everything that can go wrong between a run and its storage, with messages that say why."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+
+class ArtifactError(RuntimeError):
+    """A run cannot be published or read: storage unreachable, bucket missing, credentials absent or rejected,
+    a run tampered with, incomplete, or not there."""
+
+
+class PreconditionFailed(Exception):
+    """A conditional write lost: the object exists (create-only) or changed since it was read (compare-and-swap)."""
+
+
+# Matched by class name so that reading a local run never imports botocore, aiohttp or google-auth.
+_CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "DefaultCredentialsError"}
+_CONNECTION_ERRORS = {
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ConnectionClosedError",
+    "HTTPClientError",
+    "ClientConnectorError",
+    "ServerTimeoutError",
+    "FSTimeoutError",
+    "ConnectionError",
+    "TimeoutError",
+}
+
+
+def _class_names(error: BaseException) -> set[str]:
+    return {cls.__name__ for cls in type(error).__mro__}
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def describe_storage_error(error: BaseException) -> str | None:
+    """A one-line reason for a storage failure, or None when ``error`` is not a storage failure (a bug)."""
+    for cause in _causes(error):
+        names = _class_names(cause)
+        if names & _CREDENTIAL_ERRORS:
+            return (
+                f"no storage credentials found ({cause}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or "
+                "AWS_PROFILE, or pass storage_options={'key': ..., 'secret': ...}"
+            )
+        if names & _CONNECTION_ERRORS:
+            return (
+                f"cannot reach the storage endpoint ({cause}); check AWS_ENDPOINT_URL or "
+                "storage_options['endpoint_url'] and the network"
+            )
+    if isinstance(error, PermissionError):
+        return f"access denied: credentials rejected or not allowed ({error})"
+    if isinstance(error, FileNotFoundError) and "bucket" in str(error).lower():
+        return f"the bucket does not exist ({error})"
+    if isinstance(error, OSError):
+        return f"storage error: {error}"
+    return None
+
+
+@contextmanager
+def storage_errors(action: str, uri: str) -> Iterator[None]:
+    """Turn a storage failure inside the block into one ``ArtifactError`` naming ``action`` and ``uri``."""
+    try:
+        yield
+    except (ArtifactError, PreconditionFailed):
+        raise
+    except Exception as error:
+        reason = describe_storage_error(error)
+        if reason is None:
+            raise
+        raise ArtifactError(f"{action} {uri}: {reason}") from error
