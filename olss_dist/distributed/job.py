@@ -1,0 +1,299 @@
+"""The distributed calibration job: prompts -> shards on Ray actors -> streaming merge -> plans -> artifact.
+
+``run_job(JobConfig(...))`` is the whole job; ``jobs/calibrate.py`` is a thin command line over it.
+Every input is checked before any work starts, and nothing is published unless the run succeeds.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from olss_dist.artifacts import config_digest, publish_run, staging_uri
+from olss_dist.calibration import Calibration
+from olss_dist.distributed.checkpoints import ShardCheckpoints, check_writable
+from olss_dist.distributed.cluster import cluster_cpus, cluster_gpus, connect, wait_for_gpus
+from olss_dist.distributed.merge import MergeTree
+from olss_dist.distributed.planning import ParallelPlanner
+from olss_dist.distributed.pool import WorkerPool, WorkerResources, run_shards
+from olss_dist.distributed.progress import ShardProgress
+from olss_dist.distributed.worker import ModelSpec, ShardResult
+from olss_dist.plan import Plan
+from olss_dist.prompts import PromptRecord, Shard, make_shards, read_prompts, split_validation
+from olss_dist.scheduler import OLSSScheduler
+
+DEVICES = ("auto", "cuda", "cpu")
+
+
+@dataclass
+class JobConfig:
+    """Everything the job needs; the fields that change results make up the published config.
+
+    Attributes:
+        output: registry root (local path or fsspec URI) the run is published under.
+        model: model spec (``"analytic"``, a diffusers folder, a hub id, a URI).
+        prompts: Parquet or text file (path or URI); ``None`` uses the model's default prompts.
+        steps: step counts K to plan, each at most ``teacher_steps``.
+        teacher_steps: N, the teacher's step count.
+        guidance_scale: classifier-free guidance scale.
+        validation_fraction: share of prompts held out of the fit.
+        seed: base seed of every derived per-prompt seed.
+        shard_size: samples per shard (one batch on one worker).
+        device: ``"cuda"`` (GPU actors, fails without GPUs), ``"cpu"`` or ``"auto"`` (GPUs when the cluster has any).
+        num_workers: actors; ``None``: one per GPU, or the cluster's CPUs minus one for CPU workers.
+        wait_for_gpus_s: with ``device="cuda"``, how long to wait for an autoscaler to add GPU nodes.
+        keep_states: where workers keep teacher states for the on-policy rounds (``"memory"``, ``"disk"``).
+        address: Ray address; ``None`` uses ``RAY_ADDRESS`` or starts a local Ray.
+        local_cpus: logical CPUs of a local Ray (``None``: the machine's).
+        max_restarts: restarts of each actor after its process dies.
+        keep_checkpoints: keep shard checkpoints after publishing (default: remove them).
+        quiet: no progress output.
+        storage_options: fsspec options for the output and prompt locations.
+    """
+
+    output: str
+    model: str = "analytic"
+    prompts: str | None = None
+    steps: tuple[int, ...] = (5, 10, 20)
+    teacher_steps: int = 1000
+    guidance_scale: float = 7.5
+    validation_fraction: float = 0.1
+    seed: int = 0
+    shard_size: int = 4
+    device: str = "auto"
+    num_workers: int | None = None
+    wait_for_gpus_s: float = 0.0
+    keep_states: str = "memory"
+    address: str | None = None
+    local_cpus: int | None = None
+    max_restarts: int = 2
+    keep_checkpoints: bool = False
+    quiet: bool = False
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class JobResult:
+    """What a finished job produced.
+
+    Attributes:
+        uri: the published run.
+        run_id: its id in the registry.
+        plans: one plan per step count, in ``JobConfig.steps`` order.
+        calibration: the merged statistics of every fit shard.
+        report: the JSON report that was published.
+        computed_shards: ids of shards computed in this run (checkpointed ones excluded).
+    """
+
+    uri: str
+    run_id: str
+    plans: list[Plan]
+    calibration: Calibration
+    report: dict[str, Any]
+    computed_shards: list[int]
+
+
+def check_config(config: JobConfig) -> None:
+    """Raise ValueError, naming the option, for anything that cannot run."""
+    if config.teacher_steps < 1:
+        raise ValueError(f"--teacher-steps must be at least 1, got {config.teacher_steps}")
+    if not config.steps:
+        raise ValueError("--steps needs at least one step count")
+    for k in config.steps:
+        if not 1 <= k <= config.teacher_steps:
+            raise ValueError(f"--steps {k} must be between 1 and --teacher-steps ({config.teacher_steps})")
+    if len(set(config.steps)) != len(config.steps):
+        raise ValueError(f"--steps has repeated step counts: {list(config.steps)}")
+    if config.device not in DEVICES:
+        raise ValueError(f"--device must be one of {DEVICES}, got {config.device!r}")
+    if config.num_workers is not None and config.num_workers < 1:
+        raise ValueError(f"--num-workers must be at least 1, got {config.num_workers}")
+    if config.shard_size < 1:
+        raise ValueError(f"--shard-size must be at least 1, got {config.shard_size}")
+    if not 0.0 <= config.validation_fraction < 1.0:
+        raise ValueError(f"--validation-fraction must be in [0, 1), got {config.validation_fraction}")
+
+
+def resolve_device(config: JobConfig) -> str:
+    """``"cuda"`` or ``"cpu"`` for the workers, from the request and the cluster's GPUs."""
+    if config.device == "cpu":
+        return "cpu"
+    gpus = cluster_gpus()
+    if config.device == "cuda" and gpus == 0:
+        gpus = wait_for_gpus(config.num_workers or 1, config.wait_for_gpus_s)
+        if gpus == 0:
+            waited = f" after waiting {config.wait_for_gpus_s:g}s" if config.wait_for_gpus_s > 0 else ""
+            raise ValueError(f"--device cuda was requested but the Ray cluster has no GPU{waited}")
+    return "cuda" if gpus > 0 else "cpu"
+
+
+def worker_layout(config: JobConfig, device: str) -> tuple[int, WorkerResources]:
+    """Number of actors and each one's resources: one per GPU, or one CPU each leaving one for planning."""
+    if device == "cuda":
+        return config.num_workers or max(1, cluster_gpus()), WorkerResources(1, 1, config.max_restarts)
+    spare = max(1, cluster_cpus() - 1)
+    if config.num_workers is not None and config.num_workers > spare:
+        raise ValueError(
+            f"--num-workers {config.num_workers} CPU workers need {config.num_workers + 1} CPUs "
+            f"(one stays free for planning tasks); the cluster has {cluster_cpus()}"
+        )
+    return config.num_workers or spare, WorkerResources(0, 1, config.max_restarts)
+
+
+def statistics_config(config: JobConfig, device: str, model: dict[str, Any], fit: list[PromptRecord]) -> dict[str, Any]:
+    """What a shard's statistics depend on, besides its own records: the key of the shard checkpoints."""
+    return {
+        "model_id": model["model_id"],
+        "model_digest": model["model_digest"],
+        "device": device,
+        "guidance_scale": config.guidance_scale,
+        "teacher_steps": config.teacher_steps,
+        "shard_size": config.shard_size,
+        "fit_prompts": [[r.index, r.prompt, r.negative_prompt, r.seed] for r in fit],
+    }
+
+
+def published_config(config: JobConfig, device: str, prompt_digest: str) -> dict[str, Any]:
+    """The run's config in the registry (its digest names the run's inputs)."""
+    return {
+        "model": config.model,
+        "prompts": config.prompts,
+        "prompts_digest": prompt_digest,
+        "steps": list(config.steps),
+        "teacher_steps": config.teacher_steps,
+        "guidance_scale": config.guidance_scale,
+        "validation_fraction": config.validation_fraction,
+        "seed": config.seed,
+        "shard_size": config.shard_size,
+        "device": device,
+    }
+
+
+def compute_statistics(
+    pool: WorkerPool,
+    shards: list[Shard],
+    checkpoints: ShardCheckpoints,
+    progress: ShardProgress,
+) -> tuple[MergeTree, list[int]]:
+    """Merged statistics of all shards: checkpointed ones restored, the rest computed and checkpointed."""
+    tree = MergeTree(len(shards))
+    restored = checkpoints.load_finished(shards)
+    for shard_id in sorted(restored):
+        tree.add(shard_id, restored[shard_id])
+    progress.restored(len(restored), sum(c.num_samples for c in restored.values()))
+    computed: list[int] = []
+
+    def on_result(shard: Shard, result: ShardResult) -> None:
+        checkpoints.save(shard, result.calibration)
+        tree.add(shard.shard_id, result.calibration)
+        computed.append(shard.shard_id)
+        progress.shard_done(shard.shard_id, len(shard.records), result.seconds, result.worker)
+
+    run_shards(pool, [s for s in shards if s.shard_id not in restored], on_result)
+    return tree, computed
+
+
+def scheduler_config_bytes(plans: list[Plan], num_train_timesteps: int) -> bytes:
+    """``scheduler_config.json`` of an ``OLSSScheduler`` serving ``plans``."""
+    with tempfile.TemporaryDirectory() as directory:
+        OLSSScheduler.from_plans(plans, num_train_timesteps=num_train_timesteps).save_pretrained(directory)
+        return (Path(directory) / "scheduler_config.json").read_bytes()
+
+
+def run_job(config: JobConfig) -> JobResult:
+    """Run the whole calibration job and publish its artifact.
+
+    Raises:
+        ValueError: bad options, no prompts, CUDA requested without GPUs.
+        ArtifactError: the output location is not writable or publishing failed.
+        WorkerError: a worker failed (e.g. the model could not be loaded).
+        WorkersLostError: workers kept dying.
+    """
+    started = time.monotonic()
+    check_config(config)
+    records = read_prompts(config.prompts, base_seed=config.seed, storage_options=config.storage_options) if config.prompts else None
+    check_writable(config.output, config.storage_options)
+    connect(config.address, num_cpus=config.local_cpus)
+    device = resolve_device(config)
+    num_workers, resources = worker_layout(config, device)
+    model_spec = ModelSpec(config.model, config.guidance_scale, device)
+    pool = WorkerPool(model_spec, num_workers, config.teacher_steps, resources, keep_states="none")
+    try:
+        workers = pool.describe()
+        model = workers[0]
+        if records is None:
+            records = read_prompts(None, default_prompts=model["default_prompts"], base_seed=config.seed)
+        fit, validation = split_validation(records, config.validation_fraction, base_seed=config.seed)
+        shards = make_shards(fit, config.shard_size)
+        statistics_digest = config_digest(statistics_config(config, device, model, fit))
+        checkpoints = ShardCheckpoints(
+            staging_uri(config.output, model["model_id"], model["model_digest"], statistics_digest),
+            statistics_digest,
+            config.storage_options,
+        )
+        progress = ShardProgress(len(shards), len(fit), quiet=config.quiet)
+        progress.log(
+            f"calibrating {model['model_id']} on {num_workers} {device} workers: {len(fit)} fit prompts "
+            f"in {len(shards)} shards, {len(validation)} held out, N={config.teacher_steps}"
+        )
+        try:
+            tree, computed = compute_statistics(pool, shards, checkpoints, progress)
+        finally:
+            progress.close()
+        calibration = tree.result()
+        planner = ParallelPlanner(calibration, parallelism=max(1, cluster_cpus() - num_workers))
+        plans = planner.plans(list(config.steps))
+    finally:
+        pool.shutdown()
+
+    prompt_digest = config_digest({"prompts": [[r.index, r.prompt, r.negative_prompt, r.seed] for r in records]})
+    run_config = published_config(config, device, prompt_digest)
+    report = {
+        "model": {"id": model["model_id"], "digest": model["model_digest"], "spec": config.model},
+        "config": run_config,
+        "statistics": {
+            "num_samples": calibration.num_samples,
+            "num_rows": calibration.num_rows,
+            "num_shards": len(shards),
+            "computed_shards": len(computed),
+            "restored_shards": len(shards) - len(computed),
+            "num_merges": tree.num_merges,
+            "merge_seconds": tree.merge_seconds,
+        },
+        "validation_prompts": [r.index for r in validation],
+        "workers": [{k: w[k] for k in ("worker", "device", "node_id", "gpu_ids")} for w in workers],
+        "plans": [
+            {
+                "num_steps": p.num_steps,
+                "nodes": p.nodes,
+                "timesteps": p.timesteps.tolist(),
+                "fit": p.fit,
+                "spacing": p.spacing,
+                "step_errors": p.step_errors.tolist(),
+                "search_errors": p.search_errors.tolist(),
+            }
+            for p in plans
+        ],
+        "seconds": time.monotonic() - started,
+    }
+    published = publish_run(
+        config.output,
+        model_id=model["model_id"],
+        model_digest=model["model_digest"],
+        config=run_config,
+        files={
+            "scheduler_config.json": scheduler_config_bytes(plans, model["num_train_timesteps"]),
+            "calibration.safetensors": calibration.to_bytes(),
+            "plans.json": json.dumps([p.to_dict() for p in plans], indent=1).encode(),
+            "report.json": json.dumps(report, indent=1).encode(),
+        },
+        extra_manifest={"teacher_steps": config.teacher_steps, "planned_step_counts": list(config.steps)},
+        storage_options=config.storage_options,
+    )
+    if not config.keep_checkpoints:
+        checkpoints.remove_all()
+    return JobResult(published.uri, published.run_id, plans, calibration, report, sorted(computed))
