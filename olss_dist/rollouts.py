@@ -1,0 +1,196 @@
+"""Where the samples live: the rollout backend the method runs on, and its in-process implementation.
+
+The method (``olss_dist.method``) only ever sees reductions: the merged teacher calibration, the
+per-round on-policy statistics (small R factors, one per shard) and per-sample validation errors.
+The samples, teacher states and model calls stay in the backend: in this process here, on Ray actors
+in ``olss_dist.distributed``. Both run the same method code, so they give the same plans.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from olss_dist.calibration import Calibration
+from olss_dist.onpolicy import apply_step, step_statistics
+from olss_dist.teacher import Denoiser, record_trajectories
+
+TRAIN = "train"
+VALIDATION = "validation"
+
+
+class RolloutBackend(ABC):
+    """Samples of a train and a validation split, their teacher runs, and K-step sampler rollouts.
+
+    A rollout is one run of a K-step sampler over every sample of a split, advanced one step at a time
+    by the method: ``start`` calls the model at ``x_T``; ``statistics`` reduces the rows
+    ``[x_T, ê_0..ê_i, s_target]`` to R factors; ``advance`` moves to ``x̂_{i+1}`` and calls the model again.
+    """
+
+    @property
+    @abstractmethod
+    def num_train_rows(self) -> int:
+        """Train samples times latent elements."""
+
+    @abstractmethod
+    def record_teacher(self, timesteps: np.ndarray, alphas_cumprod: np.ndarray) -> Calibration:
+        """Run the teacher on both splits; keep train states and validation final states; return the train calibration."""
+
+    @abstractmethod
+    def keep_train_states(self, nodes: Iterable[int]) -> None:
+        """Drop the teacher train states except at ``nodes`` (and the final state)."""
+
+    @abstractmethod
+    def start(self, split: str, timestep: int) -> int:
+        """Begin a rollout of ``split`` from ``x_T``, with the model called at ``timestep``; returns its handle."""
+
+    @abstractmethod
+    def statistics(self, handle: int, target_node: int) -> list[torch.Tensor]:
+        """R factors (one per shard, in shard order) of ``[x_T, ê_0..ê_i, s_target_node]`` of a train rollout."""
+
+    @abstractmethod
+    def advance(self, handle: int, weights: np.ndarray, next_timestep: int | None) -> None:
+        """``x̂ = weights · [x_T, ê_0..ê_i]``; then call the model at ``next_timestep`` unless it is None."""
+
+    @abstractmethod
+    def final_errors(self, handle: int) -> np.ndarray:
+        """``(B_split,)`` mean squared error per element of each sample's last state against the teacher's."""
+
+    @abstractmethod
+    def close(self, handle: int) -> None:
+        """Free the rollout."""
+
+
+@dataclass
+class Rollout:
+    """One sampler run over a batch: its initial noise, outputs so far and current state."""
+
+    x_T: torch.Tensor
+    cond: Any
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    state: torch.Tensor | None = None
+
+
+def batch_slices(size: int, batch_size: int | None) -> list[slice]:
+    """Consecutive slices of at most ``batch_size`` (all at once when None)."""
+    step = size if not batch_size else batch_size
+    return [slice(start, min(start + step, size)) for start in range(0, size, step)]
+
+
+def select(cond: Any, rows: slice) -> Any:
+    """The conditioning of samples ``rows``; ``cond`` is indexable along the batch."""
+    return cond[rows]
+
+
+class InProcessBackend(RolloutBackend):
+    """All samples in this process; model calls in batches of ``batch_size`` samples.
+
+    Args:
+        denoiser: ``denoiser(x, t, cond) -> eps``.
+        noise: ``(B, *shape)`` train initial noise; ``cond`` its conditioning.
+        validation_noise: ``(V, *shape)``; ``validation_cond`` its conditioning.
+        batch_size: samples per model call (None: a split at once).
+        progress: called with a short description of each finished stage.
+    """
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        noise: torch.Tensor,
+        cond: Any,
+        validation_noise: torch.Tensor,
+        validation_cond: Any,
+        batch_size: int | None = None,
+        progress: Callable[[str], None] | None = None,
+    ):
+        self.denoiser = denoiser
+        self.splits = {TRAIN: (noise, cond), VALIDATION: (validation_noise, validation_cond)}
+        self.batch_size = batch_size
+        self.progress = progress or (lambda message: None)
+        self.train_states: dict[int, torch.Tensor] = {}
+        self.validation_final: torch.Tensor | None = None
+        self.rollouts: dict[int, tuple[str, list[Rollout]]] = {}
+
+    @property
+    def num_train_rows(self) -> int:
+        return self.splits[TRAIN][0].numel()
+
+    def record_teacher(self, timesteps: np.ndarray, alphas_cumprod: np.ndarray) -> Calibration:
+        noise, cond = self.splits[TRAIN]
+        calibrations, states = [], []
+        for rows in batch_slices(len(noise), self.batch_size):
+            batch_states, batch_preds = record_trajectories(self.denoiser, noise[rows], select(cond, rows), timesteps, alphas_cumprod)
+            calibrations.append(Calibration.from_trajectories(batch_states, batch_preds, timesteps))
+            states.append(batch_states)
+        all_states = torch.cat(states)
+        self.train_states = {n: all_states[:, n] for n in range(all_states.shape[1])}
+        self.progress(f"teacher: {len(noise)} train trajectories")
+        noise, cond = self.splits[VALIDATION]
+        finals = []
+        for rows in batch_slices(len(noise), self.batch_size):
+            finals.append(record_trajectories(self.denoiser, noise[rows], select(cond, rows), timesteps, alphas_cumprod)[0][:, -1])
+        self.validation_final = torch.cat(finals)
+        self.progress(f"teacher: {len(noise)} validation trajectories")
+        return Calibration.merge(calibrations)
+
+    def keep_train_states(self, nodes: Iterable[int]) -> None:
+        keep = set(nodes) | {max(self.train_states)}
+        self.train_states = {n: s.clone() for n, s in self.train_states.items() if n in keep}
+
+    def start(self, split: str, timestep: int) -> int:
+        noise, cond = self.splits[split]
+        batches = [Rollout(noise[rows], select(cond, rows)) for rows in batch_slices(len(noise), self.batch_size)]
+        for batch in batches:
+            batch.outputs.append(self.denoiser(batch.x_T, timestep, batch.cond))
+        handle = len(self.rollouts)
+        self.rollouts[handle] = (split, batches)
+        return handle
+
+    def statistics(self, handle: int, target_node: int) -> list[torch.Tensor]:
+        split, batches = self.rollouts[handle]
+        if split != TRAIN:
+            raise ValueError("on-policy statistics need teacher states: only train rollouts have them")
+        target = self.train_states[target_node]
+        factors, start = [], 0
+        for batch in batches:
+            stop = start + len(batch.x_T)
+            factors.append(step_statistics(batch.x_T, batch.outputs, target[start:stop]))
+            start = stop
+        return factors
+
+    def advance(self, handle: int, weights: np.ndarray, next_timestep: int | None) -> None:
+        for batch in self.rollouts[handle][1]:
+            batch.state = apply_step(weights, batch.x_T, batch.outputs)
+            if next_timestep is not None:
+                batch.outputs.append(self.denoiser(batch.state, next_timestep, batch.cond))
+
+    def final_errors(self, handle: int) -> np.ndarray:
+        split, batches = self.rollouts[handle]
+        final = torch.cat([batch.state for batch in batches])
+        reference = self.validation_final if split == VALIDATION else self.train_states[max(self.train_states)]
+        return per_sample_mse(final, reference)
+
+    def close(self, handle: int) -> None:
+        del self.rollouts[handle]
+
+
+def per_sample_mse(samples: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
+    """``(B,)`` float64 mean squared difference per element of each sample."""
+    difference = (samples.to(torch.float64) - reference.to(torch.float64)).reshape(len(samples), -1)
+    return (difference**2).mean(dim=1).cpu().numpy()
+
+
+def error_summary(per_sample: Sequence[float]) -> dict[str, float]:
+    """RMSE over all samples and the median, 90th percentile and worst per-sample RMSE."""
+    per_sample = np.asarray(per_sample, dtype=np.float64)
+    root = np.sqrt(per_sample)
+    return {
+        "rmse": float(np.sqrt(per_sample.mean())),
+        "median": float(np.median(root)),
+        "p90": float(np.percentile(root, 90)),
+        "worst": float(root.max()),
+    }
