@@ -363,7 +363,7 @@ def _default_options(protocol: str) -> dict[str, Any]:
             "config_kwargs": {
                 "connect_timeout": S3_CONNECT_TIMEOUT_S,
                 "read_timeout": S3_READ_TIMEOUT_S,
-                "retries": {"max_attempts": 1, "mode": "standard"},
+                "retries": {"total_max_attempts": S3_ATTEMPTS, "mode": "standard"},
             },
         }
     if protocol in {"gs", "gcs"}:
@@ -382,8 +382,25 @@ def _merge_options(defaults: dict[str, Any], overrides: dict[str, Any]) -> dict[
     return merged
 
 
+_FILESYSTEMS: dict[str, fsspec.AbstractFileSystem] = {}
+_FILESYSTEMS_LOCK = threading.Lock()
+# fsspec caches filesystems by their arguments only; credentials and endpoints from these variables are
+# read when a filesystem is made, so they are part of our cache key.
+_ENVIRONMENT_PREFIXES = ("AWS_", "GOOGLE_", "GCE_", "FSSPEC_", "STORAGE_EMULATOR_HOST")
+
+
+def _filesystem(protocol: str, options: dict[str, Any]) -> fsspec.AbstractFileSystem:
+    """One filesystem per protocol, options and storage environment, shared by threads."""
+    environment = sorted((name, value) for name, value in os.environ.items() if name.startswith(_ENVIRONMENT_PREFIXES))
+    key = fsspec.utils.tokenize(protocol, options, environment)
+    with _FILESYSTEMS_LOCK:
+        if key not in _FILESYSTEMS:
+            _FILESYSTEMS[key] = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
+        return _FILESYSTEMS[key]
+
+
 def open_store(uri: str, storage_options: dict[str, Any] | None = None) -> Store:
-    """The store rooted at ``uri`` (any fsspec URI or local path).
+    """The store rooted at ``uri`` (a local path or a single-protocol fsspec URI, e.g. ``s3://bucket/prefix``).
 
     Credentials and endpoints come from the standard environment (``AWS_ENDPOINT_URL``, the AWS credential
     chain, ``GOOGLE_APPLICATION_CREDENTIALS``...) and from ``storage_options``, which win. S3 requests get
@@ -393,24 +410,28 @@ def open_store(uri: str, storage_options: dict[str, Any] | None = None) -> Store
         raise ValueError(f"storage URI must be a non-empty string, got {uri!r}")
     if storage_options is not None and not isinstance(storage_options, dict):
         raise ValueError(f"storage_options must be a dict, got {type(storage_options).__name__}")
-    protocol, _ = fsspec.core.split_protocol(uri)
-    options = _merge_options(_default_options(protocol or "file"), storage_options or {})
+    if "::" in uri:
+        raise ValueError(f"chained fsspec URIs are not supported for runs: {uri}")
+    protocol = fsspec.core.split_protocol(uri)[0] or "file"
     try:
-        fs, root_path = fsspec.core.url_to_fs(uri, **options)
-    except ImportError as error:
-        raise ArtifactError(f"cannot open {uri}: the fsspec backend for {protocol!r} is not installed ({error})") from error
+        filesystem_class = fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError) as error:
+        raise ArtifactError(f"cannot open {uri}: no usable fsspec backend for {protocol!r} ({error})") from error
+    options = _merge_options(_default_options(protocol), filesystem_class._get_kwargs_from_urls(uri))
+    options = _merge_options(options, storage_options or {})
+    try:
+        fs = _filesystem(protocol, options)
     except (TypeError, ValueError) as error:
         raise ArtifactError(f"cannot open {uri}: bad storage options {sorted(options)} ({error})") from error
+    root_path = filesystem_class._strip_protocol(uri)
     protocols = _protocols(fs)
     if isinstance(fs, LocalFileSystem):
         return LocalStore(fs, root_path, uri)
     if protocols & {"s3", "s3a"}:
-        fs.retries = S3_ATTEMPTS
+        fs.retries = 1  # botocore's standard retry mode retries (S3_ATTEMPTS); s3fs retrying too would multiply
         return S3Store(fs, root_path, uri)
     if protocols & {"gs", "gcs"}:
         return GCSStore(fs, root_path, uri)
     if "memory" in protocols:
         return MemoryStore(fs, root_path, uri)
     return Store(fs, root_path, uri)
-
-

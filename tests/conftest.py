@@ -1,0 +1,118 @@
+"""Shared test fixtures.
+
+Sections: S3 (a moto server on 127.0.0.1). Other sections (Ray) go below their own header.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+# ------------------------------------------------------------------------------------------- S3 (moto)
+#
+# ``s3_root`` gives a test a fresh bucket on a real S3-protocol server on loopback and points the standard
+# AWS environment (AWS_ENDPOINT_URL, dummy credentials) at it, so code under test needs no options. The
+# server is the one CI started (OLSS_TEST_S3_ENDPOINT) or one this session starts on a free port.
+
+MOTO_START_TIMEOUT_S = 30
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_until_serving(endpoint: str, process: subprocess.Popen | None, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"moto server exited with code {process.returncode} before serving {endpoint}")
+        try:
+            with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"moto server at {endpoint} did not answer within {timeout_s} s")
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint(tmp_path_factory) -> str:
+    """``http://127.0.0.1:PORT`` of a moto S3 server: ``$OLSS_TEST_S3_ENDPOINT``, or one started (and stopped) here."""
+    configured = os.environ.get("OLSS_TEST_S3_ENDPOINT")
+    if configured:
+        _wait_until_serving(configured, None, MOTO_START_TIMEOUT_S)
+        yield configured
+        return
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_until_serving(endpoint, process, MOTO_START_TIMEOUT_S)
+        yield endpoint
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def use_test_aws_environment(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
+    """Point the AWS SDK environment at ``endpoint`` with dummy credentials; no profile, no instance metadata."""
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_ROLE_ARN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "olss-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "olss-test-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+
+
+def make_bucket(endpoint: str) -> str:
+    """Create a uniquely named bucket on ``endpoint`` and return its name."""
+    import s3fs
+
+    name = f"olss-test-{uuid.uuid4().hex[:12]}"
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint, key="olss-test", secret="olss-test-secret", skip_instance_cache=True)
+    fs.mkdir(name)
+    return name
+
+
+@pytest.fixture
+def s3_bucket(moto_endpoint, monkeypatch) -> str:
+    """A fresh, empty bucket name on the moto server, with the AWS environment pointed at it."""
+    use_test_aws_environment(monkeypatch, moto_endpoint)
+    return make_bucket(moto_endpoint)
+
+
+@pytest.fixture
+def s3_root(s3_bucket) -> str:
+    """``s3://<fresh bucket>/registry``: a registry root on the moto server."""
+    return f"s3://{s3_bucket}/registry"
+
+
+@pytest.fixture
+def run_cache(tmp_path, monkeypatch) -> Path:
+    """A private download cache (``OLSS_CACHE_DIR``) so tests never touch ``~/.cache``."""
+    cache = tmp_path / "olss-cache"
+    monkeypatch.setenv("OLSS_CACHE_DIR", str(cache))
+    return cache

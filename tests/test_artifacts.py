@@ -1,0 +1,326 @@
+"""Run registry on a real S3 protocol (moto on loopback), on file:// and on plain local paths."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import s3fs
+
+from artifact_data import CONFIG, run_files
+from olss_dist.artifacts import (
+    ArtifactError,
+    config_digest,
+    fetch_run,
+    find_complete_run,
+    list_models,
+    publish_run,
+    pull_run,
+    read_manifest,
+    remove_staging,
+    resolve_run,
+    staging_uri,
+)
+from olss_dist.storage.errors import PreconditionFailed
+from olss_dist.storage.layout import sha256_hex
+from olss_dist.storage.stores import S3Store, open_store
+
+MODEL_ID = "org/tiny-sd"
+MODEL_DIGEST = "weights0001"
+
+
+def publish(root: str, seed: int = 0, config: dict | None = None, **kwargs):
+    return publish_run(
+        root, model_id=MODEL_ID, model_digest=MODEL_DIGEST, config=config or CONFIG, files=run_files(seed), **kwargs
+    )
+
+
+def s3fs_for_tests() -> s3fs.S3FileSystem:
+    return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+
+
+def assert_same_files(directory: Path, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        assert (directory / name).read_bytes() == data, name
+
+
+# ------------------------------------------------------------------------------------------------ round trips
+
+
+def test_s3_publish_and_fetch_round_trip(s3_root, tmp_path):
+    published = publish(s3_root, seed=1, extra_manifest={"quality": {"held_out_mse": 0.03}})
+    assert published.uri == f"{s3_root}/org--tiny-sd/{MODEL_DIGEST}/{published.run_id}"
+    local = fetch_run(published.uri, cache_dir=tmp_path / "cache")
+    assert_same_files(local, run_files(1))
+    manifest = json.loads((local / "manifest.json").read_text())
+    assert manifest == published.manifest
+    assert local.name == sha256_hex((local / "manifest.json").read_bytes())
+    files = run_files(1)
+    assert manifest["files"] == {name: {"sha256": sha256_hex(data), "size": len(data)} for name, data in files.items()}
+    assert manifest["model"] == {"id": MODEL_ID, "digest": MODEL_DIGEST, "slug": "org--tiny-sd"}
+    assert manifest["config"] == CONFIG and manifest["config_digest"] == config_digest(CONFIG)
+    assert manifest["teacher_steps"] == 20 and manifest["planned_step_counts"] == [4, 8]
+    assert manifest["quality"] == {"held_out_mse": 0.03}
+    assert {"olss-dist", "torch", "diffusers", "numpy", "ray"} <= set(manifest["versions"])
+    assert manifest["created_at"].endswith("Z")
+
+
+def test_model_uri_and_latest_json_resolve_to_the_run(s3_root, tmp_path):
+    published = publish(s3_root)
+    model_uri = f"{s3_root}/org--tiny-sd"
+    for uri in (model_uri, model_uri + "/", f"{model_uri}/latest.json", f"{published.uri}/manifest.json"):
+        assert resolve_run(uri).uri == published.uri, uri
+    assert fetch_run(model_uri, cache_dir=tmp_path) == fetch_run(published.uri, cache_dir=tmp_path)
+
+
+def test_cache_hit_reverifies_and_heals(s3_root, tmp_path):
+    published = publish(s3_root)
+    local = fetch_run(published.uri, cache_dir=tmp_path)
+    (local / "plans.json").write_bytes(b"[]")
+    healed = fetch_run(published.uri, cache_dir=tmp_path)
+    assert healed == local
+    assert_same_files(healed, run_files(0))
+
+
+@pytest.mark.parametrize("style", ["path", "file_uri", "relative"])
+def test_local_round_trip(tmp_path, monkeypatch, style):
+    monkeypatch.chdir(tmp_path)
+    root = {"path": str(tmp_path / "reg"), "file_uri": f"file://{tmp_path}/reg", "relative": "reg"}[style]
+    published = publish(root, seed=3)
+    assert published.uri.startswith(root)
+    assert resolve_run(f"{root}/org--tiny-sd").uri == published.uri
+    assert_same_files(fetch_run(published.uri, cache_dir=tmp_path / "cache"), run_files(3))
+    pulled = pull_run(f"{root}/org--tiny-sd/latest.json", tmp_path / "pulled")
+    assert_same_files(pulled, run_files(3))
+
+
+def test_pull_refuses_an_existing_directory(tmp_path):
+    published = publish(str(tmp_path / "reg"))
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(ArtifactError, match="already exists"):
+        pull_run(published.uri, tmp_path / "taken")
+
+
+def test_memory_filesystem_round_trip(tmp_path):
+    published = publish("memory://olss-test-registry")
+    assert_same_files(fetch_run("memory://olss-test-registry/org--tiny-sd", cache_dir=tmp_path), run_files(0))
+    assert published.run_id == list_models("memory://olss-test-registry")[0].latest_run_id
+
+
+# ------------------------------------------------------------------------------------------------ integrity
+
+
+def test_tampered_byte_is_refused_naming_the_file(s3_root, tmp_path):
+    published = publish(s3_root)
+    fs = s3fs_for_tests()
+    key = f"{published.uri}/calibration.safetensors"
+    data = bytearray(fs.cat_file(key))
+    data[-1] ^= 0x01
+    fs.pipe_file(key, bytes(data))
+    with pytest.raises(ArtifactError, match=r"tampered.*calibration\.safetensors.*sha256"):
+        fetch_run(published.uri, cache_dir=tmp_path / "cache")
+    assert not any(p.name[0] != "." for p in (tmp_path / "cache").iterdir())
+    assert not list((tmp_path / "cache").iterdir())
+
+
+def test_truncated_and_missing_files_are_refused(s3_root, tmp_path):
+    published = publish(s3_root)
+    fs = s3fs_for_tests()
+    fs.pipe_file(f"{published.uri}/plans.json", b"[]")
+    with pytest.raises(ArtifactError, match=r"plans\.json has 2 bytes"):
+        fetch_run(published.uri, cache_dir=tmp_path)
+    fs.pipe_file(f"{published.uri}/plans.json", run_files(0)["plans.json"])
+    fs.rm(f"{published.uri}/report.json")
+    with pytest.raises(ArtifactError, match=r"incomplete: report\.json"):
+        pull_run(published.uri, tmp_path / "pulled")
+    assert not (tmp_path / "pulled").exists()
+
+
+def test_edited_manifest_is_refused_through_the_pointer(s3_root):
+    published = publish(s3_root)
+    fs = s3fs_for_tests()
+    manifest = json.loads(fs.cat_file(f"{published.uri}/manifest.json"))
+    manifest["files"]["plans.json"]["sha256"] = "0" * 64
+    fs.pipe_file(f"{published.uri}/manifest.json", json.dumps(manifest).encode())
+    with pytest.raises(ArtifactError, match="modified after publishing"):
+        resolve_run(f"{s3_root}/org--tiny-sd")
+
+
+def test_run_files_are_never_overwritten(s3_root):
+    published = publish(s3_root)
+    store = open_store(published.uri)
+    with pytest.raises(PreconditionFailed):
+        store.write_new("plans.json", b"[]")
+    assert store.read("plans.json") == run_files(0)["plans.json"]
+
+
+# ------------------------------------------------------------------------------------------------ visibility
+
+
+def test_run_without_manifest_is_invisible(s3_root, tmp_path):
+    published = publish(s3_root, seed=1)
+    orphan = f"{s3_root}/org--tiny-sd/{MODEL_DIGEST}/20000101T000000Z-0badc0de"
+    fs = s3fs_for_tests()
+    for name, data in run_files(2).items():
+        fs.pipe_file(f"{orphan}/{name}", data)
+    with pytest.raises(ArtifactError, match="no run at"):
+        fetch_run(orphan, cache_dir=tmp_path)
+    [model] = list_models(s3_root)
+    assert [run.run_id for run in model.runs] == [published.run_id]
+    assert find_complete_run(s3_root, MODEL_ID, MODEL_DIGEST, config_digest(CONFIG)) == published.uri
+    assert resolve_run(f"{s3_root}/org--tiny-sd").uri == published.uri
+
+
+def test_failed_publish_leaves_nothing_visible(s3_root):
+    publish(s3_root, seed=1)
+    pointer_before = s3fs_for_tests().cat_file(f"{s3_root}/org--tiny-sd/latest.json")
+    real_write_new = S3Store.write_new
+
+    def fail_on_manifest(self, key, data):
+        if key.endswith("manifest.json"):
+            raise ConnectionResetError("connection reset by peer")
+        real_write_new(self, key, data)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(S3Store, "write_new", fail_on_manifest)
+        with pytest.raises(ArtifactError, match="cannot publish run .*connection reset"):
+            publish(s3_root, seed=2)
+    assert s3fs_for_tests().cat_file(f"{s3_root}/org--tiny-sd/latest.json") == pointer_before
+    [model] = list_models(s3_root)
+    assert len(model.runs) == 1
+    assert len(s3fs_for_tests().ls(f"{s3_root}/org--tiny-sd/{MODEL_DIGEST}")) == 1  # partial run removed
+
+
+# ------------------------------------------------------------------------------------------------ concurrency
+
+
+def test_compare_and_swap_refuses_a_stale_token(s3_root, tmp_path):
+    for root in (s3_root, str(tmp_path / "local"), "memory://olss-test-cas"):
+        store = open_store(root)
+        store.check_root(create=True)
+        store.replace_if("m/latest.json", b"{}", None)
+        with pytest.raises(PreconditionFailed):
+            store.replace_if("m/latest.json", b"{}", None)  # create-if-absent on an existing object
+        data, token = store.read_versioned("m/latest.json")
+        store.replace_if("m/latest.json", b'{"a": 1}', token)
+        with pytest.raises(PreconditionFailed):
+            store.replace_if("m/latest.json", b'{"b": 2}', token)  # token from before the last write
+        assert store.read_versioned("m/latest.json")[0] == b'{"a": 1}', root
+
+
+def _publish_concurrently(root: str, publishers: int, runs_each: int) -> list[str]:
+    barrier = threading.Barrier(publishers)
+    run_ids: list[str] = []
+    errors: list[BaseException] = []
+
+    def worker(index: int) -> None:
+        try:
+            barrier.wait()
+            for round_ in range(runs_each):
+                run_ids.append(publish(root, seed=100 * index + round_).run_id)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(publishers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    return run_ids
+
+
+def assert_no_lost_update(root: str, run_ids: list[str], pointer: dict) -> None:
+    known = [pointer["latest"]["run_id"]] + [run["run_id"] for run in pointer["previous"]]
+    assert sorted(known) == sorted(run_ids)
+    newest = max((run["created_at"], run["run_id"]) for run in [pointer["latest"], *pointer["previous"]])
+    assert pointer["latest"]["run_id"] == newest[1]
+    [model] = list_models(root)
+    assert sorted(run.run_id for run in model.runs) == sorted(run_ids)
+    assert model.latest_run_id in run_ids
+
+
+def test_concurrent_s3_publishers_lose_no_update(s3_root, tmp_path):
+    run_ids = _publish_concurrently(s3_root, publishers=4, runs_each=2)
+    pointer = json.loads(s3fs_for_tests().cat_file(f"{s3_root}/org--tiny-sd/latest.json"))
+    assert_no_lost_update(s3_root, run_ids, pointer)
+    for run in list_models(s3_root)[0].runs:
+        seed = json.loads(fetch_run(run.uri, cache_dir=tmp_path).joinpath("scheduler_config.json").read_text())["seed"]
+        assert_same_files(fetch_run(run.uri, cache_dir=tmp_path), run_files(seed))
+
+
+PUBLISH_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[3])
+from test_artifacts import publish
+for round_ in range(3):
+    print(publish(sys.argv[1], seed=int(sys.argv[2]) + round_).run_id, flush=True)
+"""
+
+
+def test_concurrent_local_processes_lose_no_update(tmp_path):
+    root = str(tmp_path / "reg")
+    tests_dir = str(Path(__file__).resolve().parent)
+    processes = [
+        subprocess.Popen([sys.executable, "-c", PUBLISH_SCRIPT, root, str(10 * i), tests_dir], stdout=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    outputs = [process.communicate(timeout=120)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0]
+    run_ids = [line for output in outputs for line in output.split()]
+    assert len(run_ids) == 6
+    pointer = json.loads((tmp_path / "reg" / "org--tiny-sd" / "latest.json").read_text())
+    assert_no_lost_update(root, run_ids, pointer)
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+
+def test_find_complete_run_matches_model_and_config(s3_root):
+    digest = config_digest(CONFIG)
+    assert find_complete_run(s3_root, MODEL_ID, MODEL_DIGEST, digest) is None
+    first = publish(s3_root, seed=1)
+    other_config = {**CONFIG, "seed": 8}
+    publish(s3_root, seed=2, config=other_config)
+    assert find_complete_run(s3_root, MODEL_ID, MODEL_DIGEST, digest) == first.uri
+    assert find_complete_run(s3_root, MODEL_ID, "otherweights", digest) is None
+    assert find_complete_run(s3_root, "org/other", MODEL_DIGEST, digest) is None
+    s3fs_for_tests().rm(f"{first.uri}/plans.json")
+    assert find_complete_run(s3_root, MODEL_ID, MODEL_DIGEST, digest) is None
+
+
+def test_list_models_reports_runs_and_latest(s3_root):
+    first = publish(s3_root, seed=1)
+    second = publish(s3_root, seed=2)
+    publish_run(s3_root, model_id="other/model", model_digest="d2", config=CONFIG, files=run_files(3))
+    models = {model.model_id: model for model in list_models(s3_root)}
+    assert set(models) == {MODEL_ID, "other/model"}
+    tiny = models[MODEL_ID]
+    assert [run.run_id for run in tiny.runs] == [first.run_id, second.run_id]
+    assert tiny.latest_run_id == second.run_id
+    assert tiny.runs[0].planned_step_counts == [4, 8] and tiny.runs[0].teacher_steps == 20
+    assert list_models(f"{s3_root}/nothing-here") == []
+
+
+def test_staging_is_stable_and_never_a_run(s3_root):
+    digest = config_digest(CONFIG)
+    uri = staging_uri(s3_root, MODEL_ID, MODEL_DIGEST, digest)
+    assert uri == f"{s3_root}/org--tiny-sd/{MODEL_DIGEST}/_staging/{digest}"
+    assert staging_uri(s3_root + "/", MODEL_ID, MODEL_DIGEST, digest) == uri
+    fs = s3fs_for_tests()
+    fs.pipe_file(f"{uri}/shard-00000.safetensors", run_files(0)["calibration.safetensors"])
+    published = publish(s3_root)
+    [model] = list_models(s3_root)
+    assert [run.run_id for run in model.runs] == [published.run_id]
+    remove_staging(s3_root, MODEL_ID, MODEL_DIGEST, digest)
+    assert not fs.exists(f"{uri}/shard-00000.safetensors")
+    remove_staging(s3_root, MODEL_ID, MODEL_DIGEST, digest)  # absent: nothing to do
+
+
+def test_read_manifest_of_a_model(tmp_path):
+    published = publish(str(tmp_path))
+    assert read_manifest(str(tmp_path / "org--tiny-sd")) == published.manifest
