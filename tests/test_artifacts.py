@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import multiprocessing
 import threading
 from pathlib import Path
 
@@ -253,26 +252,23 @@ def test_concurrent_s3_publishers_lose_no_update(s3_root, tmp_path):
         assert_same_files(fetch_run(run.uri, cache_dir=tmp_path), run_files(seed))
 
 
-PUBLISH_SCRIPT = """
-import sys
-sys.path.insert(0, sys.argv[3])
-from test_artifacts import publish
-for round_ in range(3):
-    print(publish(sys.argv[1], seed=int(sys.argv[2]) + round_).run_id, flush=True)
-"""
+def _publish_in_child(root: str, first_seed: int, runs: int, results) -> None:
+    for seed in range(first_seed, first_seed + runs):
+        results.put(publish(root, seed=seed).run_id)
 
 
 def test_concurrent_local_processes_lose_no_update(tmp_path):
+    # fork: the children inherit the imported modules (no torch import per child) and touch only local files.
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
     root = str(tmp_path / "reg")
-    tests_dir = str(Path(__file__).resolve().parent)
-    processes = [
-        subprocess.Popen([sys.executable, "-c", PUBLISH_SCRIPT, root, str(10 * i), tests_dir], stdout=subprocess.PIPE, text=True)
-        for i in range(2)
-    ]
-    outputs = [process.communicate(timeout=120)[0] for process in processes]
-    assert [process.returncode for process in processes] == [0, 0]
-    run_ids = [line for output in outputs for line in output.split()]
-    assert len(run_ids) == 6
+    processes = [context.Process(target=_publish_in_child, args=(root, 10 * i, 3, results)) for i in range(3)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=60)
+    assert [process.exitcode for process in processes] == [0, 0, 0]
+    run_ids = [results.get(timeout=5) for _ in range(9)]
     pointer = json.loads((tmp_path / "reg" / "org--tiny-sd" / "latest.json").read_text())
     assert_no_lost_update(root, run_ids, pointer)
 
