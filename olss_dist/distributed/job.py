@@ -188,8 +188,9 @@ def compute_statistics(
     computed: list[int] = []
 
     def on_result(shard: Shard, result: ShardResult) -> None:
-        checkpoints.save(shard, result.calibration)
-        tree.add(shard.shard_id, result.calibration)
+        calibration = result.calibration()
+        checkpoints.save(shard, calibration)
+        tree.add(shard.shard_id, calibration)
         computed.append(shard.shard_id)
         progress.shard_done(shard.shard_id, len(shard.records), result.seconds, result.worker)
 

@@ -11,17 +11,21 @@ Ray itself (``max_task_retries=0``), only by this loop, after a failure.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import ray
-from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, RayTaskError, WorkerCrashedError
+from ray.exceptions import ActorUnavailableError, NodeDiedError, ObjectLostError, RayActorError, RayTaskError, WorkerCrashedError
 
 from olss_dist.distributed.worker import CalibrationWorker, ModelSpec, ShardResult
 from olss_dist.prompts import Shard
 
 logger = logging.getLogger(__name__)
+
+RESTART_POLL_S = 0.2
+"""Pause between pings to a worker Ray is still restarting."""
 
 WORKER_LOST_ERRORS = (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError)
 """Failures of the worker rather than of the computation: the work is redone elsewhere."""
@@ -61,6 +65,7 @@ class WorkerPool:
         keep_states: ``"none"``, ``"memory"`` or ``"disk"`` (see ``TeacherStateStore``).
         run_key: names the run's state directory on each node.
         state_dir: root of that directory; ``None`` uses each node's temp dir.
+        worker_class: the actor body, ``CalibrationWorker`` or a subclass.
     """
 
     def __init__(
@@ -72,10 +77,11 @@ class WorkerPool:
         keep_states: str = "none",
         run_key: str = "run",
         state_dir: str | None = None,
+        worker_class: type[CalibrationWorker] = CalibrationWorker,
     ):
         if num_workers < 1:
             raise ValueError(f"need at least one worker, got {num_workers}")
-        actor_class = ray.remote(CalibrationWorker).options(
+        actor_class = ray.remote(worker_class).options(
             num_gpus=resources.num_gpus,
             num_cpus=resources.num_cpus,
             max_restarts=resources.max_restarts,
@@ -105,6 +111,10 @@ def run_shards(
 ) -> None:
     """Compute every shard on the pool, calling ``on_result`` once per shard as results arrive.
 
+    A worker that loses its shard is pinged until Ray has restarted it, then gets work again; its shard
+    goes back to the front of the queue for the first idle worker. Once a worker has died more often
+    than ``pool.max_restarts`` it is dropped.
+
     Args:
         pool: the actors.
         shards: the shards to compute (checkpointed ones already removed).
@@ -117,9 +127,9 @@ def run_shards(
     """
     queue = deque(shards)
     attempts = {shard.shard_id: 0 for shard in shards}
-    losses = [0] * len(pool.actors)
+    deaths = [0] * len(pool.actors)
     idle = set(range(len(pool.actors)))
-    in_flight: dict[ray.ObjectRef, tuple[int, Shard]] = {}
+    in_flight: dict[ray.ObjectRef, tuple[int, Shard | None]] = {}  # None: a ping to a restarting worker
 
     def dispatch() -> None:
         for worker in sorted(idle):
@@ -130,6 +140,9 @@ def run_shards(
             in_flight[pool.actors[worker].compute_shard.remote(shard)] = (worker, shard)
             idle.discard(worker)
 
+    def ping(worker: int) -> None:
+        in_flight[pool.actors[worker].pid.remote()] = (worker, None)
+
     dispatch()
     while in_flight:
         [ref], _ = ray.wait(list(in_flight), num_returns=1)
@@ -137,18 +150,25 @@ def run_shards(
         try:
             result = get_or_raise(ref)
         except WORKER_LOST_ERRORS as error:
-            losses[worker] += 1
-            logger.warning("worker %d lost shard %d (%s); recomputing it", worker, shard.shard_id, type(error).__name__)
-            if attempts[shard.shard_id] >= max_attempts:
-                raise WorkersLostError(f"shard {shard.shard_id} lost its worker {max_attempts} times") from error
-            queue.appendleft(shard)
-            if losses[worker] <= pool.max_restarts:
-                idle.add(worker)  # Ray restarts the actor (up to max_restarts times in its life); calls wait for it
+            if shard is not None:
+                deaths[worker] += 1
+                logger.warning("worker %d lost shard %d (%s); recomputing it", worker, shard.shard_id, type(error).__name__)
+                if attempts[shard.shard_id] >= max_attempts:
+                    raise WorkersLostError(f"shard {shard.shard_id} lost its worker {max_attempts} times") from error
+                queue.appendleft(shard)
+            if deaths[worker] <= pool.max_restarts and isinstance(error, ActorUnavailableError):
+                time.sleep(RESTART_POLL_S)
+                ping(worker)
+            elif deaths[worker] <= pool.max_restarts and shard is not None:
+                ping(worker)
             elif not idle and not in_flight:
                 raise WorkersLostError("every worker died; no actor is left to compute shards") from error
         else:
-            on_result(shard, result)
-            idle.add(worker)
+            if shard is None:
+                idle.add(worker)
+            else:
+                on_result(shard, result)
+                idle.add(worker)
         dispatch()
 
 

@@ -56,16 +56,20 @@ class ShardResult:
     Attributes:
         shard_id: the shard's id.
         shard_digest: ``Shard.digest()`` of the records computed (guards checkpoints).
-        calibration: the shard's statistics (R factor ``(2N+1, 2N+1)`` float64 and counts).
+        statistics: the shard's ``Calibration`` (R factor ``(2N+1, 2N+1)`` float64 and counts) as
+            safetensors bytes, the form it is checkpointed in.
         seconds: wall time of the teacher run and the reduction.
         worker: ``host:pid`` of the actor that computed it.
     """
 
     shard_id: int
     shard_digest: str
-    calibration: Calibration
+    statistics: bytes
     seconds: float
     worker: str
+
+    def calibration(self) -> Calibration:
+        return Calibration.from_bytes(self.statistics)
 
 
 class CalibrationWorker:
@@ -117,7 +121,8 @@ class CalibrationWorker:
         states, noise_preds = self.record(shard)
         calibration = Calibration.from_trajectories(states, noise_preds, self.timesteps)
         self.states.keep(shard.shard_id, states)
-        return ShardResult(shard.shard_id, shard.digest(), calibration, time.perf_counter() - start, worker_name())
+        seconds = time.perf_counter() - start
+        return ShardResult(shard.shard_id, shard.digest(), calibration.to_bytes(), seconds, worker_name())
 
     def record(self, shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher trajectories of the shard: states ``(B, N+1, *shape)`` and outputs ``(B, N, *shape)``."""

@@ -1,0 +1,237 @@
+"""The Ray edge on a local Ray: actors, streaming merge, fault tolerance, parallel planner, checkpoints."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import ray
+
+from olss_dist.calibration import Calibration
+from olss_dist.distributed.checkpoints import ShardCheckpoints
+from olss_dist.distributed.cluster import connect
+from olss_dist.distributed.merge import MergeTree
+from olss_dist.distributed.planning import ParallelPlanner, speculative_midpoints
+from olss_dist.distributed.pool import WorkerPool, WorkerResources, WorkersLostError, run_shards
+from olss_dist.distributed.worker import CalibrationWorker, ModelSpec
+from olss_dist.models.analytic import GaussianMixtureModel
+from olss_dist.planner import search_path
+from olss_dist.prompts import make_shards, records_from_prompts
+from olss_dist.teacher import record_trajectories, trailing_timesteps
+
+TEACHER_STEPS = 40
+SPEC = ModelSpec("analytic", guidance_scale=3.0, device="cpu")
+
+
+def analytic_shards(num_prompts: int = 12, shard_size: int = 3):
+    records = records_from_prompts([f"a sample of class {i % 10}" for i in range(num_prompts)])
+    return make_shards(records, shard_size)
+
+
+def in_process_shard_calibration(shard) -> Calibration:
+    """One shard's statistics computed in this process, exactly as a worker does."""
+    model = GaussianMixtureModel(guidance_scale=SPEC.guidance_scale)
+    timesteps = trailing_timesteps(TEACHER_STEPS)
+    states, noise_preds = record_trajectories(
+        model, model.initial_noise(shard.seeds), model.encode_prompts(shard.prompts), timesteps, model.alphas_cumprod
+    )
+    return Calibration.from_trajectories(states, noise_preds, timesteps)
+
+
+def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+# --------------------------------------------------------------------------------------- no Ray needed
+
+
+def test_merge_tree_result_does_not_depend_on_arrival_order():
+    shards = analytic_shards(num_prompts=15, shard_size=3)
+    calibrations = [in_process_shard_calibration(s) for s in shards]
+    results = []
+    for order in ([0, 1, 2, 3, 4], [4, 2, 0, 3, 1], [3, 4, 1, 0, 2]):
+        tree = MergeTree(len(shards))
+        for shard_id in order:
+            assert not tree.complete
+            tree.add(shard_id, calibrations[shard_id])
+        results.append(tree.result())
+        assert tree.num_merges == len(shards) - 1
+    for other in results[1:]:
+        np.testing.assert_array_equal(other.r_factor, results[0].r_factor)
+    reference = Calibration.merge(calibrations)
+    gram, reference_gram = results[0].r_factor.T @ results[0].r_factor, reference.r_factor.T @ reference.r_factor
+    assert relative_difference(gram, reference_gram) < 1e-12
+    assert results[0].num_samples == 15 and results[0].num_rows == reference.num_rows
+
+
+def test_merge_tree_refuses_a_shard_twice_and_reports_missing_ones():
+    calibration = in_process_shard_calibration(analytic_shards()[0])
+    tree = MergeTree(3)
+    tree.add(1, calibration)
+    with pytest.raises(ValueError, match="already merged"):
+        tree.add(1, calibration)
+    with pytest.raises(ValueError, match="outside"):
+        tree.add(3, calibration)
+    with pytest.raises(RuntimeError, match=r"shards \[0, 2\]"):
+        tree.result()
+
+
+def test_speculative_midpoints_cover_the_next_bisection_levels():
+    probes = speculative_midpoints(0.0, 8.0, 2)
+    assert probes == [4.0, 2.0, 6.0]
+    assert speculative_midpoints(1.0, 1.0, 3) == []
+
+
+def test_checkpoints_round_trip_and_reject_stale_or_corrupt(tmp_path):
+    shards = analytic_shards()
+    calibration = in_process_shard_calibration(shards[0])
+    checkpoints = ShardCheckpoints(str(tmp_path / "staging"), "a" * 64)
+    checkpoints.save(shards[0], calibration)
+    restored = checkpoints.load_finished(shards)
+    assert list(restored) == [0]
+    np.testing.assert_array_equal(restored[0].r_factor, calibration.r_factor)
+    assert ShardCheckpoints(str(tmp_path / "staging"), "b" * 64).load(shards[0]) is None, "other statistics config"
+    other_records = make_shards(records_from_prompts(["different prompt"] * 3), 3)[0]
+    assert checkpoints.load(other_records) is None, "same shard id, different records"
+    data_path = tmp_path / "staging" / "shard-000000.safetensors"
+    data_path.write_bytes(data_path.read_bytes()[:-8] + b"\0" * 8)
+    assert checkpoints.load(shards[0]) is None, "bytes no longer match the recorded sha256"
+    checkpoints.remove_all()
+    assert not any((tmp_path / "staging").glob("shard-*"))
+
+
+# ------------------------------------------------------------------------------------------ local Ray
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A private local Ray for this module (4 logical CPUs), shut down afterwards."""
+    if ray.is_initialized():
+        ray.shutdown()
+    connect(num_cpus=4)
+    # Workers cannot import this test module: ship its classes (SlowCalibrationWorker) by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    ray.shutdown()
+
+
+class SlowCalibrationWorker(CalibrationWorker):
+    """A worker whose shards take at least ``delay_s``: time to kill it in the middle of one."""
+
+    delay_s = 1.0
+
+    def compute_shard(self, shard):
+        time.sleep(self.delay_s)
+        return super().compute_shard(shard)
+
+
+def merged_run(pool, shards):
+    tree = MergeTree(len(shards))
+    run_shards(pool, shards, lambda shard, result: tree.add(shard.shard_id, result.calibration()))
+    return tree.result()
+
+
+def in_process_reference(shards) -> Calibration:
+    tree = MergeTree(len(shards))
+    for shard in shards:
+        tree.add(shard.shard_id, in_process_shard_calibration(shard))
+    return tree.result()
+
+
+@pytest.fixture(scope="module")
+def clean_run(local_ray) -> Calibration:
+    """Merged statistics of ``analytic_shards()`` from a run where nothing fails."""
+    pool = WorkerPool(SPEC, 2, TEACHER_STEPS)
+    try:
+        return merged_run(pool, analytic_shards())
+    finally:
+        pool.shutdown()
+
+
+def test_pool_statistics_equal_in_process_statistics(clean_run):
+    reference = in_process_reference(analytic_shards())
+    assert clean_run.num_samples == 12 and clean_run.num_rows == reference.num_rows
+    # Workers run single-threaded, this process does not: R agrees to rounding in its rank-deficient
+    # rows only, R^T R (= A^T A) agrees tightly.
+    gram, reference_gram = clean_run.r_factor.T @ clean_run.r_factor, reference.r_factor.T @ reference.r_factor
+    assert relative_difference(gram, reference_gram) <= 1e-10
+
+
+def kill_after(delay_s: float, pid: int) -> threading.Thread:
+    def kill():
+        time.sleep(delay_s)
+        os.kill(pid, 9)
+
+    thread = threading.Thread(target=kill)
+    thread.start()
+    return thread
+
+
+def test_worker_killed_mid_shard_is_restarted_and_its_shard_recomputed(clean_run):
+    shards = analytic_shards(num_prompts=12, shard_size=3)
+    pool = WorkerPool(SPEC, 2, TEACHER_STEPS, worker_class=SlowCalibrationWorker)
+    try:
+        victim = pool.describe()[0]["pid"]
+        killer = kill_after(0.5 * SlowCalibrationWorker.delay_s, victim)
+        computed = []
+        tree = MergeTree(len(shards))
+
+        def on_result(shard, result):
+            computed.append((shard.shard_id, result.worker))
+            tree.add(shard.shard_id, result.calibration())
+
+        run_shards(pool, shards, on_result)
+        killer.join()
+        pids_after = {d["pid"] for d in pool.describe()}
+    finally:
+        pool.shutdown()
+    assert victim not in pids_after, "the killed actor was restarted in a new process"
+    assert sorted(shard_id for shard_id, _ in computed) == [0, 1, 2, 3], "every shard merged exactly once"
+    assert all(not worker.endswith(f":{victim}") for _, worker in computed), "nothing came from the killed process"
+    assert relative_difference(tree.result().r_factor, clean_run.r_factor) <= 1e-12
+
+
+def test_worker_dead_for_good_leaves_its_shards_to_the_live_ones(clean_run):
+    shards = analytic_shards(num_prompts=12, shard_size=3)
+    no_restarts = WorkerResources(num_gpus=0, num_cpus=1, max_restarts=0)
+    pool = WorkerPool(SPEC, 2, TEACHER_STEPS, no_restarts, worker_class=SlowCalibrationWorker)
+    try:
+        victim = pool.describe()[1]["pid"]
+        killer = kill_after(0.5 * SlowCalibrationWorker.delay_s, victim)
+        merged = merged_run(pool, shards)
+        killer.join()
+    finally:
+        pool.shutdown()
+    assert relative_difference(merged.r_factor, clean_run.r_factor) <= 1e-12
+
+
+def test_all_workers_dead_is_one_clear_error(local_ray):
+    shards = analytic_shards(num_prompts=6, shard_size=3)
+    no_restarts = WorkerResources(num_gpus=0, num_cpus=1, max_restarts=0)
+    pool = WorkerPool(SPEC, 1, TEACHER_STEPS, no_restarts, worker_class=SlowCalibrationWorker)
+    try:
+        killer = kill_after(0.5 * SlowCalibrationWorker.delay_s, pool.describe()[0]["pid"])
+        with pytest.raises(WorkersLostError, match="every worker died"):
+            merged_run(pool, shards)
+        killer.join()
+    finally:
+        pool.shutdown()
+
+
+def test_parallel_planner_equals_in_process_planner_exactly(clean_run):
+    calibration = clean_run
+    planner = ParallelPlanner(calibration, parallelism=3)
+    for num_steps in (1, 3, 8):
+        nodes, errors = planner.search_path(num_steps)
+        expected_nodes, expected_errors = search_path(calibration.r_factor, calibration.num_rows, num_steps)
+        assert nodes == expected_nodes
+        np.testing.assert_array_equal(errors, expected_errors)
+    plans = planner.plans([4, 6])
+    for plan in plans:
+        expected = calibration.plan(plan.num_steps)
+        assert plan.nodes == expected.nodes and plan.spacing == expected.spacing
+        np.testing.assert_array_equal(plan.coefficients, expected.coefficients)
