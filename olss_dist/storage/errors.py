@@ -60,8 +60,8 @@ def describe_storage_error(error: BaseException) -> str | None:
             )
     if isinstance(error, PermissionError):
         return f"access denied: credentials rejected or not allowed ({error})"
-    if isinstance(error, FileNotFoundError) and "bucket" in str(error).lower():
-        return f"the bucket does not exist ({error})"
+    if isinstance(error, FileNotFoundError):
+        return f"the bucket does not exist ({error})" if "bucket" in str(error).lower() else f"not found ({error})"
     if isinstance(error, OSError):
         return f"storage error: {error}"
     return None

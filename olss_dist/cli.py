@@ -1,0 +1,288 @@
+"""``olss-dist``: the command line.
+
+Adding a command takes a few lines::
+
+    @app.command()
+    @reports_errors
+    def refit(root: str, storage_options: StorageOptionsFlag = None) -> None:
+        \"\"\"One line of help.\"\"\"
+        do_refit(root, storage_options=parse_storage_options(storage_options))
+
+``reports_errors`` turns ``ValueError`` and ``ArtifactError`` into one ``error: ...`` line on stderr and
+exit status 1; ``StorageOptionsFlag`` is the shared ``--storage-options JSON`` flag. Keep heavy imports
+(torch, ray) inside command bodies so ``olss-dist --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from olss_dist.artifacts import (
+    ArtifactError,
+    ModelListing,
+    RunRef,
+    list_models,
+    pull_run,
+    read_run_file,
+    resolve_run,
+)
+
+app = typer.Typer(
+    name="olss-dist",
+    help="Distributed OLSS calibration: publish, inspect and pull calibrated schedulers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+error_console = Console(stderr=True)
+
+StorageOptionsFlag = Annotated[
+    Optional[str],
+    typer.Option(
+        "--storage-options",
+        help='fsspec storage options as a JSON object, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'. '
+        "Without it, credentials and endpoint come from the environment (AWS_ENDPOINT_URL, AWS_PROFILE...).",
+    ),
+]
+
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+def parse_storage_options(text: str | None) -> dict[str, Any] | None:
+    """The ``--storage-options`` JSON object as a dict (None when the flag is absent); ValueError otherwise."""
+    if text is None:
+        return None
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--storage-options is not valid JSON: {error}") from error
+    if not isinstance(options, dict):
+        raise ValueError(f"--storage-options must be a JSON object, got {type(options).__name__}")
+    return options
+
+
+def reports_errors(command: Command) -> Command:
+    """Run ``command``; print a ValueError or ArtifactError as one ``error:`` line and exit with status 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (ValueError, ArtifactError) as error:
+            error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=1) from error
+
+    return wrapper  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------- rendering
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return "-" if value is None else str(value)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as ``{"a.b": leaf}``."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, item in value.items():
+        flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def key_value_table(title: str, values: dict[str, Any]) -> Table:
+    table = Table(title=title, title_justify="left", show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value", overflow="fold")
+    for key, value in _flatten(values).items():
+        table.add_row(key, _format_value(value))
+    return table
+
+
+def run_table(run: RunRef) -> Table:
+    manifest = run.manifest
+    versions = ", ".join(f"{name} {version}" for name, version in manifest["versions"].items() if version)
+    return key_value_table(
+        "run",
+        {
+            "uri": run.uri,
+            "run id": manifest["run_id"],
+            "created at": manifest["created_at"],
+            "model": manifest["model"]["id"],
+            "model digest": manifest["model"]["digest"],
+            "config digest": manifest["config_digest"],
+            "teacher steps": manifest["teacher_steps"],
+            "planned step counts": ", ".join(map(str, manifest["planned_step_counts"])),
+            "versions": versions,
+            "manifest sha256": run.manifest_sha256,
+        },
+    )
+
+
+def files_table(run: RunRef) -> Table:
+    table = Table(title="files", title_justify="left")
+    table.add_column("name")
+    table.add_column("bytes", justify="right")
+    table.add_column("sha256")
+    for name, entry in run.manifest["files"].items():
+        table.add_row(name, str(entry["size"]), entry["sha256"][:16] + "…")
+    return table
+
+
+def _is_plan(value: Any) -> bool:
+    return isinstance(value, dict) and {"timesteps", "coefficients"} <= set(value)
+
+
+def find_plans(document: Any) -> list[dict[str, Any]]:
+    """Plan dicts (``Plan.to_dict()`` or a scheduler config entry) in a JSON document: the document itself,
+    a list of plans, or the list under its ``"plans"`` key."""
+    if _is_plan(document):
+        return [document]
+    if isinstance(document, dict):
+        document = document.get("plans", [])
+    return [item for item in document if _is_plan(item)] if isinstance(document, list) else []
+
+
+def plans_table(plans: list[dict[str, Any]]) -> Table:
+    table = Table(title="plans", title_justify="left")
+    for column in ("steps", "fit", "spacing", "timesteps", "max step error", "max |coefficient|"):
+        table.add_column(column, overflow="fold")
+    for plan in sorted(plans, key=lambda plan: len(plan["timesteps"])):
+        errors = [e for e in plan.get("step_errors") or [] if e is not None]
+        largest = max((abs(c) for row in plan["coefficients"] for c in row), default=0.0)
+        table.add_row(
+            str(len(plan["timesteps"])),
+            str(plan.get("fit", "-")),
+            str(plan.get("spacing", "-")),
+            " ".join(map(str, plan["timesteps"])),
+            _format_value(max(errors)) if errors else "-",
+            _format_value(largest),
+        )
+    return table
+
+
+def step_errors_table(plans: list[dict[str, Any]]) -> Table | None:
+    """Mean squared error per latent element of each step, one row per plan (None when no plan has them)."""
+    rows = [(len(plan["timesteps"]), plan["step_errors"]) for plan in plans if plan.get("step_errors")]
+    if not rows:
+        return None
+    table = Table(title="step errors (MSE per element)", title_justify="left")
+    table.add_column("steps")
+    for index in range(max(len(errors) for _, errors in rows)):
+        table.add_column(str(index + 1), justify="right")
+    for steps, errors in sorted(rows):
+        table.add_row(str(steps), *(_format_value(error) for error in errors))
+    return table
+
+
+def report_tables(name: str, document: Any) -> list[Table]:
+    """A quality report: its scalars as key/value rows, each list of records as its own table."""
+    if not isinstance(document, dict):
+        return [key_value_table(name, {"value": document})]
+    scalars = {key: value for key, value in document.items() if not _is_record_list(value)}
+    tables = [key_value_table(name, scalars)] if scalars else []
+    for key, records in document.items():
+        if _is_record_list(records):
+            table = Table(title=f"{name}: {key}", title_justify="left")
+            columns = list(dict.fromkeys(column for record in records for column in record))
+            for column in columns:
+                table.add_column(str(column), overflow="fold")
+            for record in records:
+                table.add_row(*(_format_value(record.get(column)) for column in columns))
+            tables.append(table)
+    return tables
+
+
+def _is_record_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(item, dict) for item in value)
+
+
+def models_table(root: str, models: list[ModelListing]) -> Table:
+    table = Table(title=f"runs under {root}", title_justify="left")
+    for column in ("model", "model digest", "run id", "created at", "steps", "config digest", "latest"):
+        table.add_column(column, overflow="fold", no_wrap=column in {"run id", "created at"})
+    for model in models:
+        for run in model.runs:
+            table.add_row(
+                model.model_id,
+                run.model_digest,
+                run.run_id,
+                run.created_at[:19].replace("T", " ") + "Z",
+                ", ".join(map(str, run.planned_step_counts)),
+                run.config_digest[:12],
+                "latest" if run.run_id == model.latest_run_id else "",
+            )
+    return table
+
+
+# ----------------------------------------------------------------------------------------------- commands
+
+
+@app.command()
+@reports_errors
+def show(
+    uri: Annotated[str, typer.Argument(help="run URI, model URI (its latest run) or a latest.json URI")],
+    storage_options: StorageOptionsFlag = None,
+) -> None:
+    """Show a run: manifest, plans, step errors and quality report (every file read is verified)."""
+    options = parse_storage_options(storage_options)
+    run = resolve_run(uri, options)
+    console.print(run_table(run))
+    console.print(files_table(run))
+    console.print(key_value_table("config", run.manifest["config"]))
+    documents = {
+        name: json.loads(read_run_file(run, name, options)) for name in run.manifest["files"] if name.endswith(".json")
+    }
+    plans = [plan for name, doc in documents.items() if name != "scheduler_config.json" for plan in find_plans(doc)]
+    plans = plans or find_plans(documents.get("scheduler_config.json"))
+    if plans:
+        console.print(plans_table(plans))
+        errors = step_errors_table(plans)
+        if errors is not None:
+            console.print(errors)
+    for name, document in documents.items():
+        if "report" in Path(name).stem:
+            for table in report_tables(name, document):
+                console.print(table)
+
+
+@app.command()
+@reports_errors
+def pull(
+    uri: Annotated[str, typer.Argument(help="run URI, model URI (its latest run) or a latest.json URI")],
+    directory: Annotated[Path, typer.Argument(help="new local directory to download into")],
+    storage_options: StorageOptionsFlag = None,
+) -> None:
+    """Download a run into DIRECTORY, verifying every file against its manifest."""
+    options = parse_storage_options(storage_options)
+    run = resolve_run(uri, options)
+    target = pull_run(run.uri, directory, options)
+    console.print(f"pulled {run.uri} -> {target} ({len(run.manifest['files'])} files verified)", highlight=False)
+
+
+@app.command("list")
+@reports_errors
+def list_runs(
+    root: Annotated[str, typer.Argument(help="registry root, e.g. s3://bucket/prefix or a local directory")],
+    storage_options: StorageOptionsFlag = None,
+) -> None:
+    """List models and their complete runs under ROOT, marking the one each latest.json names."""
+    models = list_models(root, parse_storage_options(storage_options))
+    if not any(model.runs for model in models):
+        console.print(f"no runs under {root}", highlight=False)
+        return
+    console.print(models_table(root, models))
