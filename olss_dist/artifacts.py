@@ -65,7 +65,6 @@ __all__ = [
     "pull_run",
     "read_manifest",
     "read_run_file",
-    "remove_staging",
     "resolve_run",
     "staging_uri",
 ]
@@ -475,17 +474,6 @@ def staging_uri(root_uri: str, model_id: str, model_digest: str, config_digest: 
     store_root = root_uri.rstrip("/") or root_uri
     key = join_key(model_slug(model_id), check_model_digest(model_digest), STAGING_DIR, check_config_digest(config_digest))
     return f"{store_root}/{key}"
-
-
-def remove_staging(
-    root_uri: str, model_id: str, model_digest: str, config_digest: str, storage_options: dict[str, Any] | None = None
-) -> None:
-    """Delete a job's staging prefix (after its run is published); nothing happens when it is absent."""
-    uri = staging_uri(root_uri, model_id, model_digest, config_digest)
-    store = open_store(uri, storage_options)
-    with storage_errors("cannot remove staging", uri):
-        if store.file_sizes(""):
-            store.remove_tree("")
 
 
 def _complete_runs(store: Store, digest_key: str) -> list[RunRef]:

@@ -20,7 +20,6 @@ from olss_dist.artifacts import (
     publish_run,
     pull_run,
     read_manifest,
-    remove_staging,
     resolve_run,
     staging_uri,
 )
@@ -312,9 +311,7 @@ def test_staging_is_stable_and_never_a_run(s3_root):
     published = publish(s3_root)
     [model] = list_models(s3_root)
     assert [run.run_id for run in model.runs] == [published.run_id]
-    remove_staging(s3_root, MODEL_ID, MODEL_DIGEST, digest)
-    assert not fs.exists(f"{uri}/shard-00000.safetensors")
-    remove_staging(s3_root, MODEL_ID, MODEL_DIGEST, digest)  # absent: nothing to do
+    assert find_complete_run(s3_root, MODEL_ID, MODEL_DIGEST, digest) == published.uri
 
 
 def test_read_manifest_of_a_model(tmp_path):

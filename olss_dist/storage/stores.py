@@ -68,8 +68,6 @@ class Store:
         root_uri: the root as the user wrote it; URIs handed back are built on it.
     """
 
-    supports_atomic_writes = False
-
     def __init__(self, fs: fsspec.AbstractFileSystem, root_path: str, root_uri: str):
         self.fs = fs
         self.root_path = _without_trailing_slash(root_path)
@@ -133,7 +131,10 @@ class Store:
         """FileNotFoundError when the root's container is missing (a bucket; a local directory unless ``create``).
 
         Called before publishing, so that nothing is written, and to tell a missing bucket from a missing run.
+        A store without atomic writes refuses ``create``.
         """
+        if create:
+            raise self._no_atomic_writes()
 
     def write_new(self, key: str, data: bytes) -> None:
         raise self._no_atomic_writes()
@@ -156,8 +157,6 @@ class Store:
 
 class LocalStore(Store):
     """A local or mounted directory; atomic across processes of one machine (``link(2)``, ``flock``)."""
-
-    supports_atomic_writes = True
 
     def check_root(self, create: bool) -> None:
         if create:
@@ -229,8 +228,6 @@ async def _s3_get_with_etag(fs: Any, bucket: str, key: str) -> tuple[bytes, str]
 class S3Store(Store):
     """S3 and S3-compatible stores through s3fs; conditional PUTs (``If-None-Match``/``If-Match``)."""
 
-    supports_atomic_writes = True
-
     def _bucket_key(self, key: str) -> tuple[str, str]:
         bucket, object_key, _ = self.fs.split_path(self.path(key))
         return bucket, object_key
@@ -279,8 +276,6 @@ class S3Store(Store):
 
 class GCSStore(Store):
     """Google Cloud Storage through gcsfs; generation preconditions. Written against gcsfs's API, untested here."""
-
-    supports_atomic_writes = True
 
     def _bucket_key(self, key: str) -> tuple[str, str]:
         bucket, object_key, _ = self.fs.split_path(self.path(key))
@@ -333,7 +328,8 @@ _MEMORY_LOCK = threading.Lock()
 class MemoryStore(Store):
     """fsspec's in-process ``memory://`` filesystem; a process-wide lock makes its writes atomic."""
 
-    supports_atomic_writes = True
+    def check_root(self, create: bool) -> None:
+        """Nothing to check: memory directories are implicit."""
 
     def write_new(self, key: str, data: bytes) -> None:
         with _MEMORY_LOCK:
