@@ -363,7 +363,7 @@ def _default_options(protocol: str) -> dict[str, Any]:
             },
         }
     if protocol in {"gs", "gcs"}:
-        return {"use_listings_cache": False, "requests_timeout": S3_READ_TIMEOUT_S}
+        return {"use_listings_cache": False}
     return {}
 
 
