@@ -30,8 +30,11 @@ start_head() {
   local token_path="$state_dir/auth_token"
   python -c 'import secrets; print(secrets.token_hex(32))' > "$token_path"
   chmod 600 "$token_path"
-  local gcs_port dashboard_port client_port agent_port
+  local gcs_port dashboard_port client_port agent_port ray_temp
   gcs_port="$(free_port)"; dashboard_port="$(free_port)"; client_port="$(free_port)"; agent_port="$(free_port)"
+  # Ray's unix sockets live under --temp-dir and must stay below 107 bytes: keep it short, whatever STATE_DIR is.
+  ray_temp="$(mktemp -d /tmp/olss_ray.XXXXXX)"
+  echo "$ray_temp" > "$state_dir/ray_temp_dir"
 
   RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$token_path" RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 \
     RAY_USAGE_STATS_ENABLED=0 \
@@ -40,15 +43,16 @@ start_head() {
       --dashboard-host=127.0.0.1 --dashboard-port="$dashboard_port" \
       --ray-client-server-port="$client_port" --dashboard-agent-listen-port="$agent_port" \
       --num-cpus="${OLSS_RAY_HEAD_NUM_CPUS:-2}" --object-store-memory=300000000 \
-      --temp-dir="$state_dir/ray" \
+      --temp-dir="$ray_temp" \
       > "$state_dir/head.log" 2>&1 < /dev/null &
   echo $! > "$pid_file"
 
   local address="http://127.0.0.1:$dashboard_port"
-  for _ in $(seq 1 120); do
+  for _ in $(seq 1 240); do
     if ! kill -0 "$(cat "$pid_file")" 2>/dev/null; then
       echo "ray_head.sh: ray start exited; log: $state_dir/head.log" >&2
       tail -20 "$state_dir/head.log" >&2
+      stop_head
       exit 1
     fi
     # Jobs can be submitted once the job API answers an authenticated request.
@@ -62,7 +66,7 @@ start_head() {
     fi
     sleep 0.5
   done
-  echo "ray_head.sh: the job API at $address did not come up in 60 s; log: $state_dir/head.log" >&2
+  echo "ray_head.sh: the job API at $address did not come up in 120 s; log: $state_dir/head.log" >&2
   stop_head
   exit 1
 }
@@ -79,7 +83,10 @@ stop_head() {
   done
   # Anything left in the head's own process group (setsid above) is ours alone.
   kill -KILL -- "-$pid" 2>/dev/null || true
-  rm -f "$pid_file" "$state_dir/env"
+  if [[ -f "$state_dir/ray_temp_dir" ]]; then
+    rm -rf "$(cat "$state_dir/ray_temp_dir")"
+  fi
+  rm -f "$pid_file" "$state_dir/env" "$state_dir/ray_temp_dir"
 }
 
 case "$command" in
