@@ -1,18 +1,31 @@
-"""olss_dist: distributed OLSS calibration of fast diffusion schedulers."""
+"""olss_dist: distributed OLSS calibration of fast diffusion schedulers.
 
-from olss_dist.calibration import Calibration
-from olss_dist.method import calibrate
-from olss_dist.onpolicy import fit_on_policy
-from olss_dist.plan import Plan
-from olss_dist.scheduler import OLSSScheduler
-from olss_dist.teacher import record_trajectories, trailing_timesteps
+The public names are imported lazily, so light modules (``olss_dist.artifacts``, the CLI) start without
+loading torch and diffusers.
+"""
 
-__all__ = [
-    "Calibration",
-    "OLSSScheduler",
-    "Plan",
-    "calibrate",
-    "fit_on_policy",
-    "record_trajectories",
-    "trailing_timesteps",
-]
+from importlib import import_module
+from typing import Any
+
+_PUBLIC = {
+    "Calibration": "olss_dist.calibration",
+    "OLSSScheduler": "olss_dist.scheduler",
+    "Plan": "olss_dist.plan",
+    "calibrate": "olss_dist.method",
+    "fit_on_policy": "olss_dist.onpolicy",
+    "record_trajectories": "olss_dist.teacher",
+    "trailing_timesteps": "olss_dist.teacher",
+}
+
+__all__ = sorted(_PUBLIC)
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'olss_dist' has no attribute {name!r}")
+    return getattr(import_module(_PUBLIC[name]), name)
+
+
+def __dir__() -> list[str]:
+    return __all__
