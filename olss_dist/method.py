@@ -1,8 +1,9 @@
 """The whole method: teacher statistics, candidate paths, on-policy fits, validated choice.
 
 For each step count K the candidates are the minimax path of the planner, evenly spaced nodes and
-quadratically spaced nodes (dense at high noise), each fitted on-policy (with and without a small
-ridge), the paper's teacher-forced fit on the minimax path, and the built-in linear solvers (DDIM,
+quadratically spaced nodes (dense at high noise), each fitted on-policy with two small ridge weights
+(unregularised fits on nearly collinear outputs reach coefficients of 1e9 and blow up on new
+samples; 1e-6 and 1e-5 relative to the feature norms keep them near the DDIM scale), the paper's teacher-forced fit on the minimax path, and the built-in linear solvers (DDIM,
 DPM-Solver++ 2M, UniPC with "trailing" spacing) in OLSS form. Every candidate is scored by the
 on-policy error of its final state against the teacher's on held-out validation samples; the best
 one ships, and every score is kept in ``Plan.candidates``.
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_STEPS = (5, 10, 20)
 DEFAULT_BUILTINS = ("ddim", "dpmsolver++", "unipc")
-DEFAULT_RIDGES = (0.0, DEFAULT_RIDGE)
+DEFAULT_RIDGES = (DEFAULT_RIDGE, 10 * DEFAULT_RIDGE)
 
 
 @dataclass
