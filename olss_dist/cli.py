@@ -286,3 +286,28 @@ def list_runs(
         console.print(f"no runs under {root}", highlight=False)
         return
     console.print(models_table(root, models))
+
+
+@app.command()
+@reports_errors
+def evaluate(
+    model: Annotated[str, typer.Option(help="model spec: 'embedded', 'analytic', a diffusers folder, hub id or URI")],
+    artifact: Annotated[str, typer.Option(help="run URI, model URI (its latest run), latest.json URI or run folder")],
+    steps: Annotated[Optional[str], typer.Option(help="comma-separated step counts (default: every planned one)")] = None,
+    num_samples: Annotated[int, typer.Option(help="held-out samples")] = 32,
+    prompts: Annotated[Optional[str], typer.Option(help="prompt file (text or Parquet), path or URI; default: the model's")] = None,
+    seed_offset: Annotated[int, typer.Option(help="picks another independent set of held-out seeds")] = 0,
+    teacher_steps: Annotated[Optional[int], typer.Option(help="N of the reference DDIM teacher (default: the run's)")] = None,
+    uniform_fit_samples: Annotated[int, typer.Option(help="fresh samples for an on-policy fit on uniform nodes (0: skip)")] = 0,
+    batch_size: Annotated[Optional[int], typer.Option(help="samples per model call (default: all)")] = None,
+    output: Annotated[Path, typer.Option(help="directory for evaluation.json/.md and the PNG plots")] = Path("evaluation"),
+    storage_options: StorageOptionsFlag = None,
+) -> None:
+    """Compare a run's OLSS plans with diffusers' built-in solvers on held-out samples (see docs/evaluation.md)."""
+    from olss_dist.evaluate import evaluate_and_report, parse_step_counts
+
+    evaluate_and_report(
+        output, console, model_spec=model, artifact=artifact, steps=parse_step_counts(steps), num_samples=num_samples,
+        prompts=prompts, seed_offset=seed_offset, teacher_steps=teacher_steps, uniform_fit_samples=uniform_fit_samples,
+        batch_size=batch_size, storage_options=parse_storage_options(storage_options),
+    )
