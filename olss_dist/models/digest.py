@@ -1,0 +1,47 @@
+"""Content digest of a diffusers model folder: the identity a calibration is valid for."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+# Components whose files change what the guided denoiser returns. The VAE only decodes images and
+# the safety checker / feature extractor only filter them, so retraining those needs no refit.
+SAMPLING_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
+SAMPLING_ROOT_FILES = ("model_index.json",)
+CHUNK_BYTES = 1 << 20
+
+
+def sampling_files(folder: str | Path) -> list[str]:
+    """Sorted POSIX paths, relative to ``folder``, of the files that affect sampling.
+
+    Raises:
+        FileNotFoundError: ``folder`` holds none of them.
+    """
+    root = Path(folder)
+    files = [name for name in SAMPLING_ROOT_FILES if (root / name).is_file()]
+    for component in SAMPLING_COMPONENTS:
+        directory = root / component
+        if directory.is_dir():
+            files += [p.relative_to(root).as_posix() for p in directory.rglob("*") if p.is_file()]
+    if not files:
+        raise FileNotFoundError(f"{root} holds none of {SAMPLING_ROOT_FILES + SAMPLING_COMPONENTS}")
+    return sorted(files)
+
+
+def content_digest(folder: str | Path) -> str:
+    """sha256 hex digest over the relative paths and bytes of ``sampling_files(folder)``, streamed.
+
+    Each file contributes its path, its size and its bytes (length-prefixed, so no two different
+    folders hash the same stream). Files are read in 1 MiB chunks, so multi-GB UNets never sit in memory.
+    """
+    root = Path(folder)
+    digest = hashlib.sha256()
+    for relative in sampling_files(root):
+        path = root / relative
+        name = relative.encode("utf-8")
+        digest.update(len(name).to_bytes(8, "little") + name + path.stat().st_size.to_bytes(8, "little"))
+        with path.open("rb") as handle:
+            while chunk := handle.read(CHUNK_BYTES):
+                digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,307 @@
+"""Stable Diffusion (1.x / 2.x) adapter: a local diffusers folder as a guided ε denoiser.
+
+Only what the denoiser needs is loaded up front (UNet, text encoder, tokenizer, scheduler config);
+the VAE is loaded on the first ``decode``. Weights are read from safetensors only (never pickle).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from olss_dist.models.base import DiffusionModel
+from olss_dist.models.digest import content_digest
+from olss_dist.models.loading import ModelLoadError
+
+REQUIRED_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+GENERIC_PROMPTS = (
+    "a photograph of an astronaut riding a horse",
+    "a watercolor painting of a lighthouse at dusk",
+    "a bowl of ramen on a wooden table, studio lighting",
+    "a red fox in a snowy forest, telephoto",
+    "an isometric illustration of a small city block",
+    "a portrait of an old fisherman, oil painting",
+    "a futuristic car parked in a neon-lit alley",
+    "a field of sunflowers under a stormy sky",
+    "a cozy reading nook with a cat asleep on a blanket",
+    "a mountain lake reflecting snowy peaks at sunrise",
+    "a steampunk airship above the clouds",
+    "macro photograph of a dew drop on a leaf",
+    "a medieval castle on a cliff, dramatic lighting",
+    "a plate of colorful macarons, pastel background",
+    "an underwater coral reef with tropical fish",
+    "a pencil sketch of a sleeping dog",
+    "a busy street market in the rain at night",
+    "a minimalist poster of a mountain and the sun",
+    "a golden retriever puppy playing in autumn leaves",
+    "a robot painting a canvas in an art studio",
+    "a desert canyon at golden hour, wide angle",
+    "a vase of tulips on a windowsill, morning light",
+    "an ancient library with towering bookshelves",
+    "a hot air balloon over green rolling hills",
+)
+
+
+def alphas_cumprod_from_config(config: dict[str, Any]) -> np.ndarray:
+    """``(num_train_timesteps,)`` float64 ᾱ_t of a diffusers scheduler config.
+
+    Follows diffusers' ``DDPMScheduler`` (``trained_betas``, ``linear``, ``scaled_linear``,
+    ``squaredcos_cap_v2``, ``rescale_betas_zero_snr``) but in float64 throughout.
+    """
+    steps = int(config.get("num_train_timesteps", 1000))
+    beta_start, beta_end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
+    schedule = config.get("beta_schedule", "linear")
+    if config.get("trained_betas") is not None:
+        betas = np.asarray(config["trained_betas"], dtype=np.float64)
+    elif schedule == "linear":
+        betas = np.linspace(beta_start, beta_end, steps, dtype=np.float64)
+    elif schedule == "scaled_linear":
+        betas = np.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=np.float64) ** 2
+    elif schedule == "squaredcos_cap_v2":
+        alpha_bar = lambda s: np.cos((s + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731
+        grid = np.arange(steps, dtype=np.float64)
+        betas = np.minimum(1.0 - alpha_bar((grid + 1) / steps) / alpha_bar(grid / steps), 0.999)
+    else:
+        raise ModelLoadError(f"unsupported beta_schedule {schedule!r} in the scheduler config")
+    if config.get("rescale_betas_zero_snr", False):
+        betas = zero_terminal_snr_betas(betas)
+    return np.cumprod(1.0 - betas)
+
+
+def zero_terminal_snr_betas(betas: np.ndarray) -> np.ndarray:
+    """Rescale ``betas (T,)`` so that ᾱ at the last step is 0 (Lin et al. 2023, Algorithm 1)."""
+    sqrt_alphas_cumprod = np.sqrt(np.cumprod(1.0 - betas))
+    first, last = sqrt_alphas_cumprod[0], sqrt_alphas_cumprod[-1]
+    sqrt_alphas_cumprod = (sqrt_alphas_cumprod - last) * first / (first - last)
+    alphas_cumprod = sqrt_alphas_cumprod**2
+    alphas = np.concatenate([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
+    return 1.0 - alphas
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 UNet and text encoder on CUDA, fp32 elsewhere."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; a clear ``ModelLoadError`` when it is missing or malformed."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot read {path}: {error}") from error
+
+
+def check_model_folder(folder: Path) -> dict[str, Any]:
+    """``model_index.json`` of a supported diffusers SD folder; ``ModelLoadError`` naming what is wrong."""
+    if not folder.is_dir():
+        raise ModelLoadError(f"model folder {folder} does not exist")
+    index = read_json(folder / "model_index.json")
+    pipeline_class = str(index.get("_class_name", ""))
+    if "XL" in pipeline_class or "text_encoder_2" in index:
+        raise ModelLoadError(
+            f"{folder} is a {pipeline_class or 'two-text-encoder'} model; SDXL's extra conditioning is not supported"
+        )
+    missing = [c for c in REQUIRED_COMPONENTS if not (folder / c).is_dir()]
+    if missing:
+        raise ModelLoadError(f"{folder} is not a diffusers Stable Diffusion folder: no {', '.join(missing)}/")
+    return index
+
+
+class StableDiffusionModel(DiffusionModel):
+    """Classifier-free-guided ε of a diffusers Stable Diffusion UNet with its CLIP text encoder.
+
+    Use ``StableDiffusionModel.from_folder``. ``cond`` is ``(B, 2, L, D)`` text embeddings, index 0 the
+    negative (unconditional) prompt, index 1 the prompt. One call runs the UNet once on the batch
+    ``[x; x]`` against ``[negatives; prompts]``; v-prediction outputs are converted to ε with the
+    model's own ᾱ_t: ``ε = √ᾱ_t · v + √(1 − ᾱ_t) · x``.
+
+    Args:
+        folder: the diffusers folder (kept for the lazily loaded VAE).
+        unet: ``UNet2DConditionModel`` in eval mode on ``device``.
+        text_encoder: ``CLIPTextModel`` on ``device``.
+        tokenizer: ``CLIPTokenizer``.
+        scheduler_config: the folder's ``scheduler/scheduler_config.json``.
+        model_id: the spec the model was loaded from.
+        digest: ``content_digest(folder)``.
+        guidance_scale: classifier-free guidance scale (1 runs the conditional branch only).
+        prompts: default prompts; ``None`` uses a generic list of 24.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        unet: Any,
+        text_encoder: Any,
+        tokenizer: Any,
+        scheduler_config: dict[str, Any],
+        *,
+        model_id: str,
+        digest: str,
+        guidance_scale: float = 7.5,
+        prompts: Sequence[str] | None = None,
+    ):
+        prediction_type = scheduler_config.get("prediction_type", "epsilon")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ModelLoadError(f"{folder}: prediction_type {prediction_type!r} not in {PREDICTION_TYPES}")
+        self.folder = Path(folder)
+        self.unet = unet
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.scheduler_config = dict(scheduler_config)
+        self.model_id = model_id
+        self.digest = digest
+        self.guidance_scale = float(guidance_scale)
+        self.prediction_type = prediction_type
+        self.alphas_cumprod = alphas_cumprod_from_config(scheduler_config)
+        self.device = unet.device
+        self.dtype = unet.dtype
+        size = unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        self.latent_shape = (int(unet.config.in_channels), int(height), int(width))
+        self.prompts = list(prompts) if prompts is not None else list(GENERIC_PROMPTS)
+        self.vae = None
+
+    @classmethod
+    def from_folder(
+        cls,
+        folder: str | Path,
+        *,
+        model_id: str | None = None,
+        guidance_scale: float = 7.5,
+        device: str | torch.device | None = None,
+        torch_dtype: torch.dtype | None = None,
+        prompts: Sequence[str] | None = None,
+    ) -> "StableDiffusionModel":
+        """Load UNet, text encoder, tokenizer and scheduler config from a local diffusers SD folder.
+
+        Defaults: CUDA when available; fp16 weights on CUDA, fp32 on CPU. Raises ``ModelLoadError``
+        (a ``ValueError``) naming the folder when it is missing, incomplete, SDXL or unreadable.
+        """
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        folder = Path(folder).expanduser()
+        check_model_folder(folder)
+        device = torch.device(device) if device is not None else default_device()
+        dtype = torch_dtype or default_dtype(device)
+        scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
+        try:
+            unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, use_safetensors=True)
+            text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype, use_safetensors=True)
+            tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+        except (OSError, ValueError, KeyError) as error:
+            raise ModelLoadError(f"cannot load the diffusers model in {folder}: {error}") from error
+        return cls(
+            folder,
+            unet.to(device).eval().requires_grad_(False),
+            text_encoder.to(device).eval().requires_grad_(False),
+            tokenizer,
+            scheduler_config,
+            model_id=model_id or str(folder),
+            digest=content_digest(folder),
+            guidance_scale=guidance_scale,
+            prompts=prompts,
+        )
+
+    def default_prompts(self) -> list[str]:
+        return list(self.prompts)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None) -> torch.Tensor:
+        """``(B, 2, L, D)`` text embeddings, ``[:, 0]`` negative (default empty), ``[:, 1]`` the prompt.
+
+        Each distinct string goes through the text encoder once, however often it repeats.
+        """
+        if isinstance(prompts, str) or isinstance(negative_prompts, str):
+            raise ValueError("prompts and negative_prompts must be sequences of strings, not one string")
+        prompts = list(prompts)
+        negatives = [""] * len(prompts) if negative_prompts is None else list(negative_prompts)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        distinct = list(dict.fromkeys(negatives + prompts))
+        embeddings = self.text_embeddings(distinct)
+        row = {text: i for i, text in enumerate(distinct)}
+        index = torch.tensor([[row[n], row[p]] for n, p in zip(negatives, prompts)], device=embeddings.device)
+        return embeddings[index.reshape(-1)].reshape(len(prompts), 2, *embeddings.shape[1:])
+
+    def text_embeddings(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """``(len(texts), L, D)`` last hidden states of the text encoder, as ``StableDiffusionPipeline`` computes them."""
+        use_mask = getattr(self.text_encoder.config, "use_attention_mask", False)
+        chunks = []
+        for start in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(
+                texts[start : start + batch_size], padding="max_length", max_length=self.tokenizer.model_max_length,
+                truncation=True, return_tensors="pt",
+            )
+            mask = tokens.attention_mask.to(self.device) if use_mask else None
+            chunks.append(self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0])
+        return torch.cat(chunks)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, t: int, cond: torch.Tensor) -> torch.Tensor:
+        """Guided ε for ``x (B, *latent_shape)`` at train timestep ``t``; same shape, dtype and device as ``x``.
+
+        The UNet runs in its own dtype; guidance and the v→ε conversion run in float32, or float64 when
+        ``x`` is float64.
+        """
+        t = int(t)
+        if not 0 <= t < self.num_train_timesteps:
+            raise ValueError(f"timestep {t} outside [0, {self.num_train_timesteps})")
+        if tuple(x.shape[1:]) != self.latent_shape or cond.shape[0] != x.shape[0] or cond.shape[1] != 2:
+            raise ValueError(
+                f"expected x (B, {', '.join(map(str, self.latent_shape))}) and cond (B, 2, L, D), "
+                f"got {tuple(x.shape)} and {tuple(cond.shape)}"
+            )
+        compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        output = self.guided_network_output(x, t, cond).to(x.device, compute_dtype)
+        if self.prediction_type == "v_prediction":
+            alpha = float(self.alphas_cumprod[t])
+            output = alpha**0.5 * output + (1.0 - alpha) ** 0.5 * x.to(compute_dtype)
+        return output.to(x.dtype)
+
+    def guided_network_output(self, x: torch.Tensor, t: int, cond: torch.Tensor) -> torch.Tensor:
+        """``ŷ_u + s (ŷ_c − ŷ_u)`` in float32 on ``self.device`` from one UNet call on ``[x; x]``."""
+        sample = x.to(self.device, self.dtype)
+        cond = cond.to(self.device, self.dtype)
+        timestep = torch.tensor(t, device=self.device)
+        if self.guidance_scale == 1.0:
+            return self.unet(sample, timestep, encoder_hidden_states=cond[:, 1]).sample.float()
+        both = self.unet(
+            torch.cat([sample, sample]), timestep, encoder_hidden_states=torch.cat([cond[:, 0], cond[:, 1]])
+        ).sample.float()
+        unconditional, conditional = both.chunk(2)
+        return unconditional + self.guidance_scale * (conditional - unconditional)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch_size: int = 16) -> np.ndarray:
+        """``(B, H, W, 3)`` uint8 images of ``latents (B, *latent_shape)`` (VAE loaded on first use, fp32)."""
+        vae = self.load_vae()
+        images = []
+        for start in range(0, len(latents), batch_size):
+            z = latents[start : start + batch_size].to(vae.device, torch.float32) / vae.config.scaling_factor
+            pixels = vae.decode(z).sample.clamp(-1.0, 1.0)
+            pixels = pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels
+            images.append(((pixels + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+        return np.concatenate(images)
+
+    def load_vae(self):
+        """The folder's ``AutoencoderKL`` in fp32 on ``self.device``, loaded once."""
+        if self.vae is None:
+            from diffusers import AutoencoderKL
+
+            try:
+                vae = AutoencoderKL.from_pretrained(self.folder, subfolder="vae", use_safetensors=True)
+            except (OSError, ValueError) as error:
+                raise ModelLoadError(f"cannot load the VAE of {self.folder}: {error}") from error
+            self.vae = vae.to(self.device).eval().requires_grad_(False)
+        return self.vae
