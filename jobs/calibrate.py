@@ -14,6 +14,7 @@ import logging
 import sys
 from typing import Optional
 
+import ray
 import typer
 
 from olss_dist.distributed.job import DEVICES, JobConfig, run_job
@@ -44,7 +45,8 @@ def calibrate(
     device: str = typer.Option("auto", help=f"Worker device: {', '.join(DEVICES)} (auto: GPUs when the cluster has any)."),
     num_workers: Optional[int] = typer.Option(None, help="Actors (default: one per GPU, or CPUs minus one)."),
     wait_for_gpus: float = typer.Option(0.0, help="With --device cuda, seconds to wait for the autoscaler to add GPU nodes."),
-    keep_states: str = typer.Option("memory", help="Where workers keep teacher states for the on-policy rounds: memory or disk."),
+    keep_states: str = typer.Option("disk", help="Where workers keep teacher states for the on-policy rounds: disk (node-local, survives restarts) or memory."),
+    state_dir: Optional[str] = typer.Option(None, help="Node-local directory for --keep-states disk (default: the node's temp dir)."),
     address: Optional[str] = typer.Option(None, help="Ray address (default: RAY_ADDRESS, else a local Ray)."),
     local_cpus: Optional[int] = typer.Option(None, help="Logical CPUs of a local Ray."),
     keep_checkpoints: bool = typer.Option(False, help="Keep shard checkpoints after publishing."),
@@ -64,6 +66,7 @@ def calibrate(
         num_workers=num_workers,
         wait_for_gpus_s=wait_for_gpus,
         keep_states=keep_states,
+        state_dir=state_dir,
         address=address,
         local_cpus=local_cpus,
         keep_checkpoints=keep_checkpoints,
@@ -74,6 +77,7 @@ def calibrate(
     try:
         result = run_job(config)
     except (ValueError, ArtifactError, WorkerError, WorkersLostError, OSError) as error:
+        ray.shutdown()  # stops forwarding worker logs, so the error line is the last line
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(code=1) from None
     typer.echo(result.uri)

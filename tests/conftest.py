@@ -116,3 +116,31 @@ def run_cache(tmp_path, monkeypatch) -> Path:
     cache = tmp_path / "olss-cache"
     monkeypatch.setenv("OLSS_CACHE_DIR", str(cache))
     return cache
+
+
+# ------------------------------------------------------------------------------------------------ Ray
+#
+# ``local_ray`` gives a test module its own local Ray (4 logical CPUs, no dashboard), shut down after the
+# module. Classes and functions defined in the test module are shipped to workers by value, since
+# workers cannot import test modules. The job-submit tests use a separate token-authenticated head
+# (tests/ray_head.sh; CI exports OLSS_TEST_RAY_ADDRESS for it).
+
+LOCAL_RAY_CPUS = 4
+
+
+@pytest.fixture(scope="module")
+def local_ray(request):
+    """A private local Ray for the requesting test module."""
+    import ray
+
+    from olss_dist.distributed.cluster import connect
+
+    if ray.is_initialized():
+        ray.shutdown()
+    connect(num_cpus=LOCAL_RAY_CPUS)
+    ray.cloudpickle.register_pickle_by_value(request.module)
+    try:
+        yield
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(request.module)
+        ray.shutdown()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 
@@ -13,7 +12,6 @@ import ray
 
 from olss_dist.calibration import Calibration
 from olss_dist.distributed.checkpoints import ShardCheckpoints
-from olss_dist.distributed.cluster import connect
 from olss_dist.distributed.merge import MergeTree
 from olss_dist.distributed.planning import ParallelPlanner, speculative_midpoints
 from olss_dist.distributed.pool import WorkerPool, WorkerResources, WorkersLostError, run_shards
@@ -107,18 +105,6 @@ def test_checkpoints_round_trip_and_reject_stale_or_corrupt(tmp_path):
 # ------------------------------------------------------------------------------------------ local Ray
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """A private local Ray for this module (4 logical CPUs), shut down afterwards."""
-    if ray.is_initialized():
-        ray.shutdown()
-    connect(num_cpus=4)
-    # Workers cannot import this test module: ship its classes (SlowCalibrationWorker) by value.
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    yield
-    ray.shutdown()
-
-
 class SlowCalibrationWorker(CalibrationWorker):
     """A worker whose shards take at least ``delay_s``: time to kill it in the middle of one."""
 
@@ -131,7 +117,7 @@ class SlowCalibrationWorker(CalibrationWorker):
 
 def merged_run(pool, shards):
     tree = MergeTree(len(shards))
-    run_shards(pool, shards, lambda shard, result: tree.add(shard.shard_id, result.calibration()))
+    run_shards(pool, shards, lambda worker, shard, result: tree.add(shard.shard_id, result.calibration()))
     return tree.result()
 
 
@@ -180,7 +166,7 @@ def test_worker_killed_mid_shard_is_restarted_and_its_shard_recomputed(clean_run
         computed = []
         tree = MergeTree(len(shards))
 
-        def on_result(shard, result):
+        def on_result(worker, shard, result):
             computed.append((shard.shard_id, result.worker))
             tree.add(shard.shard_id, result.calibration())
 

@@ -138,7 +138,7 @@ def shard_marks(root: Path) -> list[Path]:
 def test_killed_job_resumes_from_its_checkpoints_and_recomputes_no_finished_shard(ray_head, tmp_path):
     # N=1000 makes each shard take about a second, long enough to kill the job between shards.
     options = ["--teacher-steps", "1000", "--steps", "4", "--shard-size", "2", "--guidance-scale", "3",
-               "--validation-fraction", "0", "--keep-checkpoints"]
+               "--validation-fraction", "0.2", "--keep-states", "disk", "--keep-checkpoints"]
     resumed_root = tmp_path / "resumed"
     job = subprocess.Popen([*calibrate_command(resumed_root, *options), "--address", ray_head.gcs_address],
                            cwd=REPO, env=ray_head.client_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -153,8 +153,10 @@ def test_killed_job_resumes_from_its_checkpoints_and_recomputes_no_finished_shar
     resumed = run_calibrate(ray_head, *calibrate_command(resumed_root, *options))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     report = json.loads((published_runs(resumed_root)[0] / "report.json").read_text())
-    assert report["statistics"]["restored_shards"] == len(finished_before)
-    assert report["statistics"]["computed_shards"] == report["statistics"]["num_shards"] - len(finished_before)
+    statistics = report["statistics"]
+    assert statistics["restored_shards"] == len(finished_before)
+    assert statistics["computed_shards"] == statistics["num_shards"] - len(finished_before)
+    assert statistics["teacher_reruns"] == 0, "the finished shards' teacher states were read back from the node's disk"
     assert f"resumed {len(finished_before)}/" in resumed.stdout
 
     clean_root = tmp_path / "clean"

@@ -1,30 +1,38 @@
-"""The distributed calibration job: prompts -> shards on Ray actors -> streaming merge -> plans -> artifact.
+"""The distributed calibration job: prompts -> shards on Ray actors -> streaming merge -> parallel path
+search -> on-policy fits and validated choice (``olss_dist.method.run_method`` on ``RayRolloutBackend``)
+-> artifact.
 
 ``run_job(JobConfig(...))`` is the whole job; ``jobs/calibrate.py`` is a thin command line over it.
-Every input is checked before any work starts, and nothing is published unless the run succeeds.
+Inputs are checked before any work starts, and nothing is published unless the run succeeds.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from olss_dist.artifacts import config_digest, publish_run, staging_uri
 from olss_dist.calibration import Calibration
+from olss_dist.distributed.backend import RayRolloutBackend, TeacherSummary
 from olss_dist.distributed.checkpoints import ShardCheckpoints, check_writable
 from olss_dist.distributed.cluster import cluster_cpus, cluster_gpus, connect, wait_for_gpus
-from olss_dist.distributed.merge import MergeTree
-from olss_dist.distributed.planning import ParallelPlanner
-from olss_dist.distributed.pool import WorkerPool, WorkerResources, run_shards
+from olss_dist.distributed.pool import WorkerPool, WorkerResources
 from olss_dist.distributed.progress import ShardProgress
-from olss_dist.distributed.worker import ModelSpec, ShardResult
+from olss_dist.distributed.state_store import KEEP_MODES
+from olss_dist.distributed.worker import ModelSpec
+from olss_dist.method import run_method
 from olss_dist.plan import Plan
-from olss_dist.prompts import PromptRecord, Shard, make_shards, read_prompts, split_validation
+from olss_dist.prompts import PromptRecord, make_shards, read_prompts, split_validation
+from olss_dist.rollouts import TRAIN
 from olss_dist.scheduler import OLSSScheduler
+from olss_dist.teacher import trailing_timesteps
 
 DEVICES = ("auto", "cuda", "cpu")
 
@@ -46,7 +54,9 @@ class JobConfig:
         device: ``"cuda"`` (GPU actors, fails without GPUs), ``"cpu"`` or ``"auto"`` (GPUs when the cluster has any).
         num_workers: actors; ``None``: one per GPU, or the cluster's CPUs minus one for CPU workers.
         wait_for_gpus_s: with ``device="cuda"``, how long to wait for an autoscaler to add GPU nodes.
-        keep_states: where workers keep teacher states for the on-policy rounds (``"memory"``, ``"disk"``).
+        keep_states: where workers keep teacher states for the on-policy rounds: ``"disk"`` (node-local
+            files, survive worker restarts and job reruns on the node) or ``"memory"``.
+        state_dir: node-local directory for ``"disk"`` states (``None``: the node's temp dir).
         address: Ray address; ``None`` uses ``RAY_ADDRESS`` or starts a local Ray.
         local_cpus: logical CPUs of a local Ray (``None``: the machine's).
         max_restarts: restarts of each actor after its process dies.
@@ -67,7 +77,8 @@ class JobConfig:
     device: str = "auto"
     num_workers: int | None = None
     wait_for_gpus_s: float = 0.0
-    keep_states: str = "memory"
+    keep_states: str = "disk"
+    state_dir: str | None = None
     address: str | None = None
     local_cpus: int | None = None
     max_restarts: int = 2
@@ -86,7 +97,7 @@ class JobResult:
         plans: one plan per step count, in ``JobConfig.steps`` order.
         calibration: the merged statistics of every fit shard.
         report: the JSON report that was published.
-        computed_shards: ids of shards computed in this run (checkpointed ones excluded).
+        summary: shards computed / restored, teacher reruns and worker recoveries of this run.
     """
 
     uri: str
@@ -94,7 +105,7 @@ class JobResult:
     plans: list[Plan]
     calibration: Calibration
     report: dict[str, Any]
-    computed_shards: list[int]
+    summary: TeacherSummary
 
 
 def check_config(config: JobConfig) -> None:
@@ -114,8 +125,12 @@ def check_config(config: JobConfig) -> None:
         raise ValueError(f"--num-workers must be at least 1, got {config.num_workers}")
     if config.shard_size < 1:
         raise ValueError(f"--shard-size must be at least 1, got {config.shard_size}")
-    if not 0.0 <= config.validation_fraction < 1.0:
-        raise ValueError(f"--validation-fraction must be in [0, 1), got {config.validation_fraction}")
+    if not 0.0 < config.validation_fraction < 1.0:
+        raise ValueError(
+            f"--validation-fraction must be in (0, 1): held-out prompts choose the plan, got {config.validation_fraction}"
+        )
+    if config.keep_states not in KEEP_MODES:
+        raise ValueError(f"--keep-states must be one of {KEEP_MODES}, got {config.keep_states!r}")
 
 
 def resolve_device(config: JobConfig) -> str:
@@ -157,45 +172,37 @@ def statistics_config(config: JobConfig, device: str, model: dict[str, Any], fit
     }
 
 
-def published_config(config: JobConfig, device: str, prompt_digest: str) -> dict[str, Any]:
-    """The run's config in the registry (its digest names the run's inputs)."""
+def prompts_digest(records: list[PromptRecord]) -> str:
+    """sha256 of the records' indices, prompts, negative prompts and seeds."""
+    return config_digest({"prompts": [[r.index, r.prompt, r.negative_prompt, r.seed] for r in records]})
+
+
+def prompt_file_records(config: JobConfig) -> list[PromptRecord] | None:
+    """The records of ``config.prompts``; None when the job uses the model's default prompts."""
+    if not config.prompts:
+        return None
+    return read_prompts(config.prompts, base_seed=config.seed, storage_options=config.storage_options)
+
+
+def calibration_identity(config: JobConfig, file_records: list[PromptRecord] | None) -> dict[str, Any]:
+    """The run's config in the registry: what its plans mean, not how they were computed.
+
+    Its digest and the model digest identify a calibration: ``olss_dist.refit`` computes it before
+    submitting a job (and skips models already calibrated), the job publishes it. Execution details
+    (device, workers, shard size, where states are kept) stay out. ``file_records`` are
+    ``prompt_file_records(config)``; the model's default prompts (``None``) are identified by the model
+    digest, so no model has to be loaded to know the identity.
+    """
     return {
         "model": config.model,
         "prompts": config.prompts,
-        "prompts_digest": prompt_digest,
+        "prompts_digest": None if file_records is None else prompts_digest(file_records),
         "steps": list(config.steps),
         "teacher_steps": config.teacher_steps,
         "guidance_scale": config.guidance_scale,
         "validation_fraction": config.validation_fraction,
         "seed": config.seed,
-        "shard_size": config.shard_size,
-        "device": device,
     }
-
-
-def compute_statistics(
-    pool: WorkerPool,
-    shards: list[Shard],
-    checkpoints: ShardCheckpoints,
-    progress: ShardProgress,
-) -> tuple[MergeTree, list[int]]:
-    """Merged statistics of all shards: checkpointed ones restored, the rest computed and checkpointed."""
-    tree = MergeTree(len(shards))
-    restored = checkpoints.load_finished(shards)
-    for shard_id in sorted(restored):
-        tree.add(shard_id, restored[shard_id])
-    progress.restored(len(restored), sum(c.num_samples for c in restored.values()))
-    computed: list[int] = []
-
-    def on_result(shard: Shard, result: ShardResult) -> None:
-        calibration = result.calibration()
-        checkpoints.save(shard, calibration)
-        tree.add(shard.shard_id, calibration)
-        computed.append(shard.shard_id)
-        progress.shard_done(shard.shard_id, len(shard.records), result.seconds, result.worker)
-
-    run_shards(pool, [s for s in shards if s.shard_id not in restored], on_result)
-    return tree, computed
 
 
 def scheduler_config_bytes(plans: list[Plan], num_train_timesteps: int) -> bytes:
@@ -209,61 +216,110 @@ def run_job(config: JobConfig) -> JobResult:
     """Run the whole calibration job and publish its artifact.
 
     Raises:
-        ValueError: bad options, no prompts, CUDA requested without GPUs.
+        ValueError: bad options, no prompts, CUDA requested without GPUs, a model that does not load.
         ArtifactError: the output location is not writable or publishing failed.
-        WorkerError: a worker failed (e.g. the model could not be loaded).
+        WorkerError: a worker failed while computing.
         WorkersLostError: workers kept dying.
     """
     started = time.monotonic()
     check_config(config)
-    records = read_prompts(config.prompts, base_seed=config.seed, storage_options=config.storage_options) if config.prompts else None
+    records = prompt_file_records(config)
+    run_config = calibration_identity(config, records)
     check_writable(config.output, config.storage_options)
     connect(config.address, num_cpus=config.local_cpus)
     device = resolve_device(config)
     num_workers, resources = worker_layout(config, device)
     model_spec = ModelSpec(config.model, config.guidance_scale, device)
-    pool = WorkerPool(model_spec, num_workers, config.teacher_steps, resources, keep_states="none")
+    pool = WorkerPool(model_spec, num_workers, config.teacher_steps, resources, config.keep_states, config.state_dir)
     try:
         workers = pool.describe()
         model = workers[0]
         if records is None:
             records = read_prompts(None, default_prompts=model["default_prompts"], base_seed=config.seed)
         fit, validation = split_validation(records, config.validation_fraction, base_seed=config.seed)
-        shards = make_shards(fit, config.shard_size)
         statistics_digest = config_digest(statistics_config(config, device, model, fit))
         checkpoints = ShardCheckpoints(
             staging_uri(config.output, model["model_id"], model["model_digest"], statistics_digest),
             statistics_digest,
             config.storage_options,
         )
-        progress = ShardProgress(len(shards), len(fit), quiet=config.quiet)
+        progress = ShardProgress(math.ceil(len(fit) / config.shard_size), len(fit), quiet=config.quiet)
         progress.log(
-            f"calibrating {model['model_id']} on {num_workers} {device} workers: {len(fit)} fit prompts "
-            f"in {len(shards)} shards, {len(validation)} held out, N={config.teacher_steps}"
+            f"calibrating {model['model_id']} on {num_workers} {device} workers: {len(fit)} fit prompts, "
+            f"{len(validation)} held out, shards of {config.shard_size}, N={config.teacher_steps}"
         )
-        try:
-            tree, computed = compute_statistics(pool, shards, checkpoints, progress)
-        finally:
-            progress.close()
-        calibration = tree.result()
-        planner = ParallelPlanner(calibration, parallelism=max(1, cluster_cpus() - num_workers))
-        plans = planner.plans(list(config.steps))
+        backend = RayRolloutBackend(
+            pool,
+            make_shards(fit, config.shard_size),
+            make_shards(validation, config.shard_size),
+            checkpoints,
+            progress,
+            planned_steps=config.steps,
+            planner_parallelism=max(1, cluster_cpus() - num_workers),
+        )
+        alphas_cumprod = np.asarray(model["alphas_cumprod"], dtype=np.float64)
+        timesteps = trailing_timesteps(config.teacher_steps, len(alphas_cumprod))
+        plans_by_steps, calibration = run_method(backend, timesteps, alphas_cumprod, config.steps, progress=progress.log)
+        plans = [plans_by_steps[k] for k in config.steps]
+        report = job_report(config, model, workers, run_config, backend, calibration, plans, validation, started)
+        published = publish_run(
+            config.output,
+            model_id=model["model_id"],
+            model_digest=model["model_digest"],
+            config=run_config,
+            files={
+                "scheduler_config.json": scheduler_config_bytes(plans, len(alphas_cumprod)),
+                "calibration.safetensors": calibration.to_bytes(),
+                "plans.json": json.dumps([p.to_dict() for p in plans], indent=1).encode(),
+                "report.json": json.dumps(report, indent=1).encode(),
+            },
+            extra_manifest={
+                "teacher_steps": config.teacher_steps,
+                "planned_step_counts": list(config.steps),
+                "execution": {
+                    "device": device,
+                    "num_workers": num_workers,
+                    "shard_size": config.shard_size,
+                    "prompts_digest": prompts_digest(records),
+                },
+            },
+            storage_options=config.storage_options,
+        )
+        backend.clear_states()
+        if not config.keep_checkpoints:
+            checkpoints.remove_all()
     finally:
         pool.shutdown()
+    return JobResult(published.uri, published.run_id, plans, calibration, report, backend.summary)
 
-    prompt_digest = config_digest({"prompts": [[r.index, r.prompt, r.negative_prompt, r.seed] for r in records]})
-    run_config = published_config(config, device, prompt_digest)
-    report = {
+
+def job_report(
+    config: JobConfig,
+    model: dict[str, Any],
+    workers: list[dict[str, Any]],
+    run_config: dict[str, Any],
+    backend: RayRolloutBackend,
+    calibration: Calibration,
+    plans: list[Plan],
+    validation: list[PromptRecord],
+    started: float,
+) -> dict[str, Any]:
+    """``report.json``: model identity, config, statistics counts, workers and per-step errors of each plan."""
+    summary = backend.summary
+    return {
         "model": {"id": model["model_id"], "digest": model["model_digest"], "spec": config.model},
         "config": run_config,
         "statistics": {
             "num_samples": calibration.num_samples,
             "num_rows": calibration.num_rows,
-            "num_shards": len(shards),
-            "computed_shards": len(computed),
-            "restored_shards": len(shards) - len(computed),
-            "num_merges": tree.num_merges,
-            "merge_seconds": tree.merge_seconds,
+            "num_shards": len(backend.shards[TRAIN]),
+            "computed_shards": len(summary.computed_shards),
+            "restored_shards": len(summary.restored_shards),
+            "num_merges": backend.merge_tree.num_merges,
+            "merge_seconds": backend.merge_tree.merge_seconds,
+            "validation_teacher_runs": summary.validation_teacher_runs,
+            "teacher_reruns": summary.teacher_runs,
+            "worker_recoveries": summary.recoveries,
         },
         "validation_prompts": [r.index for r in validation],
         "workers": [{k: w[k] for k in ("worker", "device", "node_id", "gpu_ids")} for w in workers],
@@ -276,25 +332,10 @@ def run_job(config: JobConfig) -> JobResult:
                 "spacing": p.spacing,
                 "step_errors": p.step_errors.tolist(),
                 "search_errors": p.search_errors.tolist(),
+                "validation_rmse": min(c["rmse"] for c in p.candidates),
+                "candidates": p.candidates,
             }
             for p in plans
         ],
         "seconds": time.monotonic() - started,
     }
-    published = publish_run(
-        config.output,
-        model_id=model["model_id"],
-        model_digest=model["model_digest"],
-        config=run_config,
-        files={
-            "scheduler_config.json": scheduler_config_bytes(plans, model["num_train_timesteps"]),
-            "calibration.safetensors": calibration.to_bytes(),
-            "plans.json": json.dumps([p.to_dict() for p in plans], indent=1).encode(),
-            "report.json": json.dumps(report, indent=1).encode(),
-        },
-        extra_manifest={"teacher_steps": config.teacher_steps, "planned_step_counts": list(config.steps)},
-        storage_options=config.storage_options,
-    )
-    if not config.keep_checkpoints:
-        checkpoints.remove_all()
-    return JobResult(published.uri, published.run_id, plans, calibration, report, sorted(computed))

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import ray
 from ray.exceptions import ActorUnavailableError, NodeDiedError, ObjectLostError, RayActorError, RayTaskError, WorkerCrashedError
 
-from olss_dist.distributed.worker import CalibrationWorker, ModelSpec, ShardResult
+from olss_dist.distributed.worker import CalibrationWorker, ModelSpec, ShardResult, StateLostError
 from olss_dist.prompts import Shard
 
 logger = logging.getLogger(__name__)
@@ -27,8 +27,9 @@ logger = logging.getLogger(__name__)
 RESTART_POLL_S = 0.2
 """Pause between pings to a worker Ray is still restarting."""
 
-WORKER_LOST_ERRORS = (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError)
-"""Failures of the worker rather than of the computation: the work is redone elsewhere."""
+WORKER_LOST_ERRORS = (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError, StateLostError)
+"""Failures of the worker rather than of the computation (including a restart that lost its state):
+the work is redone."""
 
 
 class WorkerError(RuntimeError):
@@ -62,9 +63,8 @@ class WorkerPool:
         num_workers: number of actors.
         num_teacher_steps: N.
         resources: per-actor Ray resources.
-        keep_states: ``"none"``, ``"memory"`` or ``"disk"`` (see ``TeacherStateStore``).
-        run_key: names the run's state directory on each node.
-        state_dir: root of that directory; ``None`` uses each node's temp dir.
+        keep_states: ``"memory"`` or ``"disk"`` (see ``TeacherStateStore``).
+        state_dir: root of the node-local state directory; ``None`` uses each node's temp dir.
         worker_class: the actor body, ``CalibrationWorker`` or a subclass.
     """
 
@@ -74,8 +74,7 @@ class WorkerPool:
         num_workers: int,
         num_teacher_steps: int,
         resources: WorkerResources = WorkerResources(),
-        keep_states: str = "none",
-        run_key: str = "run",
+        keep_states: str = "memory",
         state_dir: str | None = None,
         worker_class: type[CalibrationWorker] = CalibrationWorker,
     ):
@@ -89,7 +88,7 @@ class WorkerPool:
         )
         self.max_restarts = resources.max_restarts
         self.actors = [
-            actor_class.remote(model_spec, num_teacher_steps, keep_states, run_key, state_dir)
+            actor_class.remote(model_spec, num_teacher_steps, keep_states, state_dir)
             for _ in range(num_workers)
         ]
 
@@ -103,13 +102,19 @@ class WorkerPool:
         self.actors = []
 
 
+def compute_shard(actor, shard: Shard) -> ray.ObjectRef:
+    """The default shard call: teacher run and R factor of a train shard."""
+    return actor.compute_shard.remote(shard)
+
+
 def run_shards(
     pool: WorkerPool,
     shards: Sequence[Shard],
-    on_result: Callable[[Shard, ShardResult], None],
+    on_result: Callable[[int, Shard, ShardResult], None],
+    call: Callable[[Any, Shard], ray.ObjectRef] = compute_shard,
     max_attempts: int = 3,
 ) -> None:
-    """Compute every shard on the pool, calling ``on_result`` once per shard as results arrive.
+    """Run ``call`` for every shard on the pool, one shard per actor at a time, with results streamed.
 
     A worker that loses its shard is pinged until Ray has restarted it, then gets work again; its shard
     goes back to the front of the queue for the first idle worker. Once a worker has died more often
@@ -117,8 +122,9 @@ def run_shards(
 
     Args:
         pool: the actors.
-        shards: the shards to compute (checkpointed ones already removed).
-        on_result: called on the driver with each finished shard, in completion order.
+        shards: the shards to run (checkpointed ones already removed).
+        on_result: ``on_result(worker_index, shard, result)`` on the driver, once per shard, in completion order.
+        call: submits one shard to one actor (default: ``compute_shard``).
         max_attempts: times one shard may lose its worker before the run gives up.
 
     Raises:
@@ -137,7 +143,7 @@ def run_shards(
                 return
             shard = queue.popleft()
             attempts[shard.shard_id] += 1
-            in_flight[pool.actors[worker].compute_shard.remote(shard)] = (worker, shard)
+            in_flight[call(pool.actors[worker], shard)] = (worker, shard)
             idle.discard(worker)
 
     def ping(worker: int) -> None:
@@ -164,11 +170,9 @@ def run_shards(
             elif not idle and not in_flight:
                 raise WorkersLostError("every worker died; no actor is left to compute shards") from error
         else:
-            if shard is None:
-                idle.add(worker)
-            else:
-                on_result(shard, result)
-                idle.add(worker)
+            if shard is not None:
+                on_result(worker, shard, result)
+            idle.add(worker)
         dispatch()
 
 
@@ -182,6 +186,8 @@ def get_or_raise(refs):
         return ray.get(refs)
     except RayTaskError as error:
         cause = error.cause if error.cause is not None else error
+        if isinstance(cause, StateLostError):
+            raise cause from error
         raise WorkerError(f"{type(cause).__name__}: {cause}") from error
     except RayActorError as error:
         if not error.actor_init_failed:

@@ -2,25 +2,34 @@
 
 The actor loads the model once, runs the full N-step teacher for each shard it is given, reduces
 the shard's trajectories to their float64 R factor on its own device, and keeps the teacher states
-(host memory or local disk) for the on-policy rounds. Trajectories never leave the actor; only R
-factors (``(2N+1, 2N+1)`` float64) and small per-round statistics go back to the driver.
+(host memory or node-local disk) for the on-policy rounds, which it then runs for its shards:
+one model call per sample per round, one small R factor per shard back to the driver. Trajectories
+never leave the actor; only R factors, per-sample errors and the driver's broadcast weights travel.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
+import numpy as np
 import ray
 import torch
 
 from olss_dist.calibration import Calibration
 from olss_dist.distributed.state_store import TeacherStateStore
+from olss_dist.onpolicy import apply_step, step_statistics
 from olss_dist.prompts import Shard
+from olss_dist.rollouts import TRAIN, Rollout, per_sample_mse
 from olss_dist.teacher import record_trajectories, trailing_timesteps
+
+
+class StateLostError(RuntimeError):
+    """A worker was asked about states or rollouts it no longer has (it was restarted in between)."""
 
 
 @dataclass(frozen=True)
@@ -28,7 +37,7 @@ class ModelSpec:
     """What every worker loads: the model, its guidance scale, and where it runs.
 
     Attributes:
-        spec: model spec for ``olss_dist.models.load_model`` (``"analytic"``, a folder, a hub id, a URI).
+        spec: model spec for ``olss_dist.models.load_model`` (``"analytic"``, ``"embedded"``, a folder, a hub id, a URI).
         guidance_scale: classifier-free guidance scale.
         device: ``"cuda"`` (fp16 UNet on the actor's GPU) or ``"cpu"``.
     """
@@ -38,38 +47,43 @@ class ModelSpec:
     device: str
 
     def load(self):
-        try:
-            from olss_dist.models import load_model
-        except ImportError:  # TEMPORARY until the model adapters land: the analytic model only
-            from olss_dist.models.analytic import GaussianMixtureModel
+        from olss_dist.models import load_model
 
-            if self.spec != "analytic":
-                raise FileNotFoundError(f"model {self.spec!r} not found")
-            return GaussianMixtureModel(guidance_scale=self.guidance_scale)
         return load_model(self.spec, guidance_scale=self.guidance_scale, device=self.device)
 
 
 @dataclass
 class ShardResult:
-    """A finished shard as it travels to the driver.
+    """A finished teacher run of a shard, as it travels to the driver.
 
     Attributes:
-        shard_id: the shard's id.
-        shard_digest: ``Shard.digest()`` of the records computed (guards checkpoints).
+        shard_id: the shard's id within its split.
         statistics: the shard's ``Calibration`` (R factor ``(2N+1, 2N+1)`` float64 and counts) as
-            safetensors bytes, the form it is checkpointed in.
+            safetensors bytes, the form it is checkpointed in; empty for validation shards.
         seconds: wall time of the teacher run and the reduction.
         worker: ``host:pid`` of the actor that computed it.
+        teacher_runs: teacher runs it took (0 when the states were read back from the node's disk).
     """
 
     shard_id: int
-    shard_digest: str
     statistics: bytes
     seconds: float
     worker: str
+    teacher_runs: int = 1
 
     def calibration(self) -> Calibration:
         return Calibration.from_bytes(self.statistics)
+
+
+def teacher_key(model, model_spec: ModelSpec, num_teacher_steps: int) -> str:
+    """Digest of everything besides the samples that fixes a teacher trajectory: model, guidance, N, device."""
+    identity = f"{model.digest}|{model_spec.guidance_scale!r}|{num_teacher_steps}|{model.device}|{model_spec.device}"
+    return hashlib.sha256(identity.encode()).hexdigest()[:32]
+
+
+def state_key(split: str, shard: Shard) -> str:
+    """Store key of a shard's states: its split and content digest."""
+    return f"{split}-{shard.digest()[:32]}"
 
 
 class CalibrationWorker:
@@ -78,23 +92,22 @@ class CalibrationWorker:
     Args:
         model_spec: what to load.
         num_teacher_steps: N, the teacher's step count.
-        keep_states: where to keep teacher states for the on-policy rounds: ``"memory"`` (host RAM),
-            ``"disk"`` (``state_dir`` on the node's local disk) or ``"none"`` (teacher-forced only).
-        run_key: names the run's state directory on the node (the job's config digest).
-        state_dir: root for ``"disk"``; ``None`` uses the system temp dir.
+        keep_states: where teacher states wait for the on-policy rounds: ``"memory"`` or ``"disk"``.
+        state_dir: root of the node-local state directory; ``None`` uses the node's temp dir.
     """
 
     def __init__(
         self,
         model_spec: ModelSpec,
         num_teacher_steps: int,
-        keep_states: str = "none",
-        run_key: str = "run",
+        keep_states: str = "memory",
         state_dir: str | None = None,
     ):
         self.model = model_spec.load()
         self.timesteps = trailing_timesteps(num_teacher_steps, self.model.num_train_timesteps)
-        self.states = TeacherStateStore(keep_states, run_key, state_dir)
+        self.final_node = num_teacher_steps
+        self.states = TeacherStateStore(keep_states, teacher_key(self.model, model_spec, num_teacher_steps), state_dir)
+        self.rollouts: dict[int, dict[int, Rollout]] = {}
 
     def describe(self) -> dict[str, Any]:
         """Identity of the loaded model and of this worker: for the report, digests and placement checks."""
@@ -103,7 +116,7 @@ class CalibrationWorker:
             "model_id": self.model.model_id,
             "model_digest": self.model.digest,
             "latent_shape": list(self.model.latent_shape),
-            "num_train_timesteps": self.model.num_train_timesteps,
+            "alphas_cumprod": np.asarray(self.model.alphas_cumprod, dtype=np.float64).tolist(),
             "default_prompts": default_prompts(self.model),
             "device": str(self.model.device),
             "worker": worker_name(),
@@ -115,21 +128,122 @@ class CalibrationWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    # ------------------------------------------------------------------------------------ teacher pass
+
     def compute_shard(self, shard: Shard) -> ShardResult:
-        """Run the teacher on the shard's samples and reduce them to their R factor on this device."""
+        """Run the teacher on a train shard, reduce it to its R factor on this device, keep every state."""
         start = time.perf_counter()
         states, noise_preds = self.record(shard)
         calibration = Calibration.from_trajectories(states, noise_preds, self.timesteps)
-        self.states.keep(shard.shard_id, states)
-        seconds = time.perf_counter() - start
-        return ShardResult(shard.shard_id, shard.digest(), calibration.to_bytes(), seconds, worker_name())
+        self.states.keep(state_key(TRAIN, shard), states, range(states.shape[1]))
+        return ShardResult(shard.shard_id, calibration.to_bytes(), time.perf_counter() - start, worker_name())
+
+    def record_final_states(self, split: str, shard: Shard) -> ShardResult:
+        """Keep the teacher's final state of a shard (validation targets), reading it back when kept already."""
+        start = time.perf_counter()
+        runs = self.ensure_states(split, shard, [self.final_node])
+        return ShardResult(shard.shard_id, b"", time.perf_counter() - start, worker_name(), runs)
+
+    def prepare_states(self, shards: Sequence[tuple[str, Shard]], nodes: Sequence[int]) -> int:
+        """Make sure each (split, shard) has its states at ``nodes`` (train) or its final state (other
+        splits), rerunning the teacher where they are missing; then drop every other node.
+
+        Returns:
+            the number of teacher reruns.
+        """
+        runs = 0
+        for split, shard in shards:
+            needed = sorted(set(nodes) | {self.final_node}) if split == TRAIN else [self.final_node]
+            runs += self.ensure_states(split, shard, needed)
+            self.states.restrict(state_key(split, shard), needed)
+        return runs
+
+    def ensure_states(self, split: str, shard: Shard, nodes: Sequence[int]) -> int:
+        """Keep the shard's states at ``nodes``, running the teacher only if they are not kept yet (returns 0 or 1)."""
+        key = state_key(split, shard)
+        if self.states.has(key, nodes):
+            return 0
+        states, _ = self.record(shard)
+        self.states.keep(key, states[:, list(nodes)], nodes)
+        return 1
 
     def record(self, shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher trajectories of the shard: states ``(B, N+1, *shape)`` and outputs ``(B, N, *shape)``."""
-        cond = self.model.encode_prompts(shard.prompts, shard.negative_prompts)
-        x_T = self.model.initial_noise(shard.seeds).to(self.model.device)
+        x_T, cond = self.inputs(shard)
         with torch.inference_mode():
             return record_trajectories(self.model, x_T, cond, self.timesteps, self.model.alphas_cumprod)
+
+    def inputs(self, shard: Shard) -> tuple[torch.Tensor, Any]:
+        """Initial noise ``(B, *shape)`` on this device and the prompts' conditioning."""
+        cond = self.model.encode_prompts(shard.prompts, shard.negative_prompts)
+        return self.model.initial_noise(shard.seeds).to(self.model.device), cond
+
+    # ------------------------------------------------------------------------------- on-policy rounds
+
+    def start_rollout(self, handle: int, shards: Sequence[Shard], timestep: int) -> None:
+        """Begin rollout ``handle`` on ``shards``: the model's output at each ``x_T``."""
+        batches = self.rollouts.setdefault(handle, {})
+        with torch.inference_mode():
+            for shard in shards:
+                x_T, cond = self.inputs(shard)
+                batch = Rollout(x_T, cond)
+                batch.outputs.append(self.model(x_T, timestep, cond))
+                batches[shard.shard_id] = batch
+
+    def rollout_statistics(self, handle: int, shards: Sequence[Shard], target_node: int) -> dict[int, torch.Tensor]:
+        """``{shard_id: (i+3, i+3) R factor}`` of rows ``[x_T, ê_0..ê_i, s_target]`` of each train shard."""
+        factors = {}
+        for shard in shards:
+            batch = self._batch(handle, shard)
+            target = self._teacher_state(TRAIN, shard, target_node).to(batch.x_T.device)
+            factors[shard.shard_id] = step_statistics(batch.x_T, batch.outputs, target).cpu()
+        return factors
+
+    def advance_rollout(self, handle: int, shards: Sequence[Shard], weights: np.ndarray, next_timestep: int | None) -> None:
+        """``x̂ = weights · [x_T, ê_0..ê_i]`` for each shard, then the model at ``next_timestep`` (if any)."""
+        batches = [self._batch(handle, shard) for shard in shards]
+        with torch.inference_mode():
+            for batch in batches:
+                batch.state = apply_step(weights, batch.x_T, batch.outputs)
+                if next_timestep is not None:
+                    batch.outputs.append(self.model(batch.state, next_timestep, batch.cond))
+
+    def rollout_final_errors(self, handle: int, split: str, shards: Sequence[Shard]) -> dict[int, np.ndarray]:
+        """``{shard_id: (B,)}`` mean squared error per element of each sample's last state vs the teacher's."""
+        errors = {}
+        for shard in shards:
+            batch = self._batch(handle, shard)
+            reference = self._teacher_state(split, shard, self.final_node)
+            errors[shard.shard_id] = per_sample_mse(batch.state, reference)
+        return errors
+
+    def close_rollout(self, handle: int) -> None:
+        self.rollouts.pop(handle, None)
+
+    def clear_states(self) -> None:
+        """Drop every kept teacher state of this run on this node (after the run is published)."""
+        self.rollouts.clear()
+        self.states.clear()
+
+    def replay_rollout(
+        self, handle: int, shards: Sequence[Shard], timestep: int, advances: Sequence[tuple[np.ndarray, int | None]]
+    ) -> None:
+        """Rebuild rollout ``handle`` on ``shards`` from its start and the advances made so far."""
+        self.start_rollout(handle, shards, timestep)
+        for weights, next_timestep in advances:
+            self.advance_rollout(handle, shards, weights, next_timestep)
+
+    def _teacher_state(self, split: str, shard: Shard, node: int) -> torch.Tensor:
+        key = state_key(split, shard)
+        if not self.states.has(key, [node]):
+            raise StateLostError(f"teacher state of {split} shard {shard.shard_id} at node {node} is not on this worker")
+        return self.states.read(key, node)
+
+    def _batch(self, handle: int, shard: Shard) -> Rollout:
+        batch = self.rollouts.get(handle, {}).get(shard.shard_id)
+        if batch is None:
+            raise StateLostError(f"rollout {handle} of shard {shard.shard_id} is not on this worker")
+        return batch
 
 
 def default_prompts(model) -> list[str] | None:

@@ -1,0 +1,154 @@
+"""The method on Ray: the job's plans equal ``olss_dist.calibrate`` in one process, and a worker lost
+during the on-policy rounds changes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from olss_dist.distributed.backend import RayRolloutBackend
+from olss_dist.distributed.checkpoints import ShardCheckpoints
+from olss_dist.distributed.job import JobConfig, run_job
+from olss_dist.distributed.pool import WorkerPool
+from olss_dist.distributed.progress import ShardProgress
+from olss_dist.distributed.worker import ModelSpec
+from olss_dist.method import calibrate, run_method
+from olss_dist.models import load_model
+from olss_dist.prompts import make_shards, read_prompts, records_from_prompts, split_validation
+from olss_dist.rollouts import TRAIN
+from olss_dist.scheduler import OLSSScheduler
+from olss_dist.teacher import trailing_timesteps
+
+GUIDANCE = 3.0
+TEACHER_STEPS = 40
+SHARD_SIZE = 3
+
+
+def in_process_plans(fit, validation, steps, **method_options):
+    """``olss_dist.calibrate`` in this process on the same samples, batched like the job's shards."""
+    model = load_model("analytic", guidance_scale=GUIDANCE)
+    prompts = [r.prompt for r in fit]
+    return calibrate(
+        model,
+        model.initial_noise([r.seed for r in fit]),
+        model.encode_prompts(prompts),
+        trailing_timesteps(TEACHER_STEPS),
+        model.alphas_cumprod,
+        steps=steps,
+        validation_noise=model.initial_noise([r.seed for r in validation]),
+        validation_cond=model.encode_prompts([r.prompt for r in validation]),
+        batch_size=SHARD_SIZE,
+        **method_options,
+    )
+
+
+def assert_same_plan(plan, expected, rtol=1e-6):
+    assert plan.nodes == expected.nodes
+    assert (plan.fit, plan.spacing) == (expected.fit, expected.spacing)
+    np.testing.assert_allclose(plan.coefficients, expected.coefficients, rtol=rtol, atol=rtol * 1e-3)
+    assert [c["name"] for c in plan.candidates] == [c["name"] for c in expected.candidates]
+    np.testing.assert_allclose([c["rmse"] for c in plan.candidates], [c["rmse"] for c in expected.candidates], rtol=rtol)
+
+
+def test_job_plans_equal_in_process_calibrate(local_ray, tmp_path):
+    prompts_path = tmp_path / "prompts.txt"
+    prompts_path.write_text("\n".join(f"a photo of digit {i % 10}, style {i}" for i in range(16)))
+    config = JobConfig(
+        output=str(tmp_path / "registry"),
+        model="analytic",
+        prompts=str(prompts_path),
+        steps=(3, 5),
+        teacher_steps=TEACHER_STEPS,
+        guidance_scale=GUIDANCE,
+        validation_fraction=0.25,
+        shard_size=SHARD_SIZE,
+        keep_states="memory",
+        quiet=True,
+    )
+    result = run_job(config)
+
+    fit, validation = split_validation(read_prompts(str(prompts_path)), 0.25)
+    expected = in_process_plans(fit, validation, (3, 5))
+    for plan in result.plans:
+        assert_same_plan(plan, expected[plan.num_steps])
+    run_dir = result.uri
+    report = json.loads(open(os.path.join(run_dir, "report.json")).read())
+    assert [p["num_steps"] for p in report["plans"]] == [3, 5]
+    statistics = report["statistics"]
+    assert statistics["computed_shards"] == 4 and statistics["validation_teacher_runs"] == 2
+    assert statistics["teacher_reruns"] == 0 and statistics["worker_recoveries"] == 0
+    assert len({w["worker"] for w in report["workers"]}) == 3, "one actor per free CPU (4 CPUs, one kept for planning)"
+    assert OLSSScheduler.from_pretrained(run_dir).available_steps == [3, 5]
+
+
+# ------------------------------------------------------------------------------ losses during rounds
+
+STEPS = (4,)
+FAST_METHOD = dict(builtins=(), ridges=(0.0,))
+
+
+def small_split():
+    records = records_from_prompts([f"a sample of class {i % 10}" for i in range(15)])
+    return split_validation(records, 0.2)
+
+
+class KillingBackend(RayRolloutBackend):
+    """Kills the process of the worker owning train shard 0 right before the ``kill_at``-th ``advance``."""
+
+    kill_at = 3
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.advances = 0
+        self.killed_pid = None
+
+    def advance(self, handle, weights, next_timestep):
+        self.advances += 1
+        if self.advances == self.kill_at:
+            import ray
+
+            owner = self.pool.actors[self.owner[(TRAIN, 0)]]
+            self.killed_pid = ray.get(owner.pid.remote())
+            os.kill(self.killed_pid, 9)
+        super().advance(handle, weights, next_timestep)
+
+
+def method_on_ray(tmp_path, keep_states, backend_class=RayRolloutBackend):
+    fit, validation = small_split()
+    pool = WorkerPool(ModelSpec("analytic", GUIDANCE, "cpu"), 2, TEACHER_STEPS, keep_states=keep_states,
+                      state_dir=str(tmp_path / "states"))
+    try:
+        backend = backend_class(
+            pool, make_shards(fit, SHARD_SIZE), make_shards(validation, SHARD_SIZE),
+            ShardCheckpoints(str(tmp_path / "staging"), "0" * 64), ShardProgress(4, len(fit), quiet=True),
+            planned_steps=STEPS, planner_parallelism=2,
+        )
+        model = load_model("analytic", guidance_scale=GUIDANCE)
+        plans, _ = run_method(backend, trailing_timesteps(TEACHER_STEPS), model.alphas_cumprod, STEPS, **FAST_METHOD)
+        backend.clear_states()
+        return plans, backend
+    finally:
+        pool.shutdown()
+
+
+@pytest.fixture(scope="module")
+def clean_plans(local_ray, tmp_path_factory):
+    return method_on_ray(tmp_path_factory.mktemp("clean"), "memory")[0]
+
+
+@pytest.mark.parametrize("keep_states, reruns", [("memory", "recomputed"), ("disk", "read back")])
+def test_worker_lost_during_rounds_is_recovered_and_plans_equal_a_clean_run(clean_plans, tmp_path, keep_states, reruns):
+    plans, backend = method_on_ray(tmp_path, keep_states, KillingBackend)
+    assert backend.killed_pid is not None and backend.summary.recoveries >= 1
+    if reruns == "read back":
+        assert backend.summary.teacher_runs == 0, "the restarted worker read its states back from the node's disk"
+    else:
+        assert backend.summary.teacher_runs >= 1, "the restarted worker reran the teacher for its shards"
+    for k in STEPS:
+        assert plans[k].nodes == clean_plans[k].nodes
+        np.testing.assert_allclose(plans[k].coefficients, clean_plans[k].coefficients, rtol=1e-12, atol=0)
+        assert [c["rmse"] for c in plans[k].candidates] == pytest.approx([c["rmse"] for c in clean_plans[k].candidates], rel=1e-12)
+    assert not any((tmp_path / "states").rglob("*.npy")), "states are cleared after the run"
