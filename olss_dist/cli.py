@@ -311,3 +311,93 @@ def evaluate(
         prompts=prompts, seed_offset=seed_offset, teacher_steps=teacher_steps, uniform_fit_samples=uniform_fit_samples,
         batch_size=batch_size, storage_options=parse_storage_options(storage_options),
     )
+
+
+# ----------------------------------------------------------------------------------------------- refit
+
+REFIT_STATUS_STYLES = {"failed": "bold red", "succeeded": "green", "submitted": "cyan", "running": "yellow", "queued": "yellow"}
+
+
+def refit_table(title: str, outcomes: list[Any]) -> Table:
+    """One row per model of a refit (``olss_dist.refit.Outcome``): status, attempt, digests, run URI or reason."""
+    table = Table(title=title, title_justify="left")
+    for column in ("model", "status", "attempt", "model digest", "config digest", "run / job / reason"):
+        table.add_column(column, overflow="fold", no_wrap=column == "status")
+    for outcome in outcomes:
+        detail = " ".join(part for part in (outcome.run_uri, outcome.submission_id, outcome.message) if part)
+        table.add_row(
+            outcome.model,
+            f"[{REFIT_STATUS_STYLES[outcome.status]}]{outcome.status}[/]" if outcome.status in REFIT_STATUS_STYLES else outcome.status,
+            _format_value(outcome.attempt),
+            (outcome.model_digest or "-")[:12],
+            (outcome.config_digest or "-")[:12],
+            detail,
+        )
+    return table
+
+
+@app.command()
+@reports_errors
+def refit(
+    models: Annotated[str, typer.Argument(help="model registry: a directory or bucket prefix whose subfolders are diffusers models, or a YAML/JSON file listing model URIs with optional settings")],
+    output: Annotated[str, typer.Option(help="registry root (artifact store) where runs are looked up and published")],
+    inline: Annotated[bool, typer.Option("--inline", help="calibrate in this process on the Ray cluster it joins (--address, RAY_ADDRESS or a local Ray) instead of submitting Ray jobs")] = False,
+    address: Annotated[Optional[str], typer.Option(help="Ray Jobs API address for submissions, e.g. http://head:8265 (default: RAY_ADDRESS); with --inline, the Ray cluster address")] = None,
+    working_dir: Annotated[Optional[str], typer.Option(help="checkout holding jobs/calibrate.py, uploaded with each job (default: the one olss_dist runs from)")] = None,
+    prompts: Annotated[Optional[str], typer.Option(help="default prompt file (text or Parquet), path or URI; default: each model's own prompts")] = None,
+    steps: Annotated[str, typer.Option(help="default comma-separated step counts to plan")] = "5,10,20",
+    teacher_steps: Annotated[int, typer.Option(help="default N, the teacher's DDIM step count")] = 1000,
+    guidance_scale: Annotated[float, typer.Option(help="default classifier-free guidance scale")] = 7.5,
+    validation_fraction: Annotated[float, typer.Option(help="default share of prompts held out to choose each plan")] = 0.1,
+    seed: Annotated[int, typer.Option(help="default base seed of the per-prompt seeds")] = 0,
+    device: Annotated[str, typer.Option(help="worker device of every job: auto, cuda or cpu")] = "auto",
+    num_workers: Annotated[Optional[int], typer.Option(help="actors per job (default: one per GPU, or CPUs minus one)")] = None,
+    shard_size: Annotated[int, typer.Option(help="samples per shard in every job")] = 4,
+    max_attempts: Annotated[int, typer.Option(help="failed attempts per model and config before refits give up (kept in the store)")] = 3,
+    max_running: Annotated[Optional[int], typer.Option(help="jobs of this refit running at once; the rest are queued for --wait or the next refit (default: no limit)")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="wait for the submitted jobs and report how they ended")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="show what would run; write and start nothing")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="one JSON list of outcomes per refit on stdout instead of a table")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="refit again every --interval seconds")] = False,
+    interval: Annotated[float, typer.Option(help="seconds between refits with --watch")] = 600.0,
+    cycles: Annotated[Optional[int], typer.Option(help="with --watch, stop after this many refits (default: until interrupted)")] = None,
+    storage_options: StorageOptionsFlag = None,
+) -> None:
+    """Calibrate each model of a registry that has no run for its weights and config yet (see docs/refit.md).
+
+    Exit status 1 when any model failed (in the last refit, with --watch).
+    """
+    import time
+
+    from olss_dist.refit import RefitOptions, Settings, any_failed, parse_steps
+    from olss_dist.refit import refit as refit_registry
+
+    if interval <= 0 or (cycles is not None and (cycles < 1 or not watch)):
+        raise ValueError("--interval must be positive, and --cycles a positive count used with --watch")
+    options = RefitOptions(
+        output=output, inline=inline, address=address, working_dir=working_dir, device=device, num_workers=num_workers,
+        shard_size=shard_size, max_attempts=max_attempts, max_running=max_running, storage_options=parse_storage_options(storage_options) or {},
+    )  # fmt: skip
+    defaults = Settings(prompts, parse_steps(steps), teacher_steps, guidance_scale, validation_fraction, seed)
+    cycle, failed = 0, False
+    while True:
+        cycle += 1
+        try:
+            outcomes = refit_registry(models, options, defaults, dry_run=dry_run, wait=wait)
+        except (ValueError, ArtifactError) as error:
+            if not watch:
+                raise
+            error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            outcomes, failed = [], True
+        else:
+            failed = any_failed(outcomes)
+            if json_output:
+                typer.echo(json.dumps([outcome.to_dict() for outcome in outcomes]))
+            else:
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+                console.print(refit_table(f"refit of {models} ({stamp}{', dry run' if dry_run else ''})", outcomes))
+        if not watch or (cycles is not None and cycle >= cycles):
+            break
+        time.sleep(interval)
+    if failed:
+        raise typer.Exit(code=1)
