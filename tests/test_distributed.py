@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 import pytest
-import ray
 
 from olss_dist.calibration import Calibration
 from olss_dist.distributed.checkpoints import ShardCheckpoints
