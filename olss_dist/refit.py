@@ -22,10 +22,12 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import socket
+import tempfile
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,6 +49,7 @@ CAS_ROUNDS = 16
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_LEASE_S = 600.0
 JOB_POLL_S = 2.0
+JOB_PACKAGE_PARTS = ("jobs", "olss_dist")
 MESSAGE_CHARS = 500
 
 
@@ -285,7 +288,8 @@ class RefitOptions:
         inline: run ``run_job`` in this process instead of submitting Ray jobs.
         address: Ray Jobs API address (``http://head:8265``) for submissions; with ``inline``, the Ray
             cluster to join. ``None``: ``RAY_ADDRESS``, else a local Ray.
-        working_dir: the checkout holding ``jobs/calibrate.py``, uploaded with each job (default: this one).
+        working_dir: the checkout whose ``jobs/`` and ``olss_dist/`` are uploaded (as a snapshot) with each
+            job (default: the one this package runs from).
         device, num_workers, shard_size: passed to every job (see ``JobConfig``).
         max_attempts: failed attempts per (model, config) after which refits give up.
         max_running: submitted jobs of one refit that may run at once (None: no limit); the others are
@@ -606,12 +610,22 @@ class RayJobs:
         return info is not None and not info.status.is_terminal()
 
 
-def default_working_dir() -> str:
-    """The checkout this package runs from, when it holds ``jobs/calibrate.py``."""
-    checkout = Path(__file__).resolve().parents[1]
-    if not (checkout / "jobs" / "calibrate.py").is_file():
-        raise ValueError(f"{checkout} holds no jobs/calibrate.py; pass --working-dir (a checkout of olss_dist)")
-    return str(checkout)
+@contextmanager
+def job_package(checkout: str | None) -> Iterator[str]:
+    """A frozen copy of ``JOB_PACKAGE_PARTS`` of ``checkout`` (default: the one this package runs from), the
+    working_dir uploaded with every job of a refit.
+
+    Ray hashes a working_dir twice while submitting (to name the package, then to upload it): a checkout
+    edited in between (by a developer, or bytecode being written) leaves the job naming a package that was
+    never uploaded. A snapshot cannot change, and holds only what the job needs.
+    """
+    source = Path(checkout).expanduser() if checkout else Path(__file__).resolve().parents[1]
+    if not (source / "jobs" / "calibrate.py").is_file() or not (source / "olss_dist").is_dir():
+        raise ValueError(f"{source} is not an olss_dist checkout (jobs/calibrate.py, olss_dist/); pass --working-dir")
+    with tempfile.TemporaryDirectory(prefix="olss-refit-job-") as snapshot:
+        for part in JOB_PACKAGE_PARTS:
+            shutil.copytree(source / part, Path(snapshot) / part, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        yield snapshot
 
 
 # ----------------------------------------------------------------------------------------------- deciding
@@ -640,6 +654,20 @@ class Refitter:
         self.store = open_store(local_or_uri(options.output), options.storage_options)
         self.jobs = RayJobs(options.address)
         self.run_inline = run_inline or _run_job
+        self.resources = ExitStack()
+        self.package: str | None = None
+
+    def __enter__(self) -> "Refitter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.resources.close()
+
+    def job_working_dir(self) -> str:
+        """The snapshot of the checkout that this refit's jobs run in (made on first use)."""
+        if self.package is None:
+            self.package = self.resources.enter_context(job_package(self.options.working_dir))
+        return self.package
 
     def refit(self, target: Target, action: str = Action.START) -> Outcome:
         """Decide about ``target``; when it is due, do ``action`` (one of ``Action``)."""
@@ -728,6 +756,11 @@ class Refitter:
             return AttemptState(AttemptStatus.RUNNING, "submitted (as recorded; --dry-run does not ask the cluster)")
         info = self.jobs.info(attempt["submission_id"])
         if info is None:
+            # Claimed in the record, not (yet) on the cluster: its refit is between claiming and submitting,
+            # or died there, or the cluster was replaced. Only the lease tells these apart.
+            age = (utc_now() - datetime.fromisoformat(attempt["started_at"])).total_seconds()
+            if age < self.options.lease_s:
+                return AttemptState(AttemptStatus.RUNNING, f"claimed by {attempt['owner']} {age:.0f} s ago, not yet on the cluster")
             return AttemptState(AttemptStatus.FAILED, f"the Ray cluster has no job {attempt['submission_id']} (restarted?)")
         status = info.status.value
         if status in ("PENDING", "RUNNING"):
@@ -740,8 +773,7 @@ class Refitter:
         """Submit the attempt's Ray job; a submission that never reached the cluster does not count as failed."""
         entrypoint = shlex.join(["python", "jobs/calibrate.py", *calibrate_arguments(target.job)])
         try:
-            working_dir = self.options.working_dir or default_working_dir()
-            created = self.jobs.submit(attempt["submission_id"], entrypoint, working_dir)
+            created = self.jobs.submit(attempt["submission_id"], entrypoint, self.job_working_dir())
         except (RuntimeError, ValueError, ConnectionError) as error:
             message = f"could not submit {attempt['submission_id']}: {shorten(str(error))}"
             record.update_attempt(attempt["attempt"], status=AttemptStatus.UNSUBMITTED, message=message)
@@ -837,18 +869,23 @@ def refit(
         are failed outcomes instead).
     """
     models = scan_registry(registry, defaults, options.storage_options)
-    refitter = Refitter(options, dry_run=dry_run, run_inline=run_inline)
+    with Refitter(options, dry_run=dry_run, run_inline=run_inline) as refitter:
+        return refit_models(refitter, models, wait=wait and not dry_run and not options.inline)
+
+
+def refit_models(refitter: Refitter, models: list[RegistryModel], wait: bool) -> list[Outcome]:
+    """``refit`` after the registry scan: identify, decide and act for each model; then ``--wait``."""
     outcomes: list[Outcome] = []
     targets: dict[int, Target] = {}
     for index, model in enumerate(models):
         try:
-            targets[index] = identify(model, options)
+            targets[index] = identify(model, refitter.options)
         except (ValueError, OSError, ArtifactError) as error:
             outcomes.append(Outcome(model.spec, Status.FAILED, message=f"cannot identify the model: {shorten(str(error))}"))
             continue
         action = Action.START if refitter.has_free_slot(outcomes) else Action.QUEUE
         outcomes.append(guarded(targets[index], refitter.refit, action=action))
-    if wait and not dry_run and not options.inline:
+    if wait:
         wait_for_jobs(refitter, targets, outcomes)
     return outcomes
 
