@@ -268,14 +268,13 @@ def run_sampler(scheduler, denoiser: Denoiser, x_T: torch.Tensor, cond: Any, num
     return x, calls
 
 
-def sample_metrics(final: torch.Tensor, reference: torch.Tensor, peak_to_peak: float) -> dict[str, float]:
-    """Errors of ``final (B, *shape)`` against ``reference``: pooled RMSE, spread of per-sample RMSE, PSNR.
+def sample_metrics(mse: np.ndarray, peak_to_peak: float) -> dict[str, float]:
+    """Summary of per-sample errors ``mse (B,)`` (``per_sample_mse``): pooled RMSE, spread of per-sample RMSE, PSNR.
 
     Returns:
         ``rmse`` (over all samples), ``median``/``p90``/``worst`` per-sample RMSE, ``rmse_mean``/``rmse_std``
         of per-sample RMSE, and ``psnr_mean``/``psnr_std`` in dB on latents relative to ``peak_to_peak``.
     """
-    mse = per_sample_mse(final, reference)
     if not np.all(np.isfinite(mse)):
         nan = float("nan")
         return {"rmse": float("inf"), "median": nan, "p90": nan, "worst": float("inf"),
@@ -306,6 +305,7 @@ class SamplerResult:
         metrics: ``sample_metrics``; empty when the sampler could not run.
         note: why it could not run, or a remark (``"diverged"``); ``""`` otherwise.
         first_timestep: the first timestep the sampler used (``None`` when it could not run).
+        per_sample_rmse: ``(B,)`` RMSE of each sample, in the evaluation set's order (empty when it could not run).
     """
 
     name: str
@@ -315,6 +315,7 @@ class SamplerResult:
     metrics: dict[str, float] = field(default_factory=dict)
     note: str = ""
     first_timestep: int | None = None
+    per_sample_rmse: list[float] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -359,7 +360,8 @@ class Evaluation:
             "results": [
                 {"sampler": r.name, "variant": r.variant, "num_steps": r.num_steps, "model_calls": r.model_calls,
                  "first_timestep": r.first_timestep, "note": r.note,
-                 **{k: finite_or_none(v) for k, v in r.metrics.items()}}
+                 **{k: finite_or_none(v) for k, v in r.metrics.items()},
+                 "per_sample_rmse": [finite_or_none(v) for v in r.per_sample_rmse]}
                 for r in self.results
             ],
         }
@@ -409,9 +411,10 @@ def evaluate(
                 progress(f"{k} steps: {sampler.label} cannot run: {error}")
                 continue
             final = torch.cat(finals)
-            metrics = sample_metrics(final, teacher_final, peak_to_peak)
+            mse = per_sample_mse(final, teacher_final)
+            metrics = sample_metrics(mse, peak_to_peak)
             note = "diverged (non-finite output)" if not math.isfinite(metrics["rmse"]) else ""
-            results.append(SamplerResult(sampler.name, sampler.variant, k, calls, metrics, note, first))
+            results.append(SamplerResult(sampler.name, sampler.variant, k, calls, metrics, note, first, np.sqrt(mse).tolist()))
             if grid_samples:
                 kept[k][sampler.label] = final[:grid_samples]
             progress(f"{k} steps: {sampler.label} RMSE {metrics['rmse']:.4g} ({calls} calls)")

@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from core_data import small_model, trajectories
+from tiny_sd import tiny_pipeline
 from olss_dist import Calibration, trailing_timesteps
 from olss_dist.artifacts import publish_run
 from olss_dist.builtin import builtin_plan
@@ -26,10 +27,12 @@ from olss_dist.evaluate import (
     write_outputs,
 )
 from olss_dist.method import builtin_config, run_method
+from olss_dist.models import load_model
 from olss_dist.models.analytic import GaussianMixtureModel
 from olss_dist.onpolicy import rollout
 from olss_dist.prompts import read_prompts, split_validation
 from olss_dist.rollouts import InProcessBackend
+from olss_dist.scheduler import OLSSScheduler
 from olss_dist.teacher import record_trajectories
 
 TEACHER_STEPS = 40
@@ -86,21 +89,18 @@ def test_evaluation_seeds_are_deterministic_disjoint_and_skip_excluded():
 # ----------------------------------------------------------------------------------------------- a published run
 
 
-def publish_analytic_run(root: Path, prompt_file: Path) -> str:
-    """Calibrate the default analytic model in process, like the job, and publish the run under ``root``."""
-    model = GaussianMixtureModel()
-    prompt_file.write_text("\n".join(f"a sample of class {c % 10}" for c in range(40)))
+def publish_calibrated_run(model, spec: str, root: Path, prompt_file: Path, num_prompts: int, teacher_steps: int,
+                           planned: tuple[int, ...]) -> str:
+    """Calibrate ``model`` in process on a prompt file, as the job does, and publish the run under ``root``."""
+    prompt_file.write_text("\n".join(f"a sample of class {c % 10}" for c in range(num_prompts)))
     fit, validation = split_validation(read_prompts(str(prompt_file)), 0.25)
     encode = lambda records: (model.initial_noise([r.seed for r in records]), model.encode_prompts([r.prompt for r in records]))
     backend = InProcessBackend(model, *encode(fit), *encode(validation))
-    timesteps = trailing_timesteps(TEACHER_STEPS)
-    plans, calibration = run_method(backend, timesteps, model.alphas_cumprod, PLANNED)
+    plans, calibration = run_method(backend, trailing_timesteps(teacher_steps), model.alphas_cumprod, planned)
     with tempfile.TemporaryDirectory() as directory:
-        from olss_dist.scheduler import OLSSScheduler
-
         OLSSScheduler.from_plans(list(plans.values())).save_pretrained(directory)
         scheduler_config = (Path(directory) / "scheduler_config.json").read_bytes()
-    config = {"model": "analytic", "prompts": str(prompt_file), "seed": 0, "guidance_scale": 7.5}
+    config = {"model": spec, "prompts": str(prompt_file), "seed": 0, "guidance_scale": model.guidance_scale}
     published = publish_run(
         str(root), model_id=model.model_id, model_digest=model.digest, config=config,
         files={
@@ -108,7 +108,7 @@ def publish_analytic_run(root: Path, prompt_file: Path) -> str:
             "calibration.safetensors": calibration.to_bytes(),
             "plans.json": json.dumps([p.to_dict() for p in plans.values()]).encode(),
         },
-        extra_manifest={"teacher_steps": TEACHER_STEPS, "planned_step_counts": list(PLANNED)},
+        extra_manifest={"teacher_steps": teacher_steps, "planned_step_counts": list(planned)},
     )
     return published.uri
 
@@ -116,7 +116,7 @@ def publish_analytic_run(root: Path, prompt_file: Path) -> str:
 @pytest.fixture(scope="module")
 def run_uri(tmp_path_factory):
     root = tmp_path_factory.mktemp("registry")
-    return publish_analytic_run(root / "runs", root / "prompts.txt")
+    return publish_calibrated_run(GaussianMixtureModel(), "analytic", root / "runs", root / "prompts.txt", 40, TEACHER_STEPS, PLANNED)
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +154,9 @@ def test_evaluation_compares_every_sampler_at_every_planned_step_count(evaluatio
 def test_metrics_are_consistent(evaluation):
     for r in evaluation.results:
         if r.metrics:
+            assert len(r.per_sample_rmse) == 12
+            assert r.rmse == pytest.approx(np.sqrt(np.mean(np.square(r.per_sample_rmse))))
+            assert r.metrics["median"] == pytest.approx(np.median(r.per_sample_rmse))
             assert r.metrics["median"] <= r.metrics["p90"] <= r.metrics["worst"] + 1e-12
             assert r.metrics["rmse"] <= r.metrics["worst"] + 1e-12
             assert np.isfinite(r.metrics["psnr_mean"])
@@ -214,3 +217,18 @@ def test_a_run_of_another_model_is_refused(run_uri, tmp_path, monkeypatch):
     )
     with pytest.raises(ValueError, match="the run was calibrated for another-model"):
         run_evaluation("analytic", other.uri, num_samples=2)
+
+
+def test_image_model_evaluation_writes_sample_grids(tmp_path, monkeypatch):
+    monkeypatch.setenv("OLSS_CACHE_DIR", str(tmp_path / "cache"))
+    tiny_pipeline(tmp_path)
+    spec = str(tmp_path / "model")
+    model = load_model(spec, guidance_scale=3.0, device="cpu")
+    uri = publish_calibrated_run(model, spec, tmp_path / "runs", tmp_path / "prompts.txt", 8, 10, (2,))
+    evaluation = run_evaluation(spec, uri, num_samples=2, builtins=("ddim",))
+    grid = evaluation.images[2]
+    assert list(grid)[:2] == ["teacher (10 steps)", "olss (shipped)"]
+    assert all(images.dtype == np.uint8 and images.shape[0] == 2 and images.shape[-1] == 3 for images in grid.values())
+    paths = {p.name for p in write_outputs(evaluation, tmp_path / "out")}
+    assert "grid_2steps.png" in paths
+    assert (tmp_path / "out" / "grid_2steps.png").read_bytes()[:8] == PNG_MAGIC
