@@ -77,7 +77,8 @@ def merge_r_factors(factors: Sequence[np.ndarray | torch.Tensor]) -> np.ndarray 
     if len(factors) == 0:
         raise ValueError("merge_r_factors needs at least one factor")
     as_numpy = isinstance(factors[0], np.ndarray)
-    tensors = [torch.as_tensor(f, dtype=torch.float64) for f in factors]
+    # A copy of numpy input: factors fetched from Ray's object store are read-only arrays.
+    tensors = [torch.tensor(f, dtype=torch.float64) if isinstance(f, np.ndarray) else f.to(torch.float64) for f in factors]
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) != 1:
         raise ValueError(f"cannot merge R factors of different shapes: {sorted(shapes)}")

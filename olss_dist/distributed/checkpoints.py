@@ -107,5 +107,7 @@ def check_writable(uri: str, storage_options: dict[str, Any] | None = None) -> N
     store = open_store(uri, storage_options)
     key = f".olss-write-probe-{secrets.token_hex(6)}"
     with storage_errors("output is not writable:", uri):
+        # Before any write: s3fs would create a missing bucket instead of failing.
+        store.check_root(create=True)
         write_object(store, key, b"")
         store.fs.rm(store.path(key))

@@ -1,0 +1,34 @@
+"""The job publishing straight to S3 (moto on 127.0.0.1), and loading the result by URI."""
+
+import s3fs
+
+from olss_dist import OLSSScheduler
+from olss_dist.artifacts import ArtifactError
+from olss_dist.distributed.checkpoints import check_writable
+from olss_dist.distributed.job import JobConfig, run_job
+
+
+def test_job_publishes_to_s3_and_the_scheduler_loads_by_uri(local_ray, s3_root, run_cache, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"a sample of class {i % 4}, variant {i}" for i in range(8)))
+    config = JobConfig(
+        output=s3_root, model="analytic", prompts=str(prompts), steps=(2, 4), teacher_steps=20,
+        validation_fraction=0.25, shard_size=2, keep_states="memory", quiet=True,
+    )
+    result = run_job(config)
+    assert result.uri.startswith(s3_root + "/")
+    scheduler = OLSSScheduler.from_pretrained(result.uri)
+    assert scheduler.available_steps == [2, 4]
+    scheduler.set_timesteps(4)
+    assert scheduler.timesteps.tolist() == result.plans[1].timesteps.tolist()
+
+
+def test_missing_bucket_is_refused_and_never_created(s3_bucket):
+    missing = f"{s3_bucket}-missing"
+    try:
+        check_writable(f"s3://{missing}/registry")
+    except ArtifactError as error:
+        assert "does not exist" in str(error)
+    else:
+        raise AssertionError("a missing bucket was accepted")
+    assert missing not in [b.rstrip("/") for b in s3fs.S3FileSystem().ls("")]
