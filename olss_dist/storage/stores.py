@@ -225,12 +225,16 @@ async def _s3_get_with_etag(fs: Any, bucket: str, key: str) -> tuple[bytes, str]
         body.close()
 
 
-class S3Store(Store):
-    """S3 and S3-compatible stores through s3fs; conditional PUTs (``If-None-Match``/``If-Match``)."""
+class BucketStore(Store):
+    """A store whose root lies in a bucket (S3, GCS)."""
 
     def _bucket_key(self, key: str) -> tuple[str, str]:
         bucket, object_key, _ = self.fs.split_path(self.path(key))
         return bucket, object_key
+
+
+class S3Store(BucketStore):
+    """S3 and S3-compatible stores through s3fs; conditional PUTs (``If-None-Match``/``If-Match``)."""
 
     def check_root(self, create: bool) -> None:
         bucket, _ = self._bucket_key("")
@@ -274,12 +278,8 @@ class S3Store(Store):
             self.fs.invalidate_cache(self.path(key))
 
 
-class GCSStore(Store):
+class GCSStore(BucketStore):
     """Google Cloud Storage through gcsfs; generation preconditions. Written against gcsfs's API, untested here."""
-
-    def _bucket_key(self, key: str) -> tuple[str, str]:
-        bucket, object_key, _ = self.fs.split_path(self.path(key))
-        return bucket, object_key
 
     def check_root(self, create: bool) -> None:
         bucket, _ = self._bucket_key("")
