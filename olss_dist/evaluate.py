@@ -784,7 +784,10 @@ def plot_errors(evaluation: Evaluation, path: str | Path) -> Path:
         calls = [p[0] for p in points]
         axes[0].plot(calls, [p[1] for p in points], **style)
         axes[1].plot(calls, [p[2] for p in points], **style)
-    ticks = sorted({r.model_calls for r in evaluation.results if r.model_calls})
+    ticks = list(evaluation.steps)
+    for calls in sorted({r.model_calls for r in evaluation.results if r.model_calls}):
+        if all(abs(math.log(calls / tick)) > 0.15 for tick in ticks):  # unreadable when closer
+            ticks.append(calls)
     for axis, title in zip(axes, ("pooled RMSE", "median per-sample RMSE")):
         axis.set_xscale("log")
         axis.set_yscale("log")
