@@ -371,6 +371,17 @@ def finite_or_none(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+def sample_set(sampler: Sampler, denoiser: Denoiser, samples: EvaluationSet, num_steps: int,
+               batch_size: int | None = None) -> tuple[torch.Tensor, int, int]:
+    """Final latents ``(B, *shape)`` of ``sampler`` over the whole set, model calls per sample, first timestep."""
+    finals = []
+    for rows in batch_slices(len(samples), batch_size):
+        scheduler = sampler.new_scheduler()
+        final, calls = run_sampler(scheduler, denoiser, samples.x_T[rows], select(samples.cond, rows), num_steps)
+        finals.append(final)
+    return torch.cat(finals), calls, model_timestep(scheduler.timesteps[0])
+
+
 def evaluate(
     denoiser: Denoiser,
     samplers: Sequence[Sampler],
@@ -400,17 +411,11 @@ def evaluate(
     for sampler in samplers:
         for k in steps:
             try:
-                finals, calls, first = [], 0, None
-                for rows in batch_slices(len(samples), batch_size):
-                    scheduler = sampler.new_scheduler()
-                    final, calls = run_sampler(scheduler, denoiser, samples.x_T[rows], select(samples.cond, rows), k)
-                    finals.append(final)
-                    first = model_timestep(scheduler.timesteps[0])
+                final, calls, first = sample_set(sampler, denoiser, samples, k, batch_size)
             except (ValueError, IndexError, RuntimeError) as error:
                 results.append(SamplerResult(sampler.name, sampler.variant, k, None, note=f"cannot run: {error}"))
                 progress(f"{k} steps: {sampler.label} cannot run: {error}")
                 continue
-            final = torch.cat(finals)
             mse = per_sample_mse(final, teacher_final)
             metrics = sample_metrics(mse, peak_to_peak)
             note = "diverged (non-finite output)" if not math.isfinite(metrics["rmse"]) else ""
