@@ -3,8 +3,9 @@
 For each step count K the candidates are the minimax path of the planner, evenly spaced nodes and
 quadratically spaced nodes (dense at high noise), each fitted on-policy with two small ridge weights
 (unregularised fits on nearly collinear outputs reach coefficients of 1e9 and blow up on new
-samples; 1e-6 and 1e-5 relative to the feature norms keep them near the DDIM scale), the paper's teacher-forced fit on the minimax path, and the built-in linear solvers (DDIM,
-DPM-Solver++ 2M, UniPC with "trailing" spacing) in OLSS form. Every candidate is scored by the
+samples; 1e-6 and 1e-5 relative to the feature norms keep them near the DDIM scale), the paper's
+teacher-forced fit on the minimax path, and the built-in linear solvers (DDIM, DPM-Solver++ 2M,
+UniPC, DEIS with "trailing" spacing) in OLSS form. Every candidate is scored by the
 on-policy error of its final state against the teacher's on held-out validation samples; the best
 one ships, and every score is kept in ``Plan.candidates``.
 """
@@ -30,7 +31,7 @@ from olss_dist.tsqr import merge_r_factors
 logger = logging.getLogger(__name__)
 
 DEFAULT_STEPS = (5, 10, 20)
-DEFAULT_BUILTINS = ("ddim", "dpmsolver++", "unipc")
+DEFAULT_BUILTINS = ("ddim", "dpmsolver++", "unipc", "deis")
 DEFAULT_RIDGES = (DEFAULT_RIDGE, 10 * DEFAULT_RIDGE)
 
 
