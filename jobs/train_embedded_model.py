@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import string
 import time
@@ -29,11 +30,15 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-import typer
+# Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning threads burn most
+# of the CPU waiting for descheduled peers (10x slower steps). Must be set before torch loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from olss_dist.models.embedded import EMBEDDED_MODEL_PATH, STROKE_STYLES, digit_prompt
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import typer  # noqa: E402
+
+from olss_dist.models.embedded import EMBEDDED_MODEL_PATH, STROKE_STYLES, digit_prompt  # noqa: E402
 
 IMAGE_SIZE = 32
 LATENT_CHANNELS = 4
@@ -337,21 +342,20 @@ def train_embedded_model(config: TrainingConfig, output: Path, log=print) -> Non
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     ink, labels = digit_ink()
-    started = time.perf_counter()
 
     vae = build_vae()
     train_vae(vae, ink, config, generator, log)
     mean, std, latent_labels, strokes = encode_training_set(vae, ink, labels, config, generator)
     scaling_factor = round(1.0 / mean.std().item(), 5)
     vae.register_to_config(scaling_factor=scaling_factor)
-    log(f"vae done in {time.perf_counter() - started:.0f} s; scaling_factor {scaling_factor}")
+    log(f"autoencoder done; scaling_factor {scaling_factor}")
 
     tokenizer = build_tokenizer()
     text_encoder = build_text_encoder(tokenizer)
     unet = build_unet()
     latents = (mean * scaling_factor, std * scaling_factor, latent_labels, strokes)
     train_denoiser(unet, text_encoder, tokenizer, latents, config, generator, log)
-    log(f"training done in {time.perf_counter() - started:.0f} s")
+    log("denoiser done")
 
     pipeline = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=build_scheduler(),
@@ -371,7 +375,12 @@ def main(
 ) -> None:
     """Train the embedded digits model reproducibly on CPU and save it in the diffusers SD layout."""
     torch.set_num_threads(threads)
-    train_embedded_model(TrainingConfig(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps), output)
+    started = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:6.0f} s] {message}", flush=True)
+
+    train_embedded_model(TrainingConfig(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps), output, log)
 
 
 if __name__ == "__main__":
