@@ -161,6 +161,19 @@ def test_digest_is_stable_and_sees_one_byte(tiny_folders, tmp_path):
     assert content_digest(copy) != changed, "paths are part of the digest"
 
 
+def test_digest_of_a_folder_without_model_files_is_an_error(tmp_path):
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="holds none of"):
+        content_digest(tmp_path)
+
+
+def test_file_uri_is_the_local_folder_in_place(tiny_folders, tmp_path, monkeypatch):
+    monkeypatch.setenv("OLSS_MODEL_CACHE_DIR", str(tmp_path / "cache"))
+    model = load_model(f"file://{tiny_folders['epsilon']}", device="cpu")
+    assert model.folder == tiny_folders["epsilon"] and not (tmp_path / "cache").exists()
+
+
 def test_missing_folder_is_one_clear_error(tmp_path):
     missing = tmp_path / "no-such-model"
     with pytest.raises(ModelLoadError, match="no folder .*no-such-model"):

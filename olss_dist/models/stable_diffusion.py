@@ -101,8 +101,8 @@ def read_json(path: Path) -> dict[str, Any]:
         raise ModelLoadError(f"cannot read {path}: {error}") from error
 
 
-def check_model_folder(folder: Path) -> dict[str, Any]:
-    """``model_index.json`` of a supported diffusers SD folder; ``ModelLoadError`` naming what is wrong."""
+def check_model_folder(folder: Path) -> None:
+    """``ModelLoadError`` naming what is wrong unless ``folder`` is a supported diffusers SD folder."""
     if not folder.is_dir():
         raise ModelLoadError(f"model folder {folder} does not exist")
     index = read_json(folder / "model_index.json")
@@ -114,7 +114,6 @@ def check_model_folder(folder: Path) -> dict[str, Any]:
     missing = [c for c in REQUIRED_COMPONENTS if not (folder / c).is_dir()]
     if missing:
         raise ModelLoadError(f"{folder} is not a diffusers Stable Diffusion folder: no {', '.join(missing)}/")
-    return index
 
 
 class StableDiffusionModel(DiffusionModel):
