@@ -43,7 +43,7 @@ class JobConfig:
 
     Attributes:
         output: registry root (local path or fsspec URI) the run is published under.
-        model: model spec (``"analytic"``, a diffusers folder, a hub id, a URI).
+        model: model spec (``"embedded"``, ``"analytic"``, a diffusers folder, a hub id, a URI).
         prompts: Parquet or text file (path or URI); ``None`` uses the model's default prompts.
         steps: step counts K to plan, each at most ``teacher_steps``.
         teacher_steps: N, the teacher's step count.
@@ -65,15 +65,15 @@ class JobConfig:
         storage_options: fsspec options for the output and prompt locations.
     """
 
-    output: str
-    model: str = "analytic"
+    output: str = "olss-registry"
+    model: str = "embedded"
     prompts: str | None = None
     steps: tuple[int, ...] = (5, 10, 20)
     teacher_steps: int = 1000
     guidance_scale: float = 7.5
-    validation_fraction: float = 0.1
+    validation_fraction: float = 0.2
     seed: int = 0
-    shard_size: int = 4
+    shard_size: int = 16
     device: str = "auto"
     num_workers: int | None = None
     wait_for_gpus_s: float = 0.0

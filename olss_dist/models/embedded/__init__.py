@@ -31,6 +31,10 @@ def digit_prompt(digit: int, stroke: str | None = None) -> str:
     return f"{base}, {stroke} strokes"
 
 
+SAMPLES_PER_PROMPT = 2
+"""Default prompts repeat: the calibration derives a distinct seed per position, so 80 samples."""
+
+
 def default_prompts() -> list[str]:
-    """40 prompts: every digit with each stroke style and without one (digit-major order)."""
-    return [digit_prompt(d, s) for d in range(10) for s in (*STROKE_STYLES, None)]
+    """80 prompts: every digit with each stroke style and without one (digit-major order), twice."""
+    return [digit_prompt(d, s) for _ in range(SAMPLES_PER_PROMPT) for d in range(10) for s in (*STROKE_STYLES, None)]
