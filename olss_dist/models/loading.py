@@ -41,7 +41,7 @@ HUB_FILES = (
     "vae/diffusion_pytorch_model.safetensors",
 )
 REMOTE_PREFIXES = ("model_index.json", "scheduler/", "tokenizer/", "text_encoder/", "unet/", "vae/")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name: never absolute, dot- or home-relative
 HUB_ETAG_TIMEOUT_S = 10
 COPY_CHUNK_BYTES = 8 << 20
 
@@ -95,17 +95,12 @@ def local_folder(spec: str, storage_options: dict[str, Any] | None = None) -> Pa
     path = Path(spec.removeprefix("file://")).expanduser()
     if path.is_dir():
         return path
-    if looks_like_path(spec) or not HUB_ID.match(spec):
+    if not HUB_ID.match(spec):
         raise ModelLoadError(
             f"model {spec!r}: no folder {path.resolve()} (and not a hub id of the form org/name, "
             "nor 'embedded', 'analytic' or an fsspec URI)"
         )
     return download_from_hub(spec)
-
-
-def looks_like_path(spec: str) -> bool:
-    """True for specs a hub id cannot be: absolute, home- or dot-relative, or more than one ``/`` deep."""
-    return spec.startswith(("/", "~", ".")) or spec.count("/") > 1 or "\\" in spec
 
 
 def download_from_hub(repo_id: str) -> Path:
