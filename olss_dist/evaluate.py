@@ -75,7 +75,7 @@ BUILTIN_SPACINGS: dict[str, dict[str, Any]] = {
 
 EVALUATION_SEED_DOMAIN = "olss-dist/evaluate"
 SEED_MODULUS = 2**32
-GRID_SAMPLES = 4
+GRID_SAMPLES = 8
 
 
 # ----------------------------------------------------------------------------------------------- samplers
@@ -389,7 +389,7 @@ def evaluate(
     samples: EvaluationSet,
     teacher_final: torch.Tensor,
     batch_size: int | None = None,
-    grid_samples: int = 0,
+    grid: Sequence[int] = (),
     progress: Callable[[str], None] | None = None,
 ) -> tuple[list[SamplerResult], dict[int, dict[str, torch.Tensor]]]:
     """Run every sampler at every step count on-policy from ``samples.x_T`` and score it against the teacher.
@@ -399,11 +399,11 @@ def evaluate(
         steps: step counts K.
         teacher_final: ``(B, *shape)`` the teacher's final latents from the same ``x_T``.
         batch_size: samples per model call (None: all at once).
-        grid_samples: keep the final latents of this many first samples per sampler and K.
+        grid: indices of the samples whose final latents are kept for the sample grid.
         progress: called with one line per finished sampler and step count.
 
     Returns:
-        the results (sampler-major, then K) and ``{K: {label: (grid_samples, *shape) latents}}``.
+        the results (sampler-major, then K) and ``{K: {label: (len(grid), *shape) latents}}``.
     """
     progress = progress or (lambda message: None)
     peak_to_peak = float(teacher_final.max() - teacher_final.min())
@@ -420,8 +420,8 @@ def evaluate(
             metrics = sample_metrics(mse, peak_to_peak)
             note = "diverged (non-finite output)" if not math.isfinite(metrics["rmse"]) else ""
             results.append(SamplerResult(sampler.name, sampler.variant, k, calls, metrics, note, first, np.sqrt(mse).tolist()))
-            if grid_samples:
-                kept[k][sampler.label] = final[:grid_samples]
+            if len(grid):
+                kept[k][sampler.label] = final[list(grid)]
             progress(f"{k} steps: {sampler.label} RMSE {metrics['rmse']:.4g} ({calls} calls)")
     return results, kept
 
@@ -636,7 +636,8 @@ def run_evaluation(
             model, fit_samples, fit_timesteps, steps, batch_size), model.num_train_timesteps))
     samplers += builtin_samplers(model.scheduler_config, builtins)
 
-    results, kept = evaluate(model, samplers, steps, samples, teacher_final, batch_size, GRID_SAMPLES, progress)
+    grid = grid_indices(num_samples, GRID_SAMPLES)
+    results, kept = evaluate(model, samplers, steps, samples, teacher_final, batch_size, grid, progress)
     info = {
         "model": {"spec": model_spec, "id": model.model_id, "digest": model.digest, "guidance_scale": model.guidance_scale},
         "artifact": {"uri": run.uri, "run_id": run.manifest.get("run_id"), "shipped": {
@@ -653,12 +654,17 @@ def run_evaluation(
         "metric": "RMSE per latent element of the final latent against the teacher's; PSNR on latents "
                   "relative to the teacher's peak-to-peak range",
     }
-    return Evaluation(results, info, decoded_grids(model, teacher_final, kept, len(reference_timesteps)))
+    return Evaluation(results, info, decoded_grids(model, teacher_final[grid], kept, len(reference_timesteps)))
 
 
-def decoded_grids(model, teacher_final: torch.Tensor, kept: dict[int, dict[str, torch.Tensor]], teacher_steps: int):
+def grid_indices(num_samples: int, count: int) -> list[int]:
+    """``count`` sample indices spread evenly over the set (prompts cycle, so they show different prompts)."""
+    return sorted({i * num_samples // count for i in range(count)})
+
+
+def decoded_grids(model, teacher_latents: torch.Tensor, kept: dict[int, dict[str, torch.Tensor]], teacher_steps: int):
     """``{K: {row label: (n, H, W, 3) uint8}}`` with the teacher's row first; ``{}`` for models without a decoder."""
-    teacher_images = model.decode(teacher_final[:GRID_SAMPLES])
+    teacher_images = model.decode(teacher_latents)
     if teacher_images is None:
         return {}
     teacher_row = {f"teacher ({teacher_steps} steps)": teacher_images}
@@ -831,7 +837,7 @@ def plot_grid(rows: dict[str, np.ndarray], title: str, path: str | Path) -> Path
             axis.set_yticks([])
         axis_row[0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
     figure.suptitle(title)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.4 / len(rows)))
     path = Path(path)
     figure.savefig(path, dpi=100)
     plt.close(figure)
