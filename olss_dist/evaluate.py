@@ -870,13 +870,13 @@ def parse_step_counts(text: str | None) -> list[int] | None:
     return steps
 
 
-def evaluate_and_report(output: str | Path, console=None, quiet: bool = False, **options: Any) -> Evaluation:
+def evaluate_and_report(output: str | Path, console=None, **options: Any) -> Evaluation:
     """``run_evaluation(**options)``, then the tables on ``console`` and every output file in ``output``."""
     from rich.console import Console
 
     console = console or Console()
     progress_console = Console(stderr=True)
-    evaluation = run_evaluation(**options, progress=None if quiet else lambda line: progress_console.print(line, highlight=False))
+    evaluation = run_evaluation(**options, progress=lambda line: progress_console.print(line, highlight=False))
     for table in rich_tables(evaluation):
         console.print(table)
     for path in write_outputs(evaluation, output):
