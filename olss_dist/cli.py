@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -176,27 +177,71 @@ def plans_table(plans: list[dict[str, Any]]) -> Table:
 
 
 def step_errors_table(plans: list[dict[str, Any]]) -> Table | None:
-    """Mean squared error per latent element of each step, one row per plan (None when no plan has them)."""
-    rows = [(len(plan["timesteps"]), plan["step_errors"]) for plan in plans if plan.get("step_errors")]
-    if not rows:
+    """Mean squared error per latent element of each step: one row per step, one column per plan (so a
+    20-step plan stays readable at 80 columns); None when no plan has them."""
+    columns = sorted((len(plan["timesteps"]), plan["step_errors"]) for plan in plans if plan.get("step_errors"))
+    if not columns:
         return None
     table = Table(title="step errors (MSE per element)", title_justify="left")
-    table.add_column("steps")
-    for index in range(max(len(errors) for _, errors in rows)):
-        table.add_column(str(index + 1), justify="right")
-    for steps, errors in sorted(rows):
-        table.add_row(str(steps), *(_format_value(error) for error in errors))
+    table.add_column("step", justify="right")
+    for steps, _ in columns:
+        table.add_column(f"{steps} steps", justify="right")
+    for index in range(max(len(errors) for _, errors in columns)):
+        cells = (_format_value(errors[index]) if index < len(errors) else "" for _, errors in columns)
+        table.add_row(str(index + 1), *cells)
     return table
 
 
+CANDIDATE_SCORES = ("rmse", "median", "p90", "worst")
+
+
+def candidates_table(plan: dict[str, Any]) -> Table | None:
+    """A plan's validated candidates, best first: validation RMSE of the final latent, its per-sample
+    median / p90 / worst and the largest coefficient; the shipped one is starred and bold. None when the
+    plan kept no candidates."""
+    candidates = sorted(
+        (c for c in plan.get("candidates") or [] if isinstance(c, dict) and "name" in c), key=_candidate_error
+    )
+    if not candidates:
+        return None
+    table = Table(
+        title=f"validation, {len(plan['timesteps'])} steps: final-latent RMSE vs teacher (* shipped)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    table.add_column("candidate", no_wrap=True)
+    for column in ("ridge", *CANDIDATE_SCORES, "max|w|"):
+        table.add_column(column, justify="right", no_wrap=True, min_width=5)
+    for rank, candidate in enumerate(candidates):
+        name, _, ridge = candidate["name"].partition("/ridge=")
+        table.add_row(
+            name + (" *" if rank == 0 else ""),
+            f"{float(ridge):.0e}" if ridge else "-",
+            *(_format_short(candidate.get(score)) for score in (*CANDIDATE_SCORES, "max_abs_coefficient")),
+            style="bold" if rank == 0 else None,
+        )
+    return table
+
+
+def _format_short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else _format_value(value)
+
+
+def _candidate_error(candidate: dict[str, Any]) -> float:
+    error = candidate.get("error", candidate.get("rmse"))
+    return float("inf") if error is None else float(error)
+
+
 def report_tables(name: str, document: Any) -> list[Table]:
-    """A quality report: its scalars as key/value rows, each list of records as its own table."""
+    """A quality report: its scalars as key/value rows, each list of records as its own table. Plan
+    summaries (records with ``timesteps``) are left out: ``show`` renders plans and their candidates."""
     if not isinstance(document, dict):
         return [key_value_table(name, {"value": document})]
     scalars = {key: value for key, value in document.items() if not _is_record_list(value)}
     tables = [key_value_table(name, scalars)] if scalars else []
     for key, records in document.items():
-        if _is_record_list(records):
+        if _is_record_list(records) and not all("timesteps" in record for record in records):
             table = Table(title=f"{name}: {key}", title_justify="left")
             columns = list(dict.fromkeys(column for record in records for column in record))
             for column in columns:
@@ -254,6 +299,10 @@ def show(
         errors = step_errors_table(plans)
         if errors is not None:
             console.print(errors)
+        for plan in sorted(plans, key=lambda plan: len(plan["timesteps"])):
+            candidates = candidates_table(plan)
+            if candidates is not None:
+                console.print(candidates)
     for name, document in documents.items():
         if "report" in Path(name).stem:
             for table in report_tables(name, document):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import s3fs
 from typer.testing import CliRunner
@@ -29,6 +30,31 @@ def test_show_prints_manifest_plans_step_errors_and_report(s3_root):
     for text in (published.run_id, "org/tiny-sd", "weights0001", "calibration.safetensors", "teacher steps",
                  "step errors", "held_out_mse.4", f"{plans[0]['step_errors'][0]:.4g}", "minimax"):
         assert text in result.output, text
+
+
+def test_show_fits_a_20_step_plan_and_its_candidates_in_80_columns(tmp_path):
+    rng = np.random.default_rng(3)
+    candidates = [
+        {"name": name, "rmse": rmse, "error": rmse, "median": rmse / 2, "p90": rmse * 1.5, "worst": rmse * 3,
+         "max_abs_coefficient": 14.5}
+        for name, rmse in [("builtin/deis", 0.0271), ("on_policy/minimax/ridge=1e-06", 0.00303),
+                           ("teacher_forced/minimax", 0.0479)]
+    ]
+    plan = {"num_steps": 20, "nodes": list(range(0, 1000, 50)), "timesteps": list(range(999, 0, -50)),
+            "coefficients": rng.standard_normal((20, 21)).tolist(), "step_errors": (rng.random(20) * 1e-5).tolist(),
+            "fit": "on_policy", "spacing": "minimax", "candidates": candidates}
+    files = {**run_files(0), "plans.json": json.dumps([plan]).encode()}
+    published = publish_run(str(tmp_path), **MODEL, config=CONFIG, files=files)
+    result = runner.invoke(app, ["show", published.uri], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    start = next(i for i, line in enumerate(lines) if line.startswith("step errors"))
+    step_rows = [line for line in lines[start:start + 26] if line.strip("│ ").split(" ")[0].isdigit()]
+    assert f"{plan['step_errors'][19]:.4g}" in step_rows[19] and "…" not in "".join(step_rows)
+    ranked = [line.split()[0] for line in lines if line.split() and line.split()[0].startswith(("builtin/", "on_policy/", "teacher_forced/"))]
+    assert ranked == ["on_policy/minimax", "builtin/deis", "teacher_forced/minimax"]
+    assert "on_policy/minimax *" in result.output and "0.00303" in result.output
 
 
 def test_show_refuses_a_tampered_report(s3_root):
