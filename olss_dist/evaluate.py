@@ -745,19 +745,31 @@ def to_markdown(evaluation: Evaluation) -> str:
     return "\n".join(lines) + "\n"
 
 
+TERMINAL_DETAIL_HEADER = ("sampler", "calls", "t0", "RMSE", "×ship", "median", "p90", "worst", "PSNR")
+
+
 def rich_tables(evaluation: Evaluation) -> list:
-    """``rich.table.Table`` objects: the summary and one detail table per step count."""
+    """``rich.table.Table`` objects: the summary and one detail table per step count, laid out to stay
+    readable in an 80-column terminal: columns separated by single spaces, numbers never cut (a long
+    sampler name wraps when numbers need the room)."""
+    from rich import box
     from rich.table import Table
 
+    def table(header: Sequence[str], title: str) -> Table:
+        compact = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 0))
+        compact.add_column(header[0])  # the only column that may wrap, so numbers are never cut
+        for column in header[1:]:
+            compact.add_column(column, justify="right", no_wrap=True)
+        return compact
+
     header, rows = summary_rows(evaluation)
-    tables = [Table(*header, title="RMSE of the final latent vs the teacher (pooled)", title_justify="left")]
+    tables = [table(header, "RMSE of the final latent vs the teacher (pooled)")]
     for row in rows:
         tables[0].add_row(*row)
     for k in evaluation.steps:
-        table = Table(*DETAIL_HEADER, title=f"{k} steps", title_justify="left")
-        for row in detail_rows(evaluation, k):
-            table.add_row(*row)
-        tables.append(table)
+        tables.append(table(TERMINAL_DETAIL_HEADER, f"{k} steps (t0: first timestep; ×ship: RMSE over the shipped plan's; PSNR: mean, dB)"))
+        for *cells, psnr in detail_rows(evaluation, k):
+            tables[-1].add_row(*cells, psnr.split(" ± ")[0])
     return tables
 
 

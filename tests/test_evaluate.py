@@ -1,5 +1,6 @@
 """Evaluation against built-in solvers: the sampling loop, held-out seeds, a whole run on a published artifact, the CLI."""
 
+import io
 import json
 import tempfile
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 from typer.testing import CliRunner
 
 from core_data import small_model, trajectories
@@ -20,6 +22,7 @@ from olss_dist.evaluate import (
     evaluation_seeds,
     load_calibrated_run,
     olss_sampler,
+    rich_tables,
     run_evaluation,
     run_sampler,
     teacher_states,
@@ -173,6 +176,18 @@ def test_outputs_hold_the_table_json_and_plot(evaluation, tmp_path):
     assert markdown == to_markdown(evaluation)
     assert "| ddim (config) |" in markdown and "## 8 steps" in markdown
     assert paths["errors.png"].read_bytes()[:8] == PNG_MAGIC
+
+
+def test_terminal_tables_fit_80_columns_without_cutting_a_number(evaluation):
+    console = Console(width=80, file=io.StringIO(), color_system=None)
+    for table in rich_tables(evaluation):
+        console.print(table)
+    lines = console.file.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80, lines
+    assert not [line for line in lines if "…" in line]
+    shipped = evaluation.result("olss (shipped)", 8)
+    row = next(line for line in lines if line.startswith(" olss (shipped)") and f" {shipped.model_calls} " in line)
+    assert f"{shipped.rmse:.3g}" in row and f"{shipped.metrics['psnr_mean']:.1f}" in row
 
 
 # ----------------------------------------------------------------------------------------------- command line
