@@ -256,21 +256,20 @@ def _is_record_list(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(item, dict) for item in value)
 
 
-def models_table(root: str, models: list[ModelListing]) -> Table:
-    table = Table(title=f"runs under {root}", title_justify="left")
-    for column in ("model", "model digest", "run id", "created at", "steps", "config digest", "latest"):
-        table.add_column(column, overflow="fold", no_wrap=column in {"run id", "created at"})
-    for model in models:
-        for run in model.runs:
-            table.add_row(
-                model.model_id,
-                run.model_digest,
-                run.run_id,
-                run.created_at[:19].replace("T", " ") + "Z",
-                ", ".join(map(str, run.planned_step_counts)),
-                run.config_digest[:12],
-                "latest" if run.run_id == model.latest_run_id else "",
-            )
+def model_runs_table(model: ModelListing) -> Table:
+    """One model's complete runs, oldest first. The run id starts with its UTC creation time; digests are
+    shown by their first 12 hex digits (``show`` prints them whole)."""
+    table = Table(title=f"{model.model_id}  ({model.uri})", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("model digest", "run id", "steps", "config digest", "latest"):
+        table.add_column(column, no_wrap=True)
+    for run in model.runs:
+        table.add_row(
+            run.model_digest[:12],
+            run.run_id,
+            ",".join(map(str, run.planned_step_counts)),
+            run.config_digest[:12],
+            "latest" if run.run_id == model.latest_run_id else "",
+        )
     return table
 
 
@@ -334,7 +333,10 @@ def list_runs(
     if not any(model.runs for model in models):
         console.print(f"no runs under {root}", highlight=False)
         return
-    console.print(models_table(root, models))
+    console.print(f"runs under {root}", highlight=False)
+    for model in models:
+        if model.runs:
+            console.print(model_runs_table(model))
 
 
 @app.command()
