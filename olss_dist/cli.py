@@ -159,10 +159,11 @@ def find_plans(document: Any) -> list[dict[str, Any]]:
 
 
 def plans_table(plans: list[dict[str, Any]]) -> Table:
+    """One row per plan, in the order given."""
     table = Table(title="plans", title_justify="left")
     for column in ("steps", "fit", "spacing", "timesteps", "max step error", "max |coefficient|"):
         table.add_column(column, overflow="fold")
-    for plan in sorted(plans, key=lambda plan: len(plan["timesteps"])):
+    for plan in plans:
         errors = [e for e in plan.get("step_errors") or [] if e is not None]
         largest = max((abs(c) for row in plan["coefficients"] for c in row), default=0.0)
         table.add_row(
@@ -177,9 +178,9 @@ def plans_table(plans: list[dict[str, Any]]) -> Table:
 
 
 def step_errors_table(plans: list[dict[str, Any]]) -> Table | None:
-    """Mean squared error per latent element of each step: one row per step, one column per plan (so a
-    20-step plan stays readable at 80 columns); None when no plan has them."""
-    columns = sorted((len(plan["timesteps"]), plan["step_errors"]) for plan in plans if plan.get("step_errors"))
+    """Mean squared error per latent element of each step: one row per step, one column per plan in the
+    order given (so a 20-step plan stays readable at 80 columns); None when no plan has them."""
+    columns = [(len(plan["timesteps"]), plan["step_errors"]) for plan in plans if plan.get("step_errors")]
     if not columns:
         return None
     table = Table(title="step errors (MSE per element)", title_justify="left")
@@ -196,12 +197,11 @@ CANDIDATE_SCORES = ("rmse", "median", "p90", "worst")
 
 
 def candidates_table(plan: dict[str, Any]) -> Table | None:
-    """A plan's validated candidates, best first: validation RMSE of the final latent, its per-sample
-    median / p90 / worst and the largest coefficient; the shipped one is starred and bold. None when the
+    """A plan's validated candidates (``method.candidate_record``), best first: validation RMSE of the
+    final latent, its per-sample median / p90 / worst and the largest coefficient. The method ships the
+    first candidate of lowest RMSE (a stable sort keeps it first); it is starred and bold. None when the
     plan kept no candidates."""
-    candidates = sorted(
-        (c for c in plan.get("candidates") or [] if isinstance(c, dict) and "name" in c), key=_candidate_error
-    )
+    candidates = sorted(plan.get("candidates") or [], key=lambda candidate: candidate["rmse"])
     if not candidates:
         return None
     table = Table(
@@ -214,10 +214,10 @@ def candidates_table(plan: dict[str, Any]) -> Table | None:
     for column in ("ridge", *CANDIDATE_SCORES, "max|w|"):
         table.add_column(column, justify="right", no_wrap=True, min_width=5)
     for rank, candidate in enumerate(candidates):
-        name, _, ridge = candidate["name"].partition("/ridge=")
+        ridge = candidate.get("ridge")
         table.add_row(
-            name + (" *" if rank == 0 else ""),
-            f"{float(ridge):.0e}" if ridge else "-",
+            candidate["name"].partition("/ridge=")[0] + (" *" if rank == 0 else ""),
+            f"{ridge:.0e}" if ridge else "-",
             *(_format_short(candidate.get(score)) for score in (*CANDIDATE_SCORES, "max_abs_coefficient")),
             style="bold" if rank == 0 else None,
         )
@@ -226,11 +226,6 @@ def candidates_table(plan: dict[str, Any]) -> Table | None:
 
 def _format_short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else _format_value(value)
-
-
-def _candidate_error(candidate: dict[str, Any]) -> float:
-    error = candidate.get("error", candidate.get("rmse"))
-    return float("inf") if error is None else float(error)
 
 
 def report_tables(name: str, document: Any) -> list[Table]:
@@ -293,12 +288,13 @@ def show(
     }
     plans = [plan for name, doc in documents.items() if name != "scheduler_config.json" for plan in find_plans(doc)]
     plans = plans or find_plans(documents.get("scheduler_config.json"))
+    plans.sort(key=lambda plan: len(plan["timesteps"]))
     if plans:
         console.print(plans_table(plans))
         errors = step_errors_table(plans)
         if errors is not None:
             console.print(errors)
-        for plan in sorted(plans, key=lambda plan: len(plan["timesteps"])):
+        for plan in plans:
             candidates = candidates_table(plan)
             if candidates is not None:
                 console.print(candidates)

@@ -683,8 +683,9 @@ def format_number(value: float | None) -> str:
     return "inf" if math.isinf(value) else f"{value:.3g}"
 
 
-def detail_rows(evaluation: Evaluation, num_steps: int) -> list[list[str]]:
-    """One row per sampler at ``num_steps`` steps (columns ``DETAIL_HEADER``)."""
+def detail_rows(evaluation: Evaluation, num_steps: int, psnr_spread: bool = True) -> list[list[str]]:
+    """One row per sampler at ``num_steps`` steps (columns ``DETAIL_HEADER``); PSNR as mean ± std, or
+    the mean alone without ``psnr_spread``."""
     shipped = next((r for r in evaluation.results if r.label == SHIPPED_LABEL and r.num_steps == num_steps), None)
     rows = []
     for r in (r for r in evaluation.results if r.num_steps == num_steps):
@@ -692,7 +693,9 @@ def detail_rows(evaluation: Evaluation, num_steps: int) -> list[list[str]]:
             rows.append([r.label, "-", "-", r.note, "-", "-", "-", "-", "-"])
             continue
         ratio = r.rmse / shipped.rmse if shipped is not None and shipped.metrics and shipped.rmse > 0 else float("nan")
-        psnr = f"{r.metrics['psnr_mean']:.1f} ± {r.metrics['psnr_std']:.1f}" if math.isfinite(r.metrics["psnr_mean"]) else "-"
+        psnr = "-"
+        if math.isfinite(r.metrics["psnr_mean"]):
+            psnr = f"{r.metrics['psnr_mean']:.1f}" + (f" ± {r.metrics['psnr_std']:.1f}" if psnr_spread else "")
         rows.append([
             r.label + (f" [{r.note}]" if r.note else ""), str(r.model_calls), str(r.first_timestep),
             format_number(r.rmse), format_number(ratio), format_number(r.metrics["median"]),
@@ -768,8 +771,8 @@ def rich_tables(evaluation: Evaluation) -> list:
         tables[0].add_row(*row)
     for k in evaluation.steps:
         tables.append(table(TERMINAL_DETAIL_HEADER, f"{k} steps (t0: first timestep; ×ship: RMSE over the shipped plan's; PSNR: mean, dB)"))
-        for *cells, psnr in detail_rows(evaluation, k):
-            tables[-1].add_row(*cells, psnr.split(" ± ")[0])
+        for row in detail_rows(evaluation, k, psnr_spread=False):
+            tables[-1].add_row(*row)
     return tables
 
 

@@ -35,10 +35,10 @@ def test_show_prints_manifest_plans_step_errors_and_report(s3_root):
 def test_show_fits_a_20_step_plan_and_its_candidates_in_80_columns(tmp_path):
     rng = np.random.default_rng(3)
     candidates = [
-        {"name": name, "rmse": rmse, "error": rmse, "median": rmse / 2, "p90": rmse * 1.5, "worst": rmse * 3,
-         "max_abs_coefficient": 14.5}
-        for name, rmse in [("builtin/deis", 0.0271), ("on_policy/minimax/ridge=1e-06", 0.00303),
-                           ("teacher_forced/minimax", 0.0479)]
+        {"name": name, "ridge": ridge, "rmse": rmse, "error": rmse, "median": rmse / 2, "p90": rmse * 1.5,
+         "worst": rmse * 3, "max_abs_coefficient": 14.5}
+        for name, ridge, rmse in [("builtin/deis", None, 0.0271), ("on_policy/minimax/ridge=1e-06", 1e-06, 0.00303),
+                                  ("teacher_forced/minimax", None, 0.0479)]
     ]
     plan = {"num_steps": 20, "nodes": list(range(0, 1000, 50)), "timesteps": list(range(999, 0, -50)),
             "coefficients": rng.standard_normal((20, 21)).tolist(), "step_errors": (rng.random(20) * 1e-5).tolist(),
