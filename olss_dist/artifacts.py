@@ -284,9 +284,8 @@ def _read_run_at(store: Store, run_key: str) -> RunRef | None:
     return RunRef(uri=store.uri(run_key), manifest=manifest, manifest_sha256=sha256_hex(data), manifest_bytes=data)
 
 
-def _run_from_pointer(pointer_uri: str, storage_options: dict[str, Any] | None) -> RunRef:
-    model_store = open_store(parent_uri(pointer_uri), storage_options)
-    data = model_store.read_optional(POINTER_NAME)
+def _run_from_pointer(model_store: Store, data: bytes | None, pointer_uri: str) -> RunRef:
+    """The run named by ``data``, the bytes of ``model_store``'s ``latest.json`` (None: absent) at ``pointer_uri``."""
     if data is None:
         raise ArtifactError(f"no run at {pointer_uri}: there is no latest.json")
     pointer = validate_pointer(parse_document(data, pointer_uri), pointer_uri)
@@ -312,15 +311,17 @@ def resolve_run(uri: str, storage_options: dict[str, Any] | None = None) -> RunR
     with storage_errors("cannot read", uri):
         name = uri.rstrip("/").rsplit("/", 1)[-1]
         if name == POINTER_NAME:
-            return _run_from_pointer(uri, storage_options)
+            model_store = open_store(parent_uri(uri), storage_options)
+            return _run_from_pointer(model_store, model_store.read_optional(POINTER_NAME), uri)
         if name == MANIFEST_NAME:
             uri = parent_uri(uri)
         store = open_store(uri, storage_options)
         run = _read_run_at(store, "")
         if run is not None:
             return run
-        if store.read_optional(POINTER_NAME) is not None:
-            return _run_from_pointer(store.uri(POINTER_NAME), storage_options)
+        pointer = store.read_optional(POINTER_NAME)
+        if pointer is not None:
+            return _run_from_pointer(store, pointer, store.uri(POINTER_NAME))
         store.check_root(create=False)
     raise ArtifactError(
         f"no run at {uri}: neither {MANIFEST_NAME} (a complete run) nor {POINTER_NAME} (a model's latest run) "
@@ -396,17 +397,24 @@ def _download(run: RunRef, target: Path, storage_options: dict[str, Any] | None)
     (target / MANIFEST_NAME).write_bytes(run.manifest_bytes)
 
 
-def _download_into_place(run: RunRef, final: Path, storage_options: dict[str, Any] | None) -> None:
-    """Download into a sibling temporary directory, then rename it to ``final`` (readers never see half a run)."""
+def _download_into_place(run: RunRef, final: Path, storage_options: dict[str, Any] | None) -> bool:
+    """Download into a sibling temporary directory, then rename it to ``final`` (readers never see half a run).
+
+    Returns:
+        True when ``final`` is this download (verified while streaming); False when another process placed
+        its copy there first (not verified here).
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
     partial = final.parent / f".partial-{final.name}-{secrets.token_hex(4)}"
     partial.mkdir()
     try:
         _download(run, partial, storage_options)
         os.rename(partial, final)
+        return True
     except OSError as error:
         if not final.is_dir():
             raise ArtifactError(f"cannot place the downloaded run {run.uri} at {final}: {error}") from error
+        return False
     finally:
         shutil.rmtree(partial, ignore_errors=True)
 
@@ -433,8 +441,8 @@ def fetch_run(
         except ArtifactError as error:
             logger.warning("%s; downloading it again", error)
             shutil.rmtree(final, ignore_errors=True)
-    _download_into_place(run, final, storage_options)
-    verify_local_run(final, run)
+    if not _download_into_place(run, final, storage_options):
+        verify_local_run(final, run)  # another process's copy
     return final
 
 
