@@ -29,13 +29,13 @@ import threading
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from olss_dist.artifacts import ArtifactError, config_digest, find_complete_run
 from olss_dist.storage.errors import PreconditionFailed, storage_errors
-from olss_dist.storage.layout import check_model_digest, document_bytes, model_slug, parse_document
+from olss_dist.storage.layout import check_model_digest, document_bytes, model_slug, parse_document, utc_now
 from olss_dist.storage.stores import Store, join_key, open_store, parent_uri
 
 logger = logging.getLogger(__name__)
@@ -411,10 +411,6 @@ def calibrate_arguments(config) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- record
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def record_key(target: Target) -> str:
