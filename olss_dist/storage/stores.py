@@ -34,11 +34,10 @@ READ_BLOCK_BYTES = 8 * 2**20
 
 @dataclass(frozen=True)
 class Entry:
-    """One child of a listed directory: ``name`` is the last path component, ``size`` in bytes."""
+    """One child of a listed directory: ``name`` is the last path component."""
 
     name: str
     is_dir: bool
-    size: int
 
 
 def join_key(*parts: str) -> str:
@@ -112,7 +111,7 @@ class Store:
             name = info["name"].rstrip("/")
             if name == base:
                 continue
-            entries.append(Entry(name.rsplit("/", 1)[-1], info["type"] == "directory", int(info.get("size") or 0)))
+            entries.append(Entry(name.rsplit("/", 1)[-1], info["type"] == "directory"))
         return sorted(entries, key=lambda entry: entry.name)
 
     def file_sizes(self, key: str) -> dict[str, int]:
@@ -155,7 +154,16 @@ class Store:
         )
 
 
-class LocalStore(Store):
+class ContentTokens:
+    """``read_versioned`` whose token is the content's sha256, for stores whose ``replace_if`` compares
+    contents under a lock (local files, memory)."""
+
+    def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
+        data = self.read_optional(key)
+        return data, None if data is None else hashlib.sha256(data).hexdigest()
+
+
+class LocalStore(ContentTokens, Store):
     """A local or mounted directory; atomic across processes of one machine (``link(2)``, ``flock``)."""
 
     def check_root(self, create: bool) -> None:
@@ -174,10 +182,6 @@ class LocalStore(Store):
             raise PreconditionFailed(f"{self.uri(key)} already exists") from None
         finally:
             os.unlink(temporary)
-
-    def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
-        data = self.read_optional(key)
-        return data, None if data is None else hashlib.sha256(data).hexdigest()
 
     def replace_if(self, key: str, data: bytes, token: str | None) -> None:
         path = self.path(key)
@@ -325,7 +329,7 @@ class GCSStore(BucketStore):
 _MEMORY_LOCK = threading.Lock()
 
 
-class MemoryStore(Store):
+class MemoryStore(ContentTokens, Store):
     """fsspec's in-process ``memory://`` filesystem; a process-wide lock makes its writes atomic."""
 
     def check_root(self, create: bool) -> None:
@@ -336,10 +340,6 @@ class MemoryStore(Store):
             if self.fs.exists(self.path(key)):
                 raise PreconditionFailed(f"{self.uri(key)} already exists")
             self.fs.pipe_file(self.path(key), data)
-
-    def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
-        data = self.read_optional(key)
-        return data, None if data is None else hashlib.sha256(data).hexdigest()
 
     def replace_if(self, key: str, data: bytes, token: str | None) -> None:
         with _MEMORY_LOCK:
