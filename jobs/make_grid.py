@@ -18,10 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import typer
-from diffusers import DDIMScheduler
 from PIL import Image, ImageDraw
 
-from olss_dist.evaluate import run_sampler
+from olss_dist.evaluate import builtin_scheduler, run_sampler
 from olss_dist.method import calibrate
 from olss_dist.models import load_model
 from olss_dist.models.embedded import STROKE_STYLES, digit_prompt
@@ -52,13 +51,6 @@ def calibrated_olss(model, steps: tuple[int, ...], train_samples: int, validatio
         validation_cond=cond[train_samples:], progress=log,
     )
     return OLSSScheduler.from_plans(list(plans.values()), num_train_timesteps=model.num_train_timesteps)
-
-
-def trailing_ddim(model) -> DDIMScheduler:
-    """DDIM with "trailing" spacing whose last step reaches the clean sample, as the teacher's does."""
-    return DDIMScheduler.from_config(
-        model.scheduler_config, timestep_spacing="trailing", set_alpha_to_one=True, prediction_type="epsilon"
-    )
 
 
 def labelled_row(images: np.ndarray, label: str, scale: int) -> Image.Image:
@@ -112,7 +104,8 @@ def main(
     teacher = record_trajectories(model, x_T, cond, trailing_timesteps(1000), model.alphas_cumprod)[0][:, -1]
     teacher_images = model.decode(teacher)
     tiles = [labelled_row(teacher_images, "1000-step DDIM teacher", scale)]
-    for name, scheduler in (("OLSS", olss), ("DDIM (trailing)", trailing_ddim(model))):
+    trailing_ddim = builtin_scheduler("ddim", model.scheduler_config, "trailing")  # last step to the clean sample
+    for name, scheduler in (("OLSS", olss), ("DDIM (trailing)", trailing_ddim)):
         for steps in (5, 10):
             final = run_sampler(scheduler, model, x_T, cond, steps)[0]
             rmse = (final - teacher).pow(2).mean().sqrt().item()
