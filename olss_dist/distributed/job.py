@@ -9,11 +9,8 @@ Inputs are checked before any work starts, and nothing is published unless the r
 from __future__ import annotations
 
 import json
-import math
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -207,9 +204,7 @@ def calibration_identity(config: JobConfig, file_records: list[PromptRecord] | N
 
 def scheduler_config_bytes(plans: list[Plan], num_train_timesteps: int) -> bytes:
     """``scheduler_config.json`` of an ``OLSSScheduler`` serving ``plans``."""
-    with tempfile.TemporaryDirectory() as directory:
-        OLSSScheduler.from_plans(plans, num_train_timesteps=num_train_timesteps).save_pretrained(directory)
-        return (Path(directory) / "scheduler_config.json").read_bytes()
+    return OLSSScheduler.from_plans(plans, num_train_timesteps=num_train_timesteps).to_json_string().encode()
 
 
 def run_job(config: JobConfig) -> JobResult:
@@ -243,14 +238,15 @@ def run_job(config: JobConfig) -> JobResult:
             statistics_digest,
             config.storage_options,
         )
-        progress = ShardProgress(math.ceil(len(fit) / config.shard_size), len(fit), quiet=config.quiet)
+        train_shards = make_shards(fit, config.shard_size)
+        progress = ShardProgress(len(train_shards), len(fit), quiet=config.quiet)
         progress.log(
             f"calibrating {model['model_id']} on {num_workers} {device} workers: {len(fit)} fit prompts, "
             f"{len(validation)} held out, shards of {config.shard_size}, N={config.teacher_steps}"
         )
         backend = RayRolloutBackend(
             pool,
-            make_shards(fit, config.shard_size),
+            train_shards,
             make_shards(validation, config.shard_size),
             checkpoints,
             progress,
