@@ -234,10 +234,12 @@ class CalibrationWorker:
             self.advance_rollout(handle, shards, weights, next_timestep)
 
     def _teacher_state(self, split: str, shard: Shard, node: int) -> torch.Tensor:
-        key = state_key(split, shard)
-        if not self.states.has(key, [node]):
-            raise StateLostError(f"teacher state of {split} shard {shard.shard_id} at node {node} is not on this worker")
-        return self.states.read(key, node)
+        try:
+            return self.states.read(state_key(split, shard), node)
+        except KeyError:
+            raise StateLostError(
+                f"teacher state of {split} shard {shard.shard_id} at node {node} is not on this worker"
+            ) from None
 
     def _batch(self, handle: int, shard: Shard) -> Rollout:
         batch = self.rollouts.get(handle, {}).get(shard.shard_id)
