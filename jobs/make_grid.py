@@ -25,7 +25,7 @@ from olss_dist.method import calibrate
 from olss_dist.models import load_model
 from olss_dist.models.embedded import STROKE_STYLES, digit_prompt
 from olss_dist.scheduler import OLSSScheduler
-from olss_dist.teacher import record_trajectories, trailing_timesteps
+from olss_dist.teacher import record_states, trailing_timesteps
 
 GRID_SEED_BASE = 10_000
 CALIBRATION_SEED_BASE = 0
@@ -101,7 +101,7 @@ def main(
     prompts = grid_prompts()
     x_T = model.initial_noise(range(GRID_SEED_BASE, GRID_SEED_BASE + len(prompts)))
     cond = model.encode_prompts(prompts)
-    teacher = record_trajectories(model, x_T, cond, trailing_timesteps(1000), model.alphas_cumprod)[0][:, -1]
+    teacher = record_states(model, x_T, cond, trailing_timesteps(1000), model.alphas_cumprod, keep=[1000])[:, 0]
     teacher_images = model.decode(teacher)
     tiles = [labelled_row(teacher_images, "1000-step DDIM teacher", scale)]
     trailing_ddim = builtin_scheduler("ddim", model.scheduler_config, "trailing")  # last step to the clean sample

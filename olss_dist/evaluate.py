@@ -55,7 +55,7 @@ from olss_dist.plan import Plan
 from olss_dist.planner import check_num_steps, even_nodes
 from olss_dist.rollouts import batch_slices, error_summary, per_sample_mse, select
 from olss_dist.scheduler import OLSSScheduler
-from olss_dist.teacher import Denoiser, ddim_coefficients, teacher_alphas, trailing_timesteps, validate_timesteps
+from olss_dist.teacher import Denoiser, record_states, trailing_timesteps
 
 BUILTIN_SOLVERS: dict[str, tuple[type, dict[str, Any]]] = {
     "ddim": (DDIMScheduler, {}),
@@ -220,32 +220,15 @@ def teacher_states(
     keep: Sequence[int],
     batch_size: int | None = None,
 ) -> torch.Tensor:
-    """States of the N-step DDIM teacher at the indices ``keep`` only (memory ``B * len(keep)`` latents).
-
-    Args:
-        x_T: ``(B, *shape)`` initial noise; ``cond`` its conditioning.
-        timesteps: ``(N,)`` strictly decreasing teacher timesteps.
-        keep: state indices in ``0..N`` (``N``: the clean sample).
+    """``teacher.record_states`` over batches of ``batch_size`` samples (None: all at once).
 
     Returns:
-        ``(B, len(keep), *shape)`` in the dtype of ``x_T``, the same arithmetic as ``record_trajectories``.
+        ``(B, len(keep), *shape)`` in the dtype of ``x_T``: the N-step DDIM teacher's states at ``keep``.
     """
-    timesteps = validate_timesteps(timesteps)
-    alphas = teacher_alphas(timesteps, alphas_cumprod)
-    keep = [int(n) for n in keep]
-    if any(not 0 <= n <= len(timesteps) for n in keep):
-        raise ValueError(f"teacher state indices must lie in [0, {len(timesteps)}], got {keep}")
-    position = {n: i for i, n in enumerate(keep)}
-    kept = x_T.new_empty((len(x_T), len(keep), *x_T.shape[1:]))
-    for rows in batch_slices(len(x_T), batch_size):
-        x, batch_cond = x_T[rows], select(cond, rows)
-        for n in range(len(timesteps) + 1):
-            if n in position:
-                kept[rows, position[n]] = x
-            if n < len(timesteps):
-                a, b = ddim_coefficients(alphas[n], alphas[n + 1])
-                x = a * x + b * denoiser(x, int(timesteps[n]), batch_cond).to(x.dtype)
-    return kept
+    return torch.cat([
+        record_states(denoiser, x_T[rows], select(cond, rows), timesteps, alphas_cumprod, keep)
+        for rows in batch_slices(len(x_T), batch_size)
+    ])
 
 
 def model_timestep(t: torch.Tensor | int | float) -> int:

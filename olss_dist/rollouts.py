@@ -17,7 +17,7 @@ import torch
 
 from olss_dist.calibration import Calibration
 from olss_dist.onpolicy import apply_step, step_statistics
-from olss_dist.teacher import Denoiser, record_trajectories
+from olss_dist.teacher import Denoiser, record_states, record_trajectories
 
 TRAIN = "train"
 VALIDATION = "validation"
@@ -130,10 +130,11 @@ class InProcessBackend(RolloutBackend):
         self.train_states = {n: all_states[:, n] for n in range(all_states.shape[1])}
         self.progress(f"teacher: {len(noise)} train trajectories")
         noise, cond = self.splits[VALIDATION]
-        finals = []
-        for rows in batch_slices(len(noise), self.batch_size):
-            finals.append(record_trajectories(self.denoiser, noise[rows], select(cond, rows), timesteps, alphas_cumprod)[0][:, -1])
-        self.validation_final = torch.cat(finals)
+        final = [len(timesteps)]
+        self.validation_final = torch.cat([
+            record_states(self.denoiser, noise[rows], select(cond, rows), timesteps, alphas_cumprod, final)[:, 0]
+            for rows in batch_slices(len(noise), self.batch_size)
+        ])
         self.progress(f"teacher: {len(noise)} validation trajectories")
         return Calibration.merge(calibrations)
 

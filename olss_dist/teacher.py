@@ -7,7 +7,7 @@ calibration statistics are made of.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -68,6 +68,39 @@ def teacher_alphas(timesteps: np.ndarray, alphas_cumprod: Any) -> np.ndarray:
     return np.append(alphas_cumprod[timesteps], 1.0)
 
 
+def ddim_teacher(
+    denoiser: Denoiser, x_T: torch.Tensor, cond: Any, timesteps: Any, alphas_cumprod: Any
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Run the N-step deterministic DDIM teacher from ``x_T``, one state at a time.
+
+    Args:
+        denoiser: ``denoiser(x, t, cond) -> eps``, see ``Denoiser``.
+        x_T: ``(B, *shape)`` initial noise; ``cond`` its conditioning, passed to the denoiser untouched.
+        timesteps: ``(N,)`` strictly decreasing train timesteps.
+        alphas_cumprod: ``(num_train_timesteps,)`` cumulative alphas of the model.
+
+    Yields:
+        ``(s_n, e_n)`` for n = 0 .. N-1, the state ``(B, *shape)`` in the dtype of ``x_T`` and the guided
+        output there, then ``(s_N, None)`` with ``s_N`` the clean sample.
+
+    Raises:
+        ValueError: bad timesteps, or a denoiser output of the wrong shape or with NaN / Inf.
+    """
+    timesteps = validate_timesteps(timesteps)
+    alphas = teacher_alphas(timesteps, alphas_cumprod)
+    x = x_T
+    for n, t in enumerate(timesteps.tolist()):
+        eps = denoiser(x, t, cond)
+        if eps.shape != x.shape:
+            raise ValueError(f"denoiser returned shape {tuple(eps.shape)} for input {tuple(x.shape)}")
+        if not torch.isfinite(eps).all():
+            raise ValueError(f"denoiser returned non-finite values at teacher step {n} (t={t})")
+        yield x, eps
+        a, b = ddim_coefficients(alphas[n], alphas[n + 1])
+        x = a * x + b * eps.to(x.dtype)
+    yield x, None
+
+
 def record_trajectories(
     denoiser: Denoiser,
     x_T: torch.Tensor,
@@ -90,23 +123,36 @@ def record_trajectories(
         states: ``(B, N+1, *shape)`` with ``states[:, 0] == x_T`` and ``states[:, N]`` the clean sample.
         noise_preds: ``(B, N, *shape)``, the guided output at each state.
     """
-    timesteps = validate_timesteps(timesteps)
-    alphas = teacher_alphas(timesteps, alphas_cumprod)
-    num_steps = len(timesteps)
+    num_steps = len(validate_timesteps(timesteps))
     states = x_T.new_empty((x_T.shape[0], num_steps + 1, *x_T.shape[1:]))
     noise_preds = x_T.new_empty((x_T.shape[0], num_steps, *x_T.shape[1:]))
-    states[:, 0] = x_T
-    x = x_T
-    for n, t in enumerate(timesteps.tolist()):
-        eps = denoiser(x, t, cond)
-        if eps.shape != x.shape:
-            raise ValueError(f"denoiser returned shape {tuple(eps.shape)} for input {tuple(x.shape)}")
-        if not torch.isfinite(eps).all():
-            raise ValueError(f"denoiser returned non-finite values at teacher step {n} (t={t})")
-        a, b = ddim_coefficients(alphas[n], alphas[n + 1])
-        x = a * x + b * eps.to(x.dtype)
-        noise_preds[:, n] = eps
-        states[:, n + 1] = x
-        if progress is not None:
-            progress(n + 1)
+    for n, (state, eps) in enumerate(ddim_teacher(denoiser, x_T, cond, timesteps, alphas_cumprod)):
+        states[:, n] = state
+        if eps is not None:
+            noise_preds[:, n] = eps
+        if n > 0 and progress is not None:
+            progress(n)
     return states, noise_preds
+
+
+def record_states(
+    denoiser: Denoiser, x_T: torch.Tensor, cond: Any, timesteps: Any, alphas_cumprod: Any, keep: Sequence[int]
+) -> torch.Tensor:
+    """The teacher's states at the indices ``keep`` only (memory ``B * len(keep)`` latents, not ``B * (2N+1)``).
+
+    Args:
+        keep: state indices in ``0..N`` (``N``: the clean sample); the rest as ``ddim_teacher``.
+
+    Returns:
+        ``(B, len(keep), *shape)`` in the dtype of ``x_T``, equal to ``record_trajectories``'s states there.
+    """
+    num_steps = len(validate_timesteps(timesteps))
+    keep = [int(n) for n in keep]
+    if any(not 0 <= n <= num_steps for n in keep):
+        raise ValueError(f"teacher state indices must lie in [0, {num_steps}], got {keep}")
+    kept = x_T.new_empty((x_T.shape[0], len(keep), *x_T.shape[1:]))
+    for n, (state, _) in enumerate(ddim_teacher(denoiser, x_T, cond, timesteps, alphas_cumprod)):
+        for position, index in enumerate(keep):
+            if index == n:
+                kept[:, position] = state
+    return kept
