@@ -18,6 +18,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
+from olss_dist.noise_schedule import alphas_cumprod_from_config
+from olss_dist.onpolicy import apply_step
 from olss_dist.plan import Plan
 
 ARTIFACT_MARKERS = ("manifest.json", "latest.json")
@@ -34,19 +36,6 @@ class OLSSSchedulerOutput(BaseOutput):
 
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor
-
-
-def betas_for_schedule(
-    num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str, trained_betas: Sequence[float] | None
-) -> np.ndarray:
-    """``(T,)`` float64 betas of a diffusers beta schedule ("linear", "scaled_linear" or explicit betas)."""
-    if trained_betas is not None:
-        return np.asarray(trained_betas, dtype=np.float64)
-    if beta_schedule == "linear":
-        return np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float64)
-    if beta_schedule == "scaled_linear":
-        return np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
-    raise ValueError(f"unsupported beta_schedule {beta_schedule!r} (use 'linear', 'scaled_linear' or trained_betas)")
 
 
 def plan_config(plan: Plan) -> dict[str, Any]:
@@ -82,7 +71,8 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
             ``"sample"`` are converted to epsilon with the beta schedule below before the plan is applied.
         beta_start (`float`, defaults to 0.00085), beta_end (`float`, defaults to 0.012),
         beta_schedule (`str`, defaults to `"scaled_linear"`), trained_betas (`list[float]`, optional):
-            the model's noise schedule, used for that conversion and for ``pred_original_sample``.
+            the model's noise schedule (as ``noise_schedule.alphas_cumprod_from_config`` reads it), used for
+            that conversion and for ``pred_original_sample``.
     """
 
     order = 1
@@ -101,8 +91,9 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
     ):
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"unsupported prediction_type {prediction_type!r}")
-        betas = betas_for_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
-        self.alphas_cumprod = torch.from_numpy(np.cumprod(1.0 - betas))
+        schedule = {"num_train_timesteps": num_train_timesteps, "beta_start": beta_start, "beta_end": beta_end,
+                    "beta_schedule": beta_schedule, "trained_betas": trained_betas}
+        self.alphas_cumprod = torch.from_numpy(alphas_cumprod_from_config(schedule))
         self.plans_by_steps = {}
         for entry in plans or []:
             self.plans_by_steps[int(entry["num_steps"])] = self.checked_plan_entry(entry, num_train_timesteps)
@@ -224,10 +215,7 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
             self.initial_noise = sample.to(torch.float32)
         epsilon = self.epsilon(model_output.to(torch.float32), timestep, sample.to(torch.float32))
         self.outputs.append(epsilon)
-        row = self.coefficients[i].tolist()
-        prev = row[0] * self.initial_noise
-        for weight, output in zip(row[1 : i + 2], self.outputs):
-            prev = prev + weight * output
+        prev = apply_step(self.coefficients[i, : i + 2].tolist(), self.initial_noise, self.outputs)
         alpha = float(self.alphas_cumprod[timestep])
         pred_original = (sample.to(torch.float32) - (1 - alpha) ** 0.5 * epsilon) / alpha**0.5
         self.step_index = i + 1

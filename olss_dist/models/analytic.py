@@ -18,16 +18,9 @@ import numpy as np
 import torch
 
 from olss_dist.models.base import DiffusionModel
+from olss_dist.noise_schedule import alphas_cumprod_from_config
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-
-
-def scaled_linear_alphas_cumprod(
-    num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
-) -> np.ndarray:
-    """``(T,)`` float64 cumulative alphas of Stable Diffusion's "scaled_linear" beta schedule."""
-    betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
-    return np.cumprod(1.0 - betas)
 
 
 class GaussianMixtureModel(DiffusionModel):
@@ -64,7 +57,6 @@ class GaussianMixtureModel(DiffusionModel):
         self.num_classes = num_classes
         self.latent_shape = tuple(latent_shape)
         self.guidance_scale = float(guidance_scale)
-        self.alphas_cumprod = scaled_linear_alphas_cumprod()
         self.prediction_type = "epsilon"
         self.scheduler_config = {
             "num_train_timesteps": 1000,
@@ -77,6 +69,7 @@ class GaussianMixtureModel(DiffusionModel):
             "steps_offset": 1,
             "timestep_spacing": "leading",
         }
+        self.alphas_cumprod = alphas_cumprod_from_config(self.scheduler_config)
         self.device = torch.device("cpu")
         parameters = f"{latent_shape}-{num_classes}-{components_per_class}-{component_scale}-{mean_scale}-{seed}"
         self.model_id = f"analytic:gaussian-mixture:{parameters}"
