@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -9,15 +10,20 @@ import time
 import numpy as np
 import pytest
 
+from olss_dist.builtin import builtin_plan
 from olss_dist.calibration import Calibration
 from olss_dist.distributed.checkpoints import ShardCheckpoints
+from olss_dist.distributed.job import scheduler_config_bytes
 from olss_dist.distributed.merge import MergeTree
 from olss_dist.distributed.planning import ParallelPlanner, speculative_midpoints
 from olss_dist.distributed.pool import WorkerPool, WorkerResources, WorkersLostError, run_shards
 from olss_dist.distributed.worker import CalibrationWorker, ModelSpec
+from olss_dist.method import builtin_config
 from olss_dist.models.analytic import GaussianMixtureModel
+from olss_dist.noise_schedule import alphas_cumprod_from_config
 from olss_dist.planner import search_path
 from olss_dist.prompts import make_shards, records_from_prompts
+from olss_dist.scheduler import OLSSScheduler
 from olss_dist.teacher import record_trajectories, trailing_timesteps
 
 TEACHER_STEPS = 40
@@ -220,3 +226,12 @@ def test_parallel_planner_equals_in_process_planner_exactly(clean_run):
         expected = calibration.plan(plan.num_steps)
         assert plan.nodes == expected.nodes and plan.spacing == expected.spacing
         np.testing.assert_array_equal(plan.coefficients, expected.coefficients)
+
+
+def test_published_scheduler_config_carries_the_model_noise_schedule_and_prediction_type():
+    alphas_cumprod = alphas_cumprod_from_config({"beta_schedule": "squaredcos_cap_v2"})
+    plans = [builtin_plan("ddim", 5, builtin_config(alphas_cumprod), trailing_timesteps(1000))]
+    config = scheduler_config_bytes(plans, alphas_cumprod, "v_prediction")
+    scheduler = OLSSScheduler.from_config(json.loads(config))
+    assert scheduler.config.prediction_type == "v_prediction"
+    np.testing.assert_allclose(scheduler.alphas_cumprod.numpy(), alphas_cumprod, rtol=1e-12, atol=1e-15)

@@ -24,7 +24,7 @@ from olss_dist.distributed.pool import WorkerPool, WorkerResources
 from olss_dist.distributed.progress import ShardProgress
 from olss_dist.distributed.state_store import KEEP_MODES
 from olss_dist.distributed.worker import ModelSpec
-from olss_dist.method import run_method
+from olss_dist.method import builtin_config, run_method
 from olss_dist.plan import Plan
 from olss_dist.prompts import PromptRecord, make_shards, read_prompts, split_validation
 from olss_dist.rollouts import TRAIN
@@ -202,9 +202,11 @@ def calibration_identity(config: JobConfig, file_records: list[PromptRecord] | N
     }
 
 
-def scheduler_config_bytes(plans: list[Plan], num_train_timesteps: int) -> bytes:
-    """``scheduler_config.json`` of an ``OLSSScheduler`` serving ``plans``."""
-    return OLSSScheduler.from_plans(plans, num_train_timesteps=num_train_timesteps).to_json_string().encode()
+def scheduler_config_bytes(plans: list[Plan], alphas_cumprod: np.ndarray, prediction_type: str) -> bytes:
+    """``scheduler_config.json`` of an ``OLSSScheduler`` serving ``plans`` in the model's own pipeline: its
+    UNet's ``prediction_type`` and its exact noise schedule ``alphas_cumprod (T,)`` (as trained betas)."""
+    scheduler = OLSSScheduler.from_plans(plans, **builtin_config(alphas_cumprod), prediction_type=prediction_type)
+    return scheduler.to_json_string().encode()
 
 
 def run_job(config: JobConfig) -> JobResult:
@@ -264,7 +266,7 @@ def run_job(config: JobConfig) -> JobResult:
             model_digest=model["model_digest"],
             config=run_config,
             files={
-                "scheduler_config.json": scheduler_config_bytes(plans, len(alphas_cumprod)),
+                "scheduler_config.json": scheduler_config_bytes(plans, alphas_cumprod, model["prediction_type"]),
                 "calibration.safetensors": calibration.to_bytes(),
                 "plans.json": json.dumps([p.to_dict() for p in plans], indent=1).encode(),
                 "report.json": json.dumps(report, indent=1).encode(),

@@ -117,6 +117,7 @@ class CalibrationWorker:
             "model_digest": self.model.digest,
             "latent_shape": list(self.model.latent_shape),
             "alphas_cumprod": np.asarray(self.model.alphas_cumprod, dtype=np.float64).tolist(),
+            "prediction_type": self.model.prediction_type,
             "default_prompts": default_prompts(self.model),
             "device": str(self.model.device),
             "worker": worker_name(),
