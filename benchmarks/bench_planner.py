@@ -2,9 +2,9 @@
 
 The original OLSS approach keeps every teacher state and output of every sample and, for each candidate
 step it evaluates (a prefix of nodes and one target ``s_k``), solves a least squares over all raw rows
-(samples x latent elements). ``RawRowSearchErrors`` re-implements exactly that and plugs into the same
-search (``olss_dist.planner.search_path``), so both make the same decisions and differ only in how an
-evaluation is computed. A second baseline solves all targets of a prefix in one raw-row least squares.
+(samples x latent elements). ``RawRowSearchErrors`` re-implements exactly that and is handed to the same
+search (``olss_dist.planner.search_nodes``, the search behind ``search_path``), so both make the same
+decisions and differ only in how an evaluation is computed. A second baseline solves all targets of a prefix in one raw-row least squares.
 
 Both baselines are timed on a fixed number of the evaluations the search really makes and extrapolated
 to the full count (printed as ``~``); at the smallest size the per-target baseline also runs the whole
@@ -23,20 +23,17 @@ from common import describe_machine, pin_threads
 pin_threads()  # before numpy and torch load their thread pools
 
 import argparse
-import contextlib
 import time
 import tracemalloc
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
 
-from olss_dist import planner
 from olss_dist.calibration import Calibration
 from olss_dist.models.analytic import GaussianMixtureModel
-from olss_dist.planner import SearchErrors, search_path, state_column
+from olss_dist.planner import SearchErrors, search_nodes, state_column
 from olss_dist.teacher import record_trajectories, trailing_timesteps
-from olss_dist.tsqr import interleave_columns
 
 TIMED_EVALUATIONS = 48
 TIMED_PREFIXES = 2
@@ -82,22 +79,6 @@ def batched_prefix_errors(rows: np.ndarray, prefix: tuple[int, ...]) -> np.ndarr
     return np.einsum("rt,rt->t", residual, residual) / rows.shape[0]
 
 
-@contextlib.contextmanager
-def search_errors_class(factory: Callable) -> Iterator[list]:
-    """Make ``search_path`` build its search errors with ``factory(r, num_rows)``; yields the instances built."""
-    built, original = [], planner.SearchErrors
-
-    def build(r, num_rows):
-        built.append(factory(r, num_rows))
-        return built[-1]
-
-    planner.SearchErrors = build
-    try:
-        yield built
-    finally:
-        planner.SearchErrors = original
-
-
 def timed(function: Callable, trace_memory: bool = False):
     """``(result, seconds, peak traced bytes or None)``; memory tracing is a separate, slower run."""
     if not trace_memory:
@@ -134,10 +115,16 @@ def raw_rows(states: np.ndarray, outputs: np.ndarray) -> np.ndarray:
 
 
 def planner_search(calibration: Calibration, num_steps: int) -> tuple[list[int], list[tuple[int, ...]], float, int]:
-    """Nodes, evaluated prefixes, seconds and peak traced bytes of ``search_path`` on R."""
-    with search_errors_class(SearchErrors) as built:
-        (nodes, _), seconds, _ = timed(lambda: search_path(calibration.r_factor, calibration.num_rows, num_steps))
-    _, _, peak = timed(lambda: search_path(calibration.r_factor, calibration.num_rows, num_steps), trace_memory=True)
+    """Nodes, evaluated prefixes, seconds and peak traced bytes of ``search_path`` on R (building the
+    search errors from R included, as ``search_path`` does)."""
+    built = []
+
+    def search() -> tuple[list[int], np.ndarray]:
+        built.append(SearchErrors(calibration.r_factor, calibration.num_rows))
+        return search_nodes(built[-1], num_steps)
+
+    (nodes, _), seconds, _ = timed(search)
+    _, _, peak = timed(search, trace_memory=True)
     return nodes, list(built[0]._cache), seconds, peak
 
 
@@ -173,8 +160,7 @@ def baseline_estimates(rows_of: Callable[[], np.ndarray], prefixes: list[tuple[i
 
 def full_baseline_check(calibration: Calibration, rows: np.ndarray, num_steps: int, extrapolated_s: float, nodes: list[int]) -> None:
     """Run the per-target baseline's whole search once; print its time against the extrapolation and its nodes."""
-    with search_errors_class(lambda r, num_rows: RawRowSearchErrors(rows)):
-        (raw_nodes, _), seconds, _ = timed(lambda: search_path(calibration.r_factor, calibration.num_rows, num_steps))
+    (raw_nodes, _), seconds, _ = timed(lambda: search_nodes(RawRowSearchErrors(rows), num_steps))
     print(f"check at N={calibration.num_teacher_steps}, K={num_steps}, {calibration.num_samples} samples: whole "
           f"raw-row search {seconds:.2f} s vs extrapolated {extrapolated_s:.2f} s (x{seconds / extrapolated_s:.2f}); "
           f"same nodes: {raw_nodes == nodes}")
@@ -206,15 +192,15 @@ def main() -> None:
             for k in step_counts:
                 nodes, prefixes, search_s, search_peak = planner_search(calibration, k)
                 base = baseline_estimates(lambda: raw_rows(s, e), prefixes, n, rng)
-                row = dict(search_s=search_s, r_s=r_seconds, peak=search_peak, **{f"base_{key}": v for key, v in base.items()})
+                row = dict(nodes=nodes, search_s=search_s, r_s=r_seconds, peak=search_peak, **{f"base_{key}": v for key, v in base.items()})
                 summary[(n, k, samples)] = row
                 print(f"{n:>5} {k:>3} {samples:>7} {r_seconds:>6.2f} {search_s:>8.2f} {'~%.1f' % base['per_target_s']:>11} "
                       f"{'~%.1f' % base['per_prefix_s']:>10} {base['per_target_s'] / search_s:>9.0f} "
                       f"{base['per_target_s'] / (search_s + r_seconds):>10.0f} {base['per_prefix_s'] / search_s:>9.1f} "
                       f"{megabytes(search_peak):>8.1f} {megabytes(base['peak']):>8.1f} {base['evaluations']:>11}", flush=True)
             if n == teacher_sizes[0] and samples == sample_counts[0]:
-                full_baseline_check(calibration, raw_rows(s, e), step_counts[0], summary[(n, step_counts[0], samples)]["base_per_target_s"],
-                                    planner_search(calibration, step_counts[0])[0])
+                first = summary[(n, step_counts[0], samples)]
+                full_baseline_check(calibration, raw_rows(s, e), step_counts[0], first["base_per_target_s"], first["nodes"])
     print_summary(summary, teacher_sizes, step_counts, sample_counts)
 
 

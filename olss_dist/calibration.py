@@ -148,7 +148,12 @@ class Calibration:
     def plan(self, num_steps: int) -> Plan:
         """Minimax path of exactly ``num_steps`` nodes with its teacher-forced coefficients."""
         nodes, _ = search_path(self.r_factor, self.num_rows, int(num_steps))
-        spacing = "uniform" if nodes == even_nodes(self.num_teacher_steps, int(num_steps)) else "minimax"
+        return self.plan_for_searched_nodes(nodes)
+
+    def plan_for_searched_nodes(self, nodes: list[int]) -> Plan:
+        """``plan_for_nodes`` for the path a search returned: ``"uniform"`` when it kept even spacing
+        (never worse than the minimax path), else ``"minimax"``."""
+        spacing = "uniform" if nodes == even_nodes(self.num_teacher_steps, len(nodes)) else "minimax"
         return self.plan_for_nodes(nodes, spacing)
 
     def to_bytes(self) -> bytes:

@@ -10,7 +10,7 @@ nodes are kept as a competitor, so the result is never worse than uniform spacin
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -107,13 +107,25 @@ def greedy_path(errors: SearchErrors, bound: float, max_nodes: int) -> list[int]
         nodes.append(nodes[-1] + 1 + int(within[-1]))
 
 
-def split_to_length(errors: SearchErrors, nodes: list[int], num_steps: int) -> list[int]:
-    """Insert nodes until the path has ``num_steps`` nodes, each time the split with the lowest worst error."""
-    end = errors.num_teacher_steps
+def still_bisecting(lower: float, upper: float) -> bool:
+    """Whether the bisection on the error bound ``[lower, upper]`` has not converged yet."""
+    return upper - lower > BISECTION_TOLERANCE * upper
+
+
+def split_to_length(
+    nodes: list[int], num_steps: int, num_teacher_steps: int, worst_errors: Callable[[list[list[int]]], list[float]]
+) -> list[int]:
+    """Insert nodes until the path has ``num_steps`` nodes, each time the split with the lowest worst error.
+
+    Args:
+        nodes: a path from 0 with fewer than ``num_steps`` nodes; ``num_teacher_steps`` is its end N.
+        worst_errors: the largest search error along each of a list of paths (serial or in parallel).
+    """
     while len(nodes) < num_steps:
-        bounds = list(zip(nodes, nodes[1:] + [end]))
+        bounds = list(zip(nodes, nodes[1:] + [num_teacher_steps]))
         options = [sorted(nodes + [(a + b) // 2]) for a, b in bounds if b - a >= 2]
-        nodes = min(options, key=lambda path: errors.along(path).max())
+        scores = worst_errors(options)
+        nodes = options[scores.index(min(scores))]
     return nodes
 
 
@@ -128,19 +140,27 @@ def search_path(r: np.ndarray, num_rows: int, num_steps: int) -> tuple[list[int]
     Returns:
         ``nodes`` (K strictly increasing teacher indices from 0) and their ``(K,)`` search errors.
     """
-    errors = SearchErrors(r, num_rows)
+    return search_nodes(SearchErrors(r, num_rows), num_steps)
+
+
+def search_nodes(errors: SearchErrors, num_steps: int) -> tuple[list[int], np.ndarray]:
+    """``search_path``'s search on given search errors (``SearchErrors`` or another source with its
+    ``num_teacher_steps``, ``from_prefix`` and ``along``, e.g. a benchmark's baseline)."""
     check_num_steps(errors.num_teacher_steps, num_steps)
     uniform = even_nodes(errors.num_teacher_steps, num_steps)
     upper = max(errors.along(uniform).max(), np.finfo(float).tiny)
     while greedy_path(errors, upper, num_steps) is None:
         upper *= 2.0
     lower = 0.0
-    while upper - lower > BISECTION_TOLERANCE * upper:
+    while still_bisecting(lower, upper):
         middle = 0.5 * (lower + upper)
         if greedy_path(errors, middle, num_steps) is None:
             lower = middle
         else:
             upper = middle
-    searched = split_to_length(errors, greedy_path(errors, upper, num_steps), num_steps)
+    searched = split_to_length(
+        greedy_path(errors, upper, num_steps), num_steps, errors.num_teacher_steps,
+        lambda paths: [errors.along(path).max() for path in paths],
+    )
     best = min([searched, uniform], key=lambda path: errors.along(path).max())
     return best, errors.along(best)

@@ -24,7 +24,7 @@ import ray
 
 from olss_dist.calibration import Calibration
 from olss_dist.plan import Plan
-from olss_dist.planner import BISECTION_TOLERANCE, SearchErrors, check_num_steps, even_nodes, greedy_path
+from olss_dist.planner import SearchErrors, check_num_steps, even_nodes, greedy_path, split_to_length, still_bisecting
 
 Path = list[int]
 
@@ -39,11 +39,6 @@ def greedy_path_task(r: np.ndarray, num_rows: int, bound: float, max_nodes: int)
 def worst_search_error_task(r: np.ndarray, num_rows: int, nodes: Path) -> float:
     """Largest search error along ``nodes`` (the planner's score of a candidate path)."""
     return float(SearchErrors(r, num_rows).along(nodes).max())
-
-
-def still_bisecting(lower: float, upper: float) -> bool:
-    """The bisection loop condition of ``planner.search_path``."""
-    return upper - lower > BISECTION_TOLERANCE * upper
 
 
 def speculative_midpoints(lower: float, upper: float, depth: int) -> list[float]:
@@ -84,10 +79,10 @@ class ParallelPlanner:
         [uniform_error] = self.worst_errors([uniform])
         upper, path = self.first_feasible_bound(max(uniform_error, np.finfo(float).tiny), num_steps)
         upper, path = self.bisect(0.0, upper, path, num_steps)
-        searched = self.split_to_length(path, num_steps)
+        searched = split_to_length(path, num_steps, self.num_teacher_steps, self.worst_errors)
         [searched_error] = self.worst_errors([searched])
         best = searched if searched_error <= uniform_error else uniform
-        return best, SearchErrors(self.calibration.r_factor, self.num_rows).along(best)
+        return best, self.calibration.search_errors(best)
 
     def first_feasible_bound(self, upper: float, num_steps: int) -> tuple[float, Path]:
         """The first of ``upper, 2 upper, 4 upper, ...`` with a greedy path, and that path."""
@@ -115,21 +110,10 @@ class ParallelPlanner:
                     upper, path = middle, outcomes[middle]
         return upper, path
 
-    def split_to_length(self, nodes: Path, num_steps: int) -> Path:
-        """``planner.split_to_length`` with each round's candidate splits scored in parallel."""
-        end = self.num_teacher_steps
-        while len(nodes) < num_steps:
-            bounds = list(zip(nodes, nodes[1:] + [end]))
-            options = [sorted(nodes + [(a + b) // 2]) for a, b in bounds if b - a >= 2]
-            scores = self.worst_errors(options)
-            nodes = options[scores.index(min(scores))]
-        return nodes
-
     def plan(self, num_steps: int) -> Plan:
         """``Calibration.plan(num_steps)``, searched in parallel."""
         nodes, _ = self.search_path(num_steps)
-        spacing = "uniform" if nodes == even_nodes(self.num_teacher_steps, num_steps) else "minimax"
-        return self.calibration.plan_for_nodes(nodes, spacing)
+        return self.calibration.plan_for_searched_nodes(nodes)
 
     def plans(self, step_counts: Sequence[int]) -> list[Plan]:
         """One plan per step count; the searches for different counts also run concurrently."""
