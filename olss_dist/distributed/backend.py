@@ -187,10 +187,7 @@ class RayRolloutBackend(RolloutBackend):
         """
         self.kept_nodes = sorted(set(int(n) for n in nodes))
         for _ in range(MAX_RECOVERIES + 1):
-            live = [w for w in range(len(self.pool.actors)) if w not in self.dead_workers]
-            unowned = [(split, s.shard_id) for split, s in self._all_items() if (split, s.shard_id) not in self.owner]
-            for position, key in enumerate(unowned):
-                self.owner[key] = live[position % len(live)]
+            self._spread([(split, s.shard_id) for split, s in self._all_items() if (split, s.shard_id) not in self.owner])
             refs = {
                 worker: self.pool.actors[worker].prepare_states.remote(items, self.kept_nodes)
                 for worker, items in self._items_by_owner().items()
@@ -204,9 +201,7 @@ class RayRolloutBackend(RolloutBackend):
             if not lost:
                 return
             for worker in lost:
-                self.summary.recoveries += 1
-                if not self._restarted(worker):
-                    self._reassign(worker)
+                self._handle_lost(worker)
         raise WorkersLostError(f"workers kept dying while preparing teacher states ({MAX_RECOVERIES} recoveries)")
 
     # ------------------------------------------------------------------------------- on-policy rounds
@@ -292,9 +287,7 @@ class RayRolloutBackend(RolloutBackend):
         """Give the shards of lost workers a live owner, rebuild their states and replay the open rollouts."""
         affected = [key for key, owner in self.owner.items() if owner in lost_workers]
         for worker in lost_workers:
-            self.summary.recoveries += 1
-            if not self._restarted(worker):
-                self._reassign(worker)
+            self._handle_lost(worker)
         rebuild: dict[int, list[tuple[str, Shard]]] = {}
         for split, shard_id in affected:
             rebuild.setdefault(self.owner[(split, shard_id)], []).append((split, self.shards[split][shard_id]))
@@ -308,6 +301,12 @@ class RayRolloutBackend(RolloutBackend):
 
     def _prepare(self, worker: int, items: list[tuple[str, Shard]]) -> None:
         self.summary.teacher_runs += get_or_raise(self.pool.actors[worker].prepare_states.remote(items, self.kept_nodes))
+
+    def _handle_lost(self, worker: int) -> None:
+        """Count a recovery; a worker Ray did not bring back has its shards moved to the live ones."""
+        self.summary.recoveries += 1
+        if not self._restarted(worker):
+            self._reassign(worker)
 
     def _restarted(self, worker: int) -> bool:
         """Whether Ray brought the worker back (a ping answers); False once it is dead for good."""
@@ -324,10 +323,14 @@ class RayRolloutBackend(RolloutBackend):
     def _reassign(self, dead: int) -> None:
         """Move a dead worker's shards to the live ones, round-robin."""
         self.dead_workers.add(dead)
+        self._spread(sorted(k for k, owner in self.owner.items() if owner == dead))
+
+    def _spread(self, keys: Sequence[tuple[str, int]]) -> None:
+        """Give the shards ``keys`` ((split, shard id) pairs) to the live workers, round-robin."""
         live = [w for w in range(len(self.pool.actors)) if w not in self.dead_workers]
         if not live:
             raise WorkersLostError("every worker died during the on-policy rounds")
-        for position, key in enumerate(sorted(k for k, owner in self.owner.items() if owner == dead)):
+        for position, key in enumerate(keys):
             self.owner[key] = live[position % len(live)]
 
     def _all_items(self) -> list[tuple[str, Shard]]:
