@@ -251,6 +251,11 @@ def run_sampler(scheduler, denoiser: Denoiser, x_T: torch.Tensor, cond: Any, num
     return x, calls
 
 
+def latent_peak_to_peak(teacher_final: torch.Tensor) -> float:
+    """The PSNR peak: the range of all the teacher's final latents ``(B, *shape)`` of the set."""
+    return float(teacher_final.max() - teacher_final.min())
+
+
 def sample_metrics(mse: np.ndarray, peak_to_peak: float) -> dict[str, float]:
     """Summary of per-sample errors ``mse (B,)`` (``per_sample_mse``): pooled RMSE, spread of per-sample RMSE, PSNR.
 
@@ -389,7 +394,7 @@ def evaluate(
         the results (sampler-major, then K) and ``{K: {label: (len(grid), *shape) latents}}``.
     """
     progress = progress or (lambda message: None)
-    peak_to_peak = float(teacher_final.max() - teacher_final.min())
+    peak_to_peak = latent_peak_to_peak(teacher_final)
     results, kept = [], {k: {} for k in steps}
     for sampler in samplers:
         for k in steps:
@@ -633,7 +638,7 @@ def run_evaluation(
         "calibration_seeds_excluded": known_seeds is not None,
         "prompts": prompts or "model default prompts",
         "uniform_fit_samples": uniform_fit_samples,
-        "teacher_peak_to_peak": float(teacher_final.max() - teacher_final.min()),
+        "teacher_peak_to_peak": latent_peak_to_peak(teacher_final),
         "metric": "RMSE per latent element of the final latent against the teacher's; PSNR on latents "
                   "relative to the teacher's peak-to-peak range",
     }
