@@ -21,6 +21,7 @@ from diffusers.utils import BaseOutput
 from olss_dist.noise_schedule import alphas_cumprod_from_config
 from olss_dist.onpolicy import apply_step
 from olss_dist.plan import Plan
+from olss_dist.teacher import validate_timesteps
 
 ARTIFACT_MARKERS = ("manifest.json", "latest.json")
 
@@ -108,12 +109,14 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
     def checked_plan_entry(entry: dict[str, Any], num_train_timesteps: int) -> tuple[np.ndarray, np.ndarray]:
         """``(timesteps (K,) int64, coefficients (K, K+1) float64)`` of a config entry, validated."""
         steps = int(entry["num_steps"])
-        timesteps = np.asarray(entry["timesteps"], dtype=np.int64)
+        timesteps = np.asarray(entry["timesteps"])
         coefficients = np.asarray(entry["coefficients"], dtype=np.float64)
         if timesteps.shape != (steps,) or coefficients.shape != (steps, steps + 1):
             raise ValueError(f"plan for {steps} steps has timesteps {timesteps.shape} and coefficients {coefficients.shape}")
-        if np.any(np.diff(timesteps) >= 0) or timesteps.min() < 0 or timesteps.max() >= num_train_timesteps:
-            raise ValueError(f"plan for {steps} steps has timesteps that are not strictly decreasing in [0, {num_train_timesteps})")
+        try:
+            timesteps = validate_timesteps(timesteps, num_train_timesteps)
+        except ValueError as error:
+            raise ValueError(f"plan for {steps} steps: {error}") from None
         if not np.all(np.isfinite(coefficients)):
             raise ValueError(f"plan for {steps} steps has non-finite coefficients")
         return timesteps, coefficients

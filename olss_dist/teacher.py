@@ -58,14 +58,14 @@ def ddim_coefficients(alpha_now: float, alpha_next: float) -> tuple[float, float
     return a, b
 
 
-def teacher_alphas(timesteps: np.ndarray, alphas_cumprod: Any) -> np.ndarray:
-    """``(N+1,)`` float64 cumulative alphas at each teacher state; the last one is 1 (clean sample)."""
+def teacher_alphas(timesteps: Any, alphas_cumprod: Any) -> np.ndarray:
+    """``(N+1,)`` float64 cumulative alphas at each teacher state; the last one is 1 (clean sample).
+
+    Raises:
+        ValueError: ``timesteps`` not strictly decreasing integers within ``alphas_cumprod``.
+    """
     alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
-    if timesteps[0] >= len(alphas_cumprod):
-        raise ValueError(
-            f"timestep {timesteps[0]} is outside alphas_cumprod of length {len(alphas_cumprod)}"
-        )
-    return np.append(alphas_cumprod[timesteps], 1.0)
+    return np.append(alphas_cumprod[validate_timesteps(timesteps, len(alphas_cumprod))], 1.0)
 
 
 def ddim_teacher(
