@@ -34,17 +34,13 @@ def make_builtin_scheduler(name: str, model_scheduler_config: dict[str, Any], sp
     Args:
         name: a key of ``LINEAR_SOLVERS``.
         model_scheduler_config: the model's own scheduler config (noise schedule keys are taken from it).
-        spacing: ``"trailing"``, ``"leading"`` or ``"linspace"``; ``"config"`` keeps the model's own setting.
+        spacing: diffusers' ``timestep_spacing``: ``"trailing"``, ``"leading"`` or ``"linspace"``.
     """
     if name not in LINEAR_SOLVERS:
         raise ValueError(f"unknown built-in solver {name!r}; choose from {sorted(LINEAR_SOLVERS)}")
     scheduler_class, settings = LINEAR_SOLVERS[name]
     config = {k: model_scheduler_config[k] for k in BASE_CONFIG_KEYS if model_scheduler_config.get(k) is not None}
-    if spacing != "config":
-        config["timestep_spacing"] = spacing
-    elif "timestep_spacing" in model_scheduler_config:
-        config["timestep_spacing"] = model_scheduler_config["timestep_spacing"]
-    return scheduler_class(**config, **settings, prediction_type="epsilon")
+    return scheduler_class(**config, **settings, timestep_spacing=spacing, prediction_type="epsilon")
 
 
 def scheduler_coefficients(scheduler, num_steps: int) -> tuple[np.ndarray, np.ndarray]:

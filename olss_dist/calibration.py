@@ -23,6 +23,7 @@ FORMAT_VERSION = 1
 
 
 def as_tensor(array: Any) -> torch.Tensor:
+    """``array`` as a torch tensor (numpy arrays and sequences are converted without copying where possible)."""
     return array if isinstance(array, torch.Tensor) else torch.from_numpy(np.asarray(array))
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from olss_dist.builtin import builtin_plan
-from olss_dist.calibration import Calibration
+from olss_dist.calibration import Calibration, as_tensor
 from olss_dist.onpolicy import DEFAULT_RIDGE, solve_step
 from olss_dist.plan import Plan
 from olss_dist.planner import check_num_steps, even_nodes
@@ -189,7 +189,7 @@ def run_method(
 
 
 def check_split(noise: Any, cond: Any, name: str) -> torch.Tensor:
-    noise = noise if isinstance(noise, torch.Tensor) else torch.from_numpy(np.asarray(noise))
+    noise = as_tensor(noise)
     if noise.ndim < 2 or len(noise) == 0:
         raise ValueError(f"{name} must be a non-empty batch (B, *latent_shape), got shape {tuple(noise.shape)}")
     if len(cond) != len(noise):

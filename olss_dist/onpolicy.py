@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from olss_dist.calibration import as_tensor
 from olss_dist.planner import check_nodes
 from olss_dist.plan import Plan
 from olss_dist.teacher import Denoiser, trailing_timesteps, validate_timesteps
@@ -103,7 +104,7 @@ def fit_on_policy(
     Returns:
         A Plan with ``fit == "on_policy"`` and the on-policy step errors.
     """
-    states = states if isinstance(states, torch.Tensor) else torch.from_numpy(np.asarray(states))
+    states = as_tensor(states)
     num_teacher_steps = states.shape[1] - 1
     timesteps = trailing_timesteps(num_teacher_steps) if timesteps is None else validate_timesteps(timesteps)
     if len(timesteps) != num_teacher_steps:
