@@ -34,9 +34,9 @@ from olss_dist.teacher import trailing_timesteps
 NOISE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
 
 
-def schedulers(pipe: StableDiffusionPipeline, num_steps: int) -> dict[str, object]:
-    """DDIM with trailing spacing, and an OLSSScheduler replaying exactly that DDIM run."""
-    config = dict(pipe.scheduler.config)
+def schedulers(config: dict, num_steps: int) -> dict[str, object]:
+    """DDIM with trailing spacing from the model's scheduler ``config``, and an OLSSScheduler replaying
+    exactly that DDIM run."""
     ddim = DDIMScheduler.from_config(config, timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False)
     plan = builtin_plan("ddim", num_steps, config, trailing_timesteps(1000, config["num_train_timesteps"]))
     olss = OLSSScheduler.from_plans(
@@ -78,13 +78,14 @@ def main() -> None:
     args = parser.parse_args()
     pipe = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
+    model_scheduler_config = dict(pipe.scheduler.config)  # before sample() swaps the pipeline's scheduler
     prompts = [digit_prompt(d % 10) for d in range(args.batch)]
     unet_parameters = sum(p.numel() for p in pipe.unet.parameters())
     print(describe_machine())
     print(f"model {args.model}: UNet {unet_parameters / 1e6:.2f} M parameters, sample size {pipe.unet.config.sample_size}, "
           f"{args.batch} images per call, CPU")
     for num_steps in (int(k) for k in args.steps.split(",")):
-        chosen = schedulers(pipe, num_steps)
+        chosen = schedulers(model_scheduler_config, num_steps)
         outputs = {name: sample(pipe, scheduler, prompts, num_steps)[0] for name, scheduler in chosen.items()}  # warm-up
         times = {name: [] for name in chosen}
         for _ in range(args.repeats):
