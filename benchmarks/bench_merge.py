@@ -21,11 +21,11 @@ import time
 import numpy as np
 import torch
 
-from olss_dist.calibration import Calibration
+from olss_dist.core.calibration import Calibration
 from olss_dist.distributed.merge import MergeTree
 from olss_dist.models.analytic import GaussianMixtureModel
-from olss_dist.teacher import record_trajectories, trailing_timesteps
-from olss_dist.tsqr import merge_r_factors
+from olss_dist.core.teacher import record_trajectories, trailing_timesteps
+from olss_dist.core.tsqr import merge_r_factors
 
 DISTINCT_FACTORS = 8
 

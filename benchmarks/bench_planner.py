@@ -3,7 +3,7 @@
 The original OLSS approach keeps every teacher state and output of every sample and, for each candidate
 step it evaluates (a prefix of nodes and one target ``s_k``), solves a least squares over all raw rows
 (samples x latent elements). ``RawRowSearchErrors`` re-implements exactly that and is handed to the same
-search (``olss_dist.planner.search_nodes``, the search behind ``search_path``), so both make the same
+search (``olss_dist.core.path_search.search_nodes``, the search behind ``search_path``), so both make the same
 decisions and differ only in how an evaluation is computed. A second baseline solves all targets of a prefix in one raw-row least squares.
 
 Both baselines are timed on a fixed number of the evaluations the search really makes and extrapolated
@@ -30,10 +30,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from olss_dist.calibration import Calibration
+from olss_dist.core.calibration import Calibration
 from olss_dist.models.analytic import GaussianMixtureModel
-from olss_dist.planner import SearchErrors, search_nodes, state_column
-from olss_dist.teacher import record_trajectories, trailing_timesteps
+from olss_dist.core.path_search import SearchErrors, search_nodes, state_column
+from olss_dist.core.teacher import record_trajectories, trailing_timesteps
 
 TIMED_EVALUATIONS = 48
 TIMED_PREFIXES = 2

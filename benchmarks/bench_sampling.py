@@ -1,7 +1,7 @@
 """Sampling overhead: wall time per image of a Stable Diffusion pipeline with OLSSScheduler vs DDIMScheduler.
 
 Both schedulers run the same model at the same step count and timesteps: the OLSS plan is DDIM's own
-"trailing" update written in OLSS form (``olss_dist.builtin.builtin_plan``), so the outputs agree and
+"trailing" update written in OLSS form (``olss_dist.core.builtin.builtin_plan``), so the outputs agree and
 only the scheduler's own work differs. Runs alternate (DDIM, OLSS, DDIM, ...) after a warm-up, and the
 median per-image time of each is compared; the target ratio is at most 1.05. Because whole-pipeline
 times on a shared machine swing by several percent, the script also times each scheduler's own work
@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from olss_dist.builtin import builtin_plan
+from olss_dist.core.builtin import builtin_plan
 from olss_dist.models.embedded import EMBEDDED_MODEL_PATH, digit_prompt
 from olss_dist.scheduler import OLSSScheduler
-from olss_dist.teacher import trailing_timesteps
+from olss_dist.core.teacher import trailing_timesteps
 
 NOISE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
 

@@ -30,7 +30,7 @@ import torch
 
 from olss_dist.distributed.worker import CalibrationWorker, ModelSpec
 from olss_dist.prompts import make_shards, records_from_prompts
-from olss_dist.teacher import ddim_coefficients, teacher_alphas
+from olss_dist.core.teacher import ddim_coefficients, teacher_alphas
 
 
 def random_sd_folder(folder: Path, latent_size: int) -> Path:

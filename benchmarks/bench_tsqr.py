@@ -29,11 +29,11 @@ import time
 import numpy as np
 import torch
 
-from olss_dist.calibration import Calibration
+from olss_dist.core.calibration import Calibration
 from olss_dist.models.analytic import GaussianMixtureModel
-from olss_dist.planner import even_nodes
-from olss_dist.teacher import record_trajectories, trailing_timesteps
-from olss_dist.tsqr import interleave_columns, merge_r_factors, r_factor, streaming_r_factor
+from olss_dist.core.path_search import even_nodes
+from olss_dist.core.teacher import record_trajectories, trailing_timesteps
+from olss_dist.core.tsqr import interleave_columns, merge_r_factors, r_factor, streaming_r_factor
 
 LATENT_SHAPE = (4, 16, 16)
 SAMPLES_PER_SHARD = 4

@@ -19,7 +19,7 @@ import typer
 
 from olss_dist.distributed.job import DEVICES, JobConfig, run_job
 from olss_dist.distributed.pool import WorkerError, WorkersLostError
-from olss_dist.storage.errors import ArtifactError
+from olss_dist.artifacts.errors import ArtifactError
 
 app = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0])
 

@@ -20,12 +20,12 @@ import torch
 import typer
 from PIL import Image, ImageDraw
 
-from olss_dist.evaluate import builtin_scheduler, run_sampler
-from olss_dist.method import calibrate
+from olss_dist.apps.evaluate import builtin_scheduler, run_sampler
+from olss_dist.method.run import calibrate
 from olss_dist.models import load_model
 from olss_dist.models.embedded import STROKE_STYLES, digit_prompt
 from olss_dist.scheduler import OLSSScheduler
-from olss_dist.teacher import record_states, trailing_timesteps
+from olss_dist.core.teacher import record_states, trailing_timesteps
 
 GRID_SEED_BASE = 10_000
 CALIBRATION_SEED_BASE = 0

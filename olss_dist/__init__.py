@@ -8,13 +8,13 @@ from importlib import import_module
 from typing import Any
 
 _PUBLIC = {
-    "Calibration": "olss_dist.calibration",
+    "Calibration": "olss_dist.core.calibration",
     "OLSSScheduler": "olss_dist.scheduler",
-    "Plan": "olss_dist.plan",
-    "calibrate": "olss_dist.method",
-    "fit_on_policy": "olss_dist.onpolicy",
-    "record_trajectories": "olss_dist.teacher",
-    "trailing_timesteps": "olss_dist.teacher",
+    "Plan": "olss_dist.core.plan",
+    "calibrate": "olss_dist.method.run",
+    "fit_on_policy": "olss_dist.core.onpolicy",
+    "record_trajectories": "olss_dist.core.teacher",
+    "trailing_timesteps": "olss_dist.core.teacher",
 }
 
 __all__ = sorted(_PUBLIC)

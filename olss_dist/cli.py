@@ -351,7 +351,7 @@ def evaluate(
     storage_options: StorageOptionsFlag = None,
 ) -> None:
     """Compare a run's OLSS plans with diffusers' built-in solvers on held-out samples (see docs/evaluation.md)."""
-    from olss_dist.evaluate import evaluate_and_report, parse_step_counts
+    from olss_dist.apps.evaluate import evaluate_and_report, parse_step_counts
 
     evaluate_and_report(
         output, console, model_spec=model, artifact=artifact, steps=parse_step_counts(steps), num_samples=num_samples,
@@ -366,7 +366,7 @@ REFIT_STATUS_STYLES = {"failed": "bold red", "succeeded": "green", "submitted": 
 
 
 def refit_table(title: str, outcomes: list[Any]) -> Table:
-    """One row per model of a refit (``olss_dist.refit.Outcome``): status, attempt, digests, run URI or reason."""
+    """One row per model of a refit (``olss_dist.apps.refit.Outcome``): status, attempt, digests, run URI or reason."""
     table = Table(title=title, title_justify="left")
     for column in ("model", "status", "attempt", "model digest", "config digest", "run / job / reason"):
         table.add_column(column, overflow="fold", no_wrap=column == "status")
@@ -416,8 +416,8 @@ def refit(
     """
     import time
 
-    from olss_dist.refit import RefitOptions, Settings, any_failed, parse_steps
-    from olss_dist.refit import refit as refit_registry
+    from olss_dist.apps.refit import RefitOptions, Settings, any_failed, parse_steps
+    from olss_dist.apps.refit import refit as refit_registry
 
     if interval <= 0 or (cycles is not None and (cycles < 1 or not watch)):
         raise ValueError("--interval must be positive, and --cycles a positive count used with --watch")

@@ -18,10 +18,10 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from olss_dist.noise_schedule import alphas_cumprod_from_config
-from olss_dist.onpolicy import apply_step
-from olss_dist.plan import Plan
-from olss_dist.teacher import validate_timesteps
+from olss_dist.core.noise_schedule import alphas_cumprod_from_config
+from olss_dist.core.onpolicy import apply_step
+from olss_dist.core.plan import Plan
+from olss_dist.core.teacher import validate_timesteps
 
 ARTIFACT_MARKERS = ("manifest.json", "latest.json")
 

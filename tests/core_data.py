@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from olss_dist.models.analytic import GaussianMixtureModel
-from olss_dist.teacher import record_trajectories, trailing_timesteps
+from olss_dist.core.teacher import record_trajectories, trailing_timesteps
 
 
 def small_model() -> GaussianMixtureModel:

@@ -23,9 +23,9 @@ from olss_dist.artifacts import (
     resolve_run,
     staging_uri,
 )
-from olss_dist.storage.errors import PreconditionFailed
-from olss_dist.storage.layout import sha256_hex
-from olss_dist.storage.stores import S3Store, open_store
+from olss_dist.artifacts.errors import PreconditionFailed
+from olss_dist.artifacts.layout import sha256_hex
+from olss_dist.artifacts.stores import S3Store, open_store
 
 MODEL_ID = "org/tiny-sd"
 MODEL_DIGEST = "weights0001"

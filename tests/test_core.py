@@ -6,7 +6,7 @@ import torch
 
 from core_data import raw_lstsq, raw_rows, small_model, trajectories
 from olss_dist import Calibration, record_trajectories, trailing_timesteps
-from olss_dist.planner import even_nodes
+from olss_dist.core.path_search import even_nodes
 
 
 def assert_same_gram(a: Calibration, b: Calibration) -> None:

@@ -10,21 +10,21 @@ import time
 import numpy as np
 import pytest
 
-from olss_dist.builtin import builtin_plan
-from olss_dist.calibration import Calibration
+from olss_dist.core.builtin import builtin_plan
+from olss_dist.core.calibration import Calibration
 from olss_dist.distributed.checkpoints import ShardCheckpoints
 from olss_dist.distributed.job import scheduler_config_bytes
 from olss_dist.distributed.merge import MergeTree
-from olss_dist.distributed.planning import ParallelPlanner, speculative_midpoints
+from olss_dist.distributed.parallel_search import ParallelPlanner, speculative_midpoints
 from olss_dist.distributed.pool import WorkerPool, WorkerResources, WorkersLostError, run_shards
 from olss_dist.distributed.worker import CalibrationWorker, ModelSpec
-from olss_dist.method import builtin_config
+from olss_dist.method.run import builtin_config
 from olss_dist.models.analytic import GaussianMixtureModel
-from olss_dist.noise_schedule import alphas_cumprod_from_config
-from olss_dist.planner import search_path
+from olss_dist.core.noise_schedule import alphas_cumprod_from_config
+from olss_dist.core.path_search import search_path
 from olss_dist.prompts import make_shards, records_from_prompts
 from olss_dist.scheduler import OLSSScheduler
-from olss_dist.teacher import record_trajectories, trailing_timesteps
+from olss_dist.core.teacher import record_trajectories, trailing_timesteps
 
 TEACHER_STEPS = 40
 SPEC = ModelSpec("analytic", guidance_scale=3.0, device="cpu")

@@ -12,15 +12,15 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from olss_dist.calibration import Calibration
+from olss_dist.core.calibration import Calibration
 from olss_dist.distributed.cluster import cluster_gpus
 from olss_dist.distributed.merge import MergeTree
-from olss_dist.distributed.planning import ParallelPlanner
+from olss_dist.distributed.parallel_search import ParallelPlanner
 from olss_dist.distributed.pool import WorkerPool, WorkerResources, run_shards
 from olss_dist.distributed.worker import ModelSpec
 from olss_dist.models import load_model
 from olss_dist.prompts import make_shards, records_from_prompts
-from olss_dist.teacher import record_trajectories, trailing_timesteps
+from olss_dist.core.teacher import record_trajectories, trailing_timesteps
 
 GPU_NODES = 2
 GPUS_PER_NODE = 2

@@ -15,12 +15,12 @@ from olss_dist.distributed.job import JobConfig, run_job
 from olss_dist.distributed.pool import WorkerPool
 from olss_dist.distributed.progress import ShardProgress
 from olss_dist.distributed.worker import ModelSpec
-from olss_dist.method import calibrate, run_method
+from olss_dist.method.run import calibrate, run_method
 from olss_dist.models import load_model
 from olss_dist.prompts import make_shards, read_prompts, records_from_prompts, split_validation
-from olss_dist.rollouts import TRAIN
+from olss_dist.method.rollouts import TRAIN
 from olss_dist.scheduler import OLSSScheduler
-from olss_dist.teacher import trailing_timesteps
+from olss_dist.core.teacher import trailing_timesteps
 
 GUIDANCE = 3.0
 TEACHER_STEPS = 40

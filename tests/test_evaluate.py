@@ -15,9 +15,9 @@ from core_data import small_model, trajectories
 from tiny_sd import tiny_pipeline
 from olss_dist import Calibration, trailing_timesteps
 from olss_dist.artifacts import publish_run
-from olss_dist.builtin import builtin_plan
+from olss_dist.core.builtin import builtin_plan
 from olss_dist.cli import app
-from olss_dist.evaluate import (
+from olss_dist.apps.evaluate import (
     builtin_scheduler,
     evaluation_seeds,
     load_calibrated_run,
@@ -29,14 +29,14 @@ from olss_dist.evaluate import (
     to_markdown,
     write_outputs,
 )
-from olss_dist.method import builtin_config, run_method
+from olss_dist.method.run import builtin_config, run_method
 from olss_dist.models import load_model
 from olss_dist.models.analytic import GaussianMixtureModel
-from olss_dist.onpolicy import rollout
+from olss_dist.core.onpolicy import rollout
 from olss_dist.prompts import read_prompts, split_validation
-from olss_dist.rollouts import InProcessBackend
+from olss_dist.method.rollouts import InProcessBackend
 from olss_dist.scheduler import OLSSScheduler
-from olss_dist.teacher import record_trajectories
+from olss_dist.core.teacher import record_trajectories
 
 TEACHER_STEPS = 40
 PLANNED = (4, 8)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from olss_dist.calibration import Calibration
+from olss_dist.core.calibration import Calibration
 from olss_dist.scheduler import OLSSScheduler
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from tiny_sd import tiny_pipeline
 
 from olss_dist.models import ModelLoadError, StableDiffusionModel, content_digest, load_model
 from olss_dist.models.analytic import GaussianMixtureModel
-from olss_dist.noise_schedule import alphas_cumprod_from_config
+from olss_dist.core.noise_schedule import alphas_cumprod_from_config
 
 PROMPTS = ["a red cat", "two dogs 7", "a red cat"]
 NEGATIVES = ["", "blurry", "blurry"]

@@ -9,12 +9,12 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from transformers import CLIPTokenizer
 
-from olss_dist.evaluate import run_sampler
-from olss_dist.method import calibrate
+from olss_dist.apps.evaluate import run_sampler
+from olss_dist.method.run import calibrate
 from olss_dist.models import content_digest, load_model
 from olss_dist.models.embedded import EMBEDDED_MODEL_PATH, default_prompts, digit_prompt
 from olss_dist.scheduler import OLSSScheduler
-from olss_dist.teacher import record_trajectories, trailing_timesteps
+from olss_dist.core.teacher import record_trajectories, trailing_timesteps
 
 MAX_WEIGHT_BYTES = 20 * 2**20
 

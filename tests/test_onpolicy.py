@@ -7,11 +7,11 @@ from diffusers import DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepS
 
 from core_data import raw_lstsq, small_model, trajectories
 from olss_dist import calibrate, fit_on_policy, trailing_timesteps
-from olss_dist.builtin import builtin_plan, make_builtin_scheduler, scheduler_coefficients
-from olss_dist.method import builtin_config
-from olss_dist.onpolicy import rollout
-from olss_dist.rollouts import InProcessBackend
-from olss_dist.method import Candidate, fit_candidate
+from olss_dist.core.builtin import builtin_plan, make_builtin_scheduler, scheduler_coefficients
+from olss_dist.method.run import builtin_config
+from olss_dist.core.onpolicy import rollout
+from olss_dist.method.rollouts import InProcessBackend
+from olss_dist.method.run import Candidate, fit_candidate
 
 
 def test_sequential_fit_equals_raw_row_lstsq_loop():

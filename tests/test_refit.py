@@ -22,7 +22,7 @@ from olss_dist.artifacts import config_digest, read_manifest
 from olss_dist.cli import app
 from olss_dist.distributed.job import calibration_identity, prompt_file_records, run_job
 from olss_dist.models.digest import content_digest
-from olss_dist.refit import (
+from olss_dist.apps.refit import (
     AttemptStatus,
     RefitOptions,
     RefitRecord,
@@ -39,7 +39,7 @@ from olss_dist.refit import (
     scan_registry,
     with_attempt,
 )
-from olss_dist.storage.stores import open_store
+from olss_dist.artifacts.stores import open_store
 from tiny_sd import tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]

@@ -89,7 +89,7 @@ def test_v_prediction_output_is_converted_to_epsilon(plans):
 
 def test_runs_inside_stable_diffusion_pipeline(tmp_path):
     pipe = tiny_pipeline(tmp_path)
-    from olss_dist.plan import Plan
+    from olss_dist.core.plan import Plan
 
     timesteps = np.array([999, 666, 333])
     ddim_like = Plan(nodes=[0, 333, 666], timesteps=timesteps, coefficients=np.tril(np.ones((3, 4)) * 0.1, 1),

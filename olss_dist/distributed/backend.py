@@ -1,6 +1,6 @@
 """The method's rollout backend on Ray: the same ``olss_dist.method.run_method``, samples on actors.
 
-``RayRolloutBackend`` implements ``olss_dist.rollouts.RolloutBackend``. Each shard (one batch of
+``RayRolloutBackend`` implements ``olss_dist.method.rollouts.RolloutBackend``. Each shard (one batch of
 samples) has an owner actor that ran its teacher and keeps its states; every rollout step is one
 call per actor covering the shards it owns, and only small reductions come back: one ``(i+3, i+3)``
 R factor per train shard per round, per-sample errors at the end. The driver (the fitter) merges
@@ -24,17 +24,17 @@ import numpy as np
 import ray
 import torch
 
-from olss_dist.calibration import Calibration
+from olss_dist.core.calibration import Calibration
 from olss_dist.distributed.checkpoints import ShardCheckpoints
 from olss_dist.distributed.merge import MergeTree
-from olss_dist.distributed.planning import ParallelPlanner
+from olss_dist.distributed.parallel_search import ParallelPlanner
 from olss_dist.distributed.pool import RESTART_POLL_S, WORKER_LOST_ERRORS, WorkerPool, WorkersLostError, get_or_raise, run_shards
 from olss_dist.distributed.progress import ShardProgress
 from olss_dist.distributed.worker import ShardResult
-from olss_dist.plan import Plan
+from olss_dist.core.plan import Plan
 from olss_dist.prompts import Shard
-from olss_dist.rollouts import TRAIN, VALIDATION, RolloutBackend
-from olss_dist.teacher import trailing_timesteps
+from olss_dist.method.rollouts import TRAIN, VALIDATION, RolloutBackend
+from olss_dist.core.teacher import trailing_timesteps
 
 logger = logging.getLogger(__name__)
 

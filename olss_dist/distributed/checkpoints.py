@@ -16,10 +16,10 @@ import json
 import secrets
 from typing import Any, Iterable
 
-from olss_dist.calibration import Calibration
+from olss_dist.core.calibration import Calibration
 from olss_dist.prompts import Shard
-from olss_dist.storage.errors import storage_errors
-from olss_dist.storage.stores import Store, open_store
+from olss_dist.artifacts.errors import storage_errors
+from olss_dist.artifacts.stores import Store, open_store
 
 FORMAT = "olss_dist.shard_checkpoint"
 

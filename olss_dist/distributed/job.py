@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from olss_dist.artifacts import config_digest, publish_run, staging_uri
-from olss_dist.calibration import Calibration
+from olss_dist.core.calibration import Calibration
 from olss_dist.distributed.backend import RayRolloutBackend, TeacherSummary
 from olss_dist.distributed.checkpoints import ShardCheckpoints, check_writable
 from olss_dist.distributed.cluster import cluster_cpus, cluster_gpus, connect, wait_for_gpus
@@ -24,12 +24,12 @@ from olss_dist.distributed.pool import WorkerPool, WorkerResources
 from olss_dist.distributed.progress import ShardProgress
 from olss_dist.distributed.state_store import KEEP_MODES
 from olss_dist.distributed.worker import ModelSpec
-from olss_dist.method import builtin_config, run_method
-from olss_dist.plan import Plan
+from olss_dist.method.run import builtin_config, run_method
+from olss_dist.core.plan import Plan
 from olss_dist.prompts import PromptRecord, make_shards, read_prompts, split_validation
-from olss_dist.rollouts import TRAIN
+from olss_dist.method.rollouts import TRAIN
 from olss_dist.scheduler import OLSSScheduler
-from olss_dist.teacher import trailing_timesteps
+from olss_dist.core.teacher import trailing_timesteps
 
 DEVICES = ("auto", "cuda", "cpu")
 
@@ -184,7 +184,7 @@ def prompt_file_records(config: JobConfig) -> list[PromptRecord] | None:
 def calibration_identity(config: JobConfig, file_records: list[PromptRecord] | None) -> dict[str, Any]:
     """The run's config in the registry: what its plans mean, not how they were computed.
 
-    Its digest and the model digest identify a calibration: ``olss_dist.refit`` computes it before
+    Its digest and the model digest identify a calibration: ``olss_dist.apps.refit`` computes it before
     submitting a job (and skips models already calibrated), the job publishes it. Execution details
     (device, workers, shard size, where states are kept) stay out. ``file_records`` are
     ``prompt_file_records(config)``; the model's default prompts (``None``) are identified by the model

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from olss_dist.calibration import Calibration
+from olss_dist.core.calibration import Calibration
 
 
 class MergeTree:

@@ -20,12 +20,12 @@ import numpy as np
 import ray
 import torch
 
-from olss_dist.calibration import Calibration
+from olss_dist.core.calibration import Calibration
 from olss_dist.distributed.state_store import TeacherStateStore
-from olss_dist.onpolicy import apply_step, step_statistics
+from olss_dist.core.onpolicy import apply_step, step_statistics
 from olss_dist.prompts import Shard
-from olss_dist.rollouts import TRAIN, Rollout, per_sample_mse
-from olss_dist.teacher import record_trajectories, trailing_timesteps
+from olss_dist.method.rollouts import TRAIN, Rollout, per_sample_mse
+from olss_dist.core.teacher import record_trajectories, trailing_timesteps
 
 
 class StateLostError(RuntimeError):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from olss_dist.models.base import DiffusionModel
-from olss_dist.noise_schedule import alphas_cumprod_from_config
+from olss_dist.core.noise_schedule import alphas_cumprod_from_config
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 

@@ -136,8 +136,8 @@ def fetch_remote_folder(uri: str, storage_options: dict[str, Any] | None = None)
     fresh copy and an unchanged one is not downloaded again. Copies land in a temporary sibling and are
     renamed into place, so concurrent loaders on one node never see half a folder.
     """
-    from olss_dist.storage.errors import ArtifactError, storage_errors
-    from olss_dist.storage.stores import open_store
+    from olss_dist.artifacts.errors import ArtifactError, storage_errors
+    from olss_dist.artifacts.stores import open_store
 
     try:
         store = open_store(uri, storage_options)

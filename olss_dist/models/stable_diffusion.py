@@ -16,7 +16,7 @@ import torch
 from olss_dist.models.base import DiffusionModel
 from olss_dist.models.digest import content_digest
 from olss_dist.models.loading import ModelLoadError
-from olss_dist.noise_schedule import alphas_cumprod_from_config
+from olss_dist.core.noise_schedule import alphas_cumprod_from_config
 
 REQUIRED_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
 PREDICTION_TYPES = ("epsilon", "v_prediction")

@@ -12,13 +12,13 @@ import torch
 from safetensors.numpy import save as save_safetensors
 from safetensors.numpy import load as load_safetensors
 
-from olss_dist.lstsq import solve_from_r
-from olss_dist.plan import Plan
-from olss_dist.planner import SearchErrors, check_nodes, even_nodes, output_column, search_path, state_column
-from olss_dist.teacher import validate_timesteps
-from olss_dist.tsqr import DEFAULT_CHUNK_ROWS, iter_row_chunks, merge_r_factors, streaming_r_factor
+from olss_dist.core.lstsq import solve_from_r
+from olss_dist.core.plan import Plan
+from olss_dist.core.path_search import SearchErrors, check_nodes, even_nodes, output_column, search_path, state_column
+from olss_dist.core.teacher import validate_timesteps
+from olss_dist.core.tsqr import DEFAULT_CHUNK_ROWS, iter_row_chunks, merge_r_factors, streaming_r_factor
 
-FORMAT = "olss_dist.calibration"
+FORMAT = "olss_dist.core.calibration"
 FORMAT_VERSION = 1
 
 
@@ -125,7 +125,7 @@ class Calibration:
         return coefficients, step_errors
 
     def search_errors(self, nodes: Sequence[int]) -> np.ndarray:
-        """``(K,)`` local search errors of the path ``nodes`` (see ``olss_dist.planner``)."""
+        """``(K,)`` local search errors of the path ``nodes`` (see ``olss_dist.core.path_search``)."""
         nodes = check_nodes(nodes, self.num_teacher_steps)
         if self._search_errors is None:
             self._search_errors = SearchErrors(self.r_factor, self.num_rows)

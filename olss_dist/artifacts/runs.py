@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Union
 
-from olss_dist.storage.errors import ArtifactError, PreconditionFailed, storage_errors
-from olss_dist.storage.layout import (
+from olss_dist.artifacts.errors import ArtifactError, PreconditionFailed, storage_errors
+from olss_dist.artifacts.layout import (
     MANIFEST_NAME,
     POINTER_NAME,
     STAGING_DIR,
@@ -46,7 +46,7 @@ from olss_dist.storage.layout import (
     validate_manifest,
     validate_pointer,
 )
-from olss_dist.storage.stores import Store, join_key, open_store, parent_uri
+from olss_dist.artifacts.stores import Store, join_key, open_store, parent_uri
 
 __all__ = [
     "ArtifactError",

@@ -14,11 +14,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from olss_dist.calibration import as_tensor
-from olss_dist.planner import check_nodes
-from olss_dist.plan import Plan
-from olss_dist.teacher import Denoiser, trailing_timesteps, validate_timesteps
-from olss_dist.tsqr import r_factor
+from olss_dist.core.calibration import as_tensor
+from olss_dist.core.path_search import check_nodes
+from olss_dist.core.plan import Plan
+from olss_dist.core.teacher import Denoiser, trailing_timesteps, validate_timesteps
+from olss_dist.core.tsqr import r_factor
 
 DEFAULT_RIDGE = 1e-6
 """Ridge weight relative to each feature's squared norm; tames near-collinear outputs."""

@@ -1,6 +1,6 @@
 """Where the samples live: the rollout backend the method runs on, and its in-process implementation.
 
-The method (``olss_dist.method``) only ever sees reductions: the merged teacher calibration, the
+The method (``olss_dist.method.run``) only ever sees reductions: the merged teacher calibration, the
 per-round on-policy statistics (small R factors, one per shard) and per-sample validation errors.
 The samples, teacher states and model calls stay in the backend: in this process here, on Ray actors
 in ``olss_dist.distributed``. Both run the same method code, so they give the same plans.
@@ -15,9 +15,9 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from olss_dist.calibration import Calibration
-from olss_dist.onpolicy import apply_step, step_statistics
-from olss_dist.teacher import Denoiser, record_states, record_trajectories
+from olss_dist.core.calibration import Calibration
+from olss_dist.core.onpolicy import apply_step, step_statistics
+from olss_dist.core.teacher import Denoiser, record_states, record_trajectories
 
 TRAIN = "train"
 VALIDATION = "validation"

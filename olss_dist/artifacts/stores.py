@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from olss_dist.storage.errors import ArtifactError, PreconditionFailed
+from olss_dist.artifacts.errors import ArtifactError, PreconditionFailed
 
 # Per-request bounds: a dead endpoint fails in about S3_ATTEMPTS * (connect or read timeout) seconds.
 S3_CONNECT_TIMEOUT_S = 5

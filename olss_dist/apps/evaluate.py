@@ -49,13 +49,13 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from olss_dist.calibration import Calibration
-from olss_dist.onpolicy import DEFAULT_RIDGE, fit_on_policy_targets
-from olss_dist.plan import Plan
-from olss_dist.planner import check_num_steps, even_nodes
-from olss_dist.rollouts import batch_slices, error_summary, per_sample_mse, select
+from olss_dist.core.calibration import Calibration
+from olss_dist.core.onpolicy import DEFAULT_RIDGE, fit_on_policy_targets
+from olss_dist.core.plan import Plan
+from olss_dist.core.path_search import check_num_steps, even_nodes
+from olss_dist.method.rollouts import batch_slices, error_summary, per_sample_mse, select
 from olss_dist.scheduler import OLSSScheduler
-from olss_dist.teacher import Denoiser, record_states, trailing_timesteps
+from olss_dist.core.teacher import Denoiser, record_states, trailing_timesteps
 
 BUILTIN_SOLVERS: dict[str, tuple[type, dict[str, Any]]] = {
     "ddim": (DDIMScheduler, {}),

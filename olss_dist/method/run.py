@@ -19,14 +19,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from olss_dist.builtin import builtin_plan
-from olss_dist.calibration import Calibration, as_tensor
-from olss_dist.onpolicy import DEFAULT_RIDGE, solve_step
-from olss_dist.plan import Plan
-from olss_dist.planner import check_num_steps, even_nodes
-from olss_dist.rollouts import TRAIN, VALIDATION, InProcessBackend, RolloutBackend, error_summary
-from olss_dist.teacher import Denoiser, validate_timesteps
-from olss_dist.tsqr import merge_r_factors
+from olss_dist.core.builtin import builtin_plan
+from olss_dist.core.calibration import Calibration, as_tensor
+from olss_dist.core.onpolicy import DEFAULT_RIDGE, solve_step
+from olss_dist.core.plan import Plan
+from olss_dist.core.path_search import check_num_steps, even_nodes
+from olss_dist.method.rollouts import TRAIN, VALIDATION, InProcessBackend, RolloutBackend, error_summary
+from olss_dist.core.teacher import Denoiser, validate_timesteps
+from olss_dist.core.tsqr import merge_r_factors
 
 logger = logging.getLogger(__name__)
 

@@ -34,16 +34,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from olss_dist.artifacts import ArtifactError, config_digest, find_complete_run
-from olss_dist.storage.errors import PreconditionFailed, storage_errors
-from olss_dist.storage.layout import check_model_digest, document_bytes, model_slug, parse_document, utc_now
-from olss_dist.storage.stores import Store, join_key, open_store, parent_uri
+from olss_dist.artifacts.errors import PreconditionFailed, storage_errors
+from olss_dist.artifacts.layout import check_model_digest, document_bytes, model_slug, parse_document, utc_now
+from olss_dist.artifacts.stores import Store, join_key, open_store, parent_uri
 
 logger = logging.getLogger(__name__)
 
 REGISTRY_FILE_SUFFIXES = (".yaml", ".yml", ".json")
 SETTING_KEYS = ("prompts", "steps", "teacher_steps", "guidance_scale", "validation_fraction", "seed")
 RECORD_DIR = "_refit"
-RECORD_FORMAT = "olss_dist.refit"
+RECORD_FORMAT = "olss_dist.apps.refit"
 RECORD_FORMAT_VERSION = 1
 CAS_ROUNDS = 16
 DEFAULT_MAX_ATTEMPTS = 3

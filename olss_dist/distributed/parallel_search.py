@@ -1,4 +1,4 @@
-"""The path search of ``olss_dist.planner.search_path`` with its evaluations run as parallel Ray tasks.
+"""The path search of ``olss_dist.core.path_search.search_path`` with its evaluations run as parallel Ray tasks.
 
 R goes into the object store once (``ray.put``); every task reads that one shared copy. The search
 makes exactly the decisions of the in-process planner, so it returns exactly the same nodes:
@@ -22,9 +22,9 @@ from typing import Sequence
 import numpy as np
 import ray
 
-from olss_dist.calibration import Calibration
-from olss_dist.plan import Plan
-from olss_dist.planner import SearchErrors, check_num_steps, even_nodes, greedy_path, split_to_length, still_bisecting
+from olss_dist.core.calibration import Calibration
+from olss_dist.core.plan import Plan
+from olss_dist.core.path_search import SearchErrors, check_num_steps, even_nodes, greedy_path, split_to_length, still_bisecting
 
 Path = list[int]
 

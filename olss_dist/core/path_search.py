@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from olss_dist.lstsq import residuals_of_many, tail_sums_of_squares
+from olss_dist.core.lstsq import residuals_of_many, tail_sums_of_squares
 
 BISECTION_TOLERANCE = 1e-9
 """Bisection stops when the bound is known to this relative precision."""

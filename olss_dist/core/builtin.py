@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
-from olss_dist.plan import Plan
+from olss_dist.core.plan import Plan
 
 LINEAR_SOLVERS = {
     "ddim": (DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": True}),

@@ -20,7 +20,7 @@ import struct
 from datetime import datetime, timezone
 from typing import Any
 
-from olss_dist.storage.errors import ArtifactError
+from olss_dist.artifacts.errors import ArtifactError
 
 MANIFEST_NAME = "manifest.json"
 POINTER_NAME = "latest.json"

@@ -1,0 +1,1 @@
+"""Applications over the library: scheduled refits (``refit``) and evaluation (``evaluate``)."""
