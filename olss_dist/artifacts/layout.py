@@ -25,6 +25,13 @@ from olss_dist.artifacts.errors import ArtifactError
 MANIFEST_NAME = "manifest.json"
 POINTER_NAME = "latest.json"
 STAGING_DIR = "_staging"
+
+# The files of a calibrated run: the job writes exactly these, readers look for them by these names.
+SCHEDULER_CONFIG_FILE = "scheduler_config.json"  # OLSSScheduler config (plans + the model's noise process)
+CALIBRATION_FILE = "calibration.safetensors"  # the merged statistics R, counts and timesteps
+PLANS_FILE = "plans.json"  # one Plan.to_dict() per step count
+REPORT_FILE = "report.json"  # model identity, config, statistics counts, every candidate's scores
+RUN_FILES = (SCHEDULER_CONFIG_FILE, CALIBRATION_FILE, PLANS_FILE, REPORT_FILE)
 MANIFEST_FORMAT = "olss_dist.run"
 POINTER_FORMAT = "olss_dist.latest"
 FORMAT_VERSION = 1
