@@ -15,9 +15,13 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from olss_dist.artifacts.errors import ArtifactError, storage_errors
+from olss_dist.artifacts.layout import config_digest
+from olss_dist.artifacts.stores import open_store, parent_uri
+from olss_dist.spec import CalibrationSpec
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 SEED_MODULUS = 2**32
@@ -146,11 +150,34 @@ def read_prompts(
 
 
 def _read_bytes(uri: str, storage_options: dict[str, Any]) -> bytes:
+    """The file's bytes through the artifact store layer (its timeouts and retries, its error mapping)."""
+    name = uri.rstrip("/").rpartition("/")[2]
     try:
-        with fsspec.open(uri, "rb", **storage_options) as handle:
-            return handle.read()
+        with storage_errors("cannot read prompts from", uri):
+            return open_store(parent_uri(uri), storage_options).read(name)
     except (FileNotFoundError, IsADirectoryError, PermissionError) as error:
         raise ValueError(f"cannot read prompts from {uri}: {error}") from error
+    except ArtifactError as error:
+        raise ValueError(str(error)) from error
+
+
+def prompts_digest(records: Sequence[PromptRecord]) -> str:
+    """sha256 of the records' indices, prompts, negative prompts and seeds (part of a calibration's identity)."""
+    return config_digest({"prompts": [[r.index, r.prompt, r.negative_prompt, r.seed] for r in records]})
+
+
+def spec_prompt_records(spec: CalibrationSpec, storage_options: dict[str, Any] | None = None) -> list[PromptRecord] | None:
+    """The records of ``spec.prompts``; ``None`` when the spec uses the model's default prompts."""
+    if not spec.prompts:
+        return None
+    return read_prompts(spec.prompts, base_seed=spec.seed, storage_options=storage_options)
+
+
+def spec_digest(spec: CalibrationSpec, storage_options: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
+    """``spec``'s registry identity and its digest, with its prompt file read to digest the records."""
+    records = spec_prompt_records(spec, storage_options)
+    digest = None if records is None else prompts_digest(records)
+    return spec.identity(digest), spec.digest(digest)
 
 
 def _records_from_parquet(data: bytes, source: str, base_seed: int) -> list[PromptRecord]:

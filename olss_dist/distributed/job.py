@@ -26,7 +26,8 @@ from olss_dist.distributed.state_store import KEEP_MODES
 from olss_dist.distributed.worker import ModelSpec
 from olss_dist.method.run import builtin_config, run_method
 from olss_dist.core.plan import Plan
-from olss_dist.prompts import PromptRecord, make_shards, read_prompts, split_validation
+from olss_dist.prompts import PromptRecord, make_shards, prompts_digest, read_prompts, spec_prompt_records, split_validation
+from olss_dist.spec import CalibrationSpec
 from olss_dist.method.rollouts import TRAIN
 from olss_dist.scheduler import OLSSScheduler
 from olss_dist.core.teacher import trailing_timesteps
@@ -169,16 +170,11 @@ def statistics_config(config: JobConfig, device: str, model: dict[str, Any], fit
     }
 
 
-def prompts_digest(records: list[PromptRecord]) -> str:
-    """sha256 of the records' indices, prompts, negative prompts and seeds."""
-    return config_digest({"prompts": [[r.index, r.prompt, r.negative_prompt, r.seed] for r in records]})
-
-
 def prompt_file_records(config: JobConfig) -> list[PromptRecord] | None:
     """The records of ``config.prompts``; None when the job uses the model's default prompts."""
-    if not config.prompts:
-        return None
-    return read_prompts(config.prompts, base_seed=config.seed, storage_options=config.storage_options)
+    return spec_prompt_records(CalibrationSpec(config.model, config.prompts, config.steps, config.teacher_steps,
+                                               config.guidance_scale, config.validation_fraction, config.seed),
+                               config.storage_options)
 
 
 def calibration_identity(config: JobConfig, file_records: list[PromptRecord] | None) -> dict[str, Any]:
