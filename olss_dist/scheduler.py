@@ -3,13 +3,15 @@
 Each planned step is a fixed linear combination of the initial noise and the model outputs seen so
 far, ``x_{i+1} = c[i, 0] x_T + sum_{j <= i} c[i, j+1] eps_j``. The scheduler keeps ``x_T`` and the
 outputs of the current run and resets them in ``set_timesteps``.
+
+It depends on ``olss_dist.core`` only; ``from_pretrained`` of a published run's URI asks the artifact
+store (``olss_dist.artifacts.fetch_run``) for a verified local copy first.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -22,9 +24,6 @@ from olss_dist.core.noise_schedule import alphas_cumprod_from_config
 from olss_dist.core.onpolicy import apply_step
 from olss_dist.core.plan import Plan
 from olss_dist.core.teacher import validate_timesteps
-
-ARTIFACT_MARKERS = ("manifest.json", "latest.json")
-
 
 @dataclass
 class OLSSSchedulerOutput(BaseOutput):
@@ -49,15 +48,6 @@ def plan_config(plan: Plan) -> dict[str, Any]:
         "fit": plan.fit,
         "spacing": plan.spacing,
     }
-
-
-def is_artifact_location(location: str | os.PathLike) -> bool:
-    """True for URIs with a scheme and for local folders or files of a published run (manifest / latest pointer)."""
-    text = str(location)
-    if "://" in text:
-        return True
-    path = Path(text)
-    return path.name in ARTIFACT_MARKERS or any((path / marker).is_file() for marker in ARTIFACT_MARKERS)
 
 
 class OLSSScheduler(SchedulerMixin, ConfigMixin):
@@ -140,9 +130,11 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         ``s3://``, ``gs://``, ``file://`` run URIs, a model's ``latest`` location and local run folders
         (with ``manifest.json``) are downloaded and verified by ``olss_dist.artifacts.fetch_run`` first.
         """
-        if pretrained_model_name_or_path is not None and is_artifact_location(pretrained_model_name_or_path):
-            from olss_dist.artifacts import fetch_run
+        # Imported here, not at the top: the scheduler is maths over core/; only a published run's URI needs
+        # the artifact store (fsspec), and pipelines that load from a plain folder never import it.
+        from olss_dist.artifacts import fetch_run, is_artifact_location
 
+        if pretrained_model_name_or_path is not None and is_artifact_location(pretrained_model_name_or_path):
             pretrained_model_name_or_path = fetch_run(str(pretrained_model_name_or_path), storage_options=storage_options)
         return super().from_pretrained(
             pretrained_model_name_or_path, subfolder=subfolder, return_unused_kwargs=return_unused_kwargs, **kwargs

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import os
 import platform
 import re
 import secrets
@@ -32,6 +33,15 @@ CALIBRATION_FILE = "calibration.safetensors"  # the merged statistics R, counts 
 PLANS_FILE = "plans.json"  # one Plan.to_dict() per step count
 REPORT_FILE = "report.json"  # model identity, config, statistics counts, every candidate's scores
 RUN_FILES = (SCHEDULER_CONFIG_FILE, CALIBRATION_FILE, PLANS_FILE, REPORT_FILE)
+
+
+def is_artifact_location(location: str | os.PathLike) -> bool:
+    """True for URIs with a scheme and for local folders or files of a published run (manifest / latest pointer)."""
+    text = os.fspath(location)
+    if "://" in text:
+        return True
+    markers = (MANIFEST_NAME, POINTER_NAME)
+    return os.path.basename(text.rstrip("/")) in markers or any(os.path.isfile(os.path.join(text, m)) for m in markers)
 MANIFEST_FORMAT = "olss_dist.run"
 POINTER_FORMAT = "olss_dist.latest"
 FORMAT_VERSION = 1
