@@ -8,6 +8,9 @@
 Keys are ``/``-separated paths relative to the root. Store methods raise the storage library's errors
 (``FileNotFoundError``, ``PermissionError``, botocore errors...) and ``PreconditionFailed``; callers wrap them
 with ``storage_errors`` to get one ``ArtifactError``.
+
+Why this module is long: the stores' two atomic writes (local, S3, GCS, memory) sit side by side, so
+their semantics can be read against each other in one place.
 """
 
 from __future__ import annotations
