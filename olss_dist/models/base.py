@@ -56,7 +56,7 @@ class DiffusionModel(ABC):
 
     def default_prompts(self) -> list[str]:
         """Prompts used when the user gives none."""
-        raise NotImplementedError(f"{type(self).__name__} has no default prompts; pass --prompts")
+        raise NotImplementedError(f"{type(self).__name__} has no default prompts; pass a prompt file (prompts=...)")
 
     def decode(self, latents: torch.Tensor) -> np.ndarray | None:
         """``(B, H, W, 3)`` uint8 images for image models; ``None`` where there is no decoder."""
