@@ -18,11 +18,12 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, TypeVar
+from typing import Annotated, Any, Callable, NoReturn, Optional, Sequence, TypeVar
 
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from olss_dist.artifacts import (
@@ -34,6 +35,7 @@ from olss_dist.artifacts import (
     read_run_file,
     resolve_run,
 )
+from olss_dist.spec import DEVICES, KEEP_STATES, CalibrationSpec, ExecutionConfig, SpecError, flag_name, parse_steps
 
 app = typer.Typer(
     name="olss-dist",
@@ -70,6 +72,23 @@ def parse_storage_options(text: str | None) -> dict[str, Any] | None:
     return options
 
 
+# Flags whose name is not ``flag_name`` of the argument they set.
+FLAGS = {"wait_for_gpus_s": "--wait-for-gpus"}
+
+
+def error_text(error: BaseException) -> str:
+    """An error as its user reads it: a ``SpecError`` names the flag of its argument (``--teacher-steps: ...``)."""
+    if isinstance(error, SpecError):
+        return f"{FLAGS.get(error.argument, flag_name(error.argument))}: {error.detail}"
+    return str(error)
+
+
+def exit_with_error(error: BaseException) -> NoReturn:
+    """Print ``error`` as one ``error:`` line on stderr and exit with status 1."""
+    error_console.print(f"[bold red]error:[/] {escape(error_text(error))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=1) from error
+
+
 def reports_errors(command: Command) -> Command:
     """Run ``command``; print a ValueError or ArtifactError as one ``error:`` line and exit with status 1."""
 
@@ -78,8 +97,7 @@ def reports_errors(command: Command) -> Command:
         try:
             return command(*args, **kwargs)
         except (ValueError, ArtifactError) as error:
-            error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-            raise typer.Exit(code=1) from error
+            exit_with_error(error)
 
     return wrapper  # type: ignore[return-value]
 
@@ -351,13 +369,128 @@ def evaluate(
     storage_options: StorageOptionsFlag = None,
 ) -> None:
     """Compare a run's OLSS plans with diffusers' built-in solvers on held-out samples (see docs/evaluation.md)."""
-    from olss_dist.apps.evaluate import evaluate_and_report, parse_step_counts
+    step_counts = None if steps is None or not steps.strip() else list(parse_steps(steps))
+    from olss_dist.apps.evaluate import evaluate_and_report  # loads torch
 
     evaluate_and_report(
-        output, console, model_spec=model, artifact=artifact, steps=parse_step_counts(steps), num_samples=num_samples,
+        output, console, model_spec=model, artifact=artifact, steps=step_counts, num_samples=num_samples,
         prompts=prompts, seed_offset=seed_offset, teacher_steps=teacher_steps, uniform_fit_samples=uniform_fit_samples,
         batch_size=batch_size, storage_options=parse_storage_options(storage_options),
     )
+
+
+# ----------------------------------------------------------------------------------------------- calibrate
+
+SPEC = CalibrationSpec()  # every calibrate default is a field default of these two
+EXECUTION = ExecutionConfig()
+
+# Help of each calibration option, by the field it sets (olss-dist calibrate, jobs/calibrate.py).
+CALIBRATION_HELP = {
+    "model": "model: 'embedded' (the committed digits model), 'analytic' (Gaussian mixture test model), a diffusers folder, hub id or URI",
+    "prompts": "Parquet (column 'prompt'; optional 'negative_prompt', 'seed') or text file, path or URI; default: the model's prompts",
+    "steps": "comma-separated step counts to plan",
+    "teacher_steps": "N, the teacher's DDIM step count",
+    "guidance_scale": "classifier-free guidance scale",
+    "validation_fraction": "share of prompts held out of the fit to choose each plan",
+    "seed": "base seed of the per-prompt seeds",
+    "output": "registry root the run is published under: a path or fsspec URI (s3://...)",
+    "device": f"worker device: {', '.join(DEVICES)} (auto: GPUs when the cluster has any)",
+    "num_workers": "actors (default: one per GPU, or CPUs minus one)",
+    "shard_size": "samples per shard (one batch on one worker)",
+    "wait_for_gpus_s": "with --device cuda, seconds to wait for the autoscaler to add GPU nodes",
+    "keep_states": f"where workers keep teacher states for the on-policy rounds: {' or '.join(KEEP_STATES)} (disk: node-local, survives restarts)",
+    "state_dir": "node-local directory for --keep-states disk (default: the node's temp dir)",
+    "address": "Ray address (default: RAY_ADDRESS, else a local Ray)",
+    "local_cpus": "logical CPUs of a local Ray (default: the machine's)",
+    "max_restarts": "restarts of each actor after its process dies",
+    "keep_checkpoints": "keep shard checkpoints after publishing",
+}
+
+
+def calibration_config(
+    *,
+    model: str,
+    prompts: str | None,
+    steps: str,
+    teacher_steps: int,
+    guidance_scale: float,
+    validation_fraction: float,
+    seed: int,
+    output: str,
+    device: str,
+    num_workers: int | None,
+    shard_size: int,
+    wait_for_gpus: float,
+    keep_states: str,
+    state_dir: str | None,
+    address: str | None,
+    local_cpus: int | None,
+    max_restarts: int,
+    keep_checkpoints: bool,
+    storage_options: str | None,
+    quiet: bool,
+) -> tuple[CalibrationSpec, ExecutionConfig, bool]:
+    """``olss-dist calibrate``'s options as the job's spec, execution config and ``quiet``; SpecError otherwise."""
+    spec = CalibrationSpec(
+        model=model, prompts=prompts, steps=parse_steps(steps), teacher_steps=teacher_steps, guidance_scale=guidance_scale,
+        validation_fraction=validation_fraction, seed=seed,
+    )  # fmt: skip
+    execution = ExecutionConfig(
+        output=output, device=device, num_workers=num_workers, shard_size=shard_size, wait_for_gpus_s=wait_for_gpus,
+        keep_states=keep_states, state_dir=state_dir, address=address, local_cpus=local_cpus, max_restarts=max_restarts,
+        keep_checkpoints=keep_checkpoints, storage_options=parse_storage_options(storage_options) or {},
+    )  # fmt: skip
+    return spec, execution, quiet
+
+
+def parse_calibrate_arguments(arguments: Sequence[str]) -> tuple[CalibrationSpec, ExecutionConfig, bool]:
+    """What ``olss-dist calibrate ARGUMENTS`` would run, without running it (e.g. ``spec.to_arguments()``
+    + ``execution.to_arguments()`` + ``["--quiet"]``, the form refit submits jobs in)."""
+    command = typer.main.get_command(app).commands["calibrate"]  # type: ignore[attr-defined]
+    with command.make_context("calibrate", list(arguments)) as context:
+        return calibration_config(**context.params)
+
+
+@app.command()
+@reports_errors
+def calibrate(
+    model: Annotated[str, typer.Option(help=CALIBRATION_HELP["model"])] = SPEC.model,
+    prompts: Annotated[Optional[str], typer.Option(help=CALIBRATION_HELP["prompts"])] = SPEC.prompts,
+    steps: Annotated[str, typer.Option(help=CALIBRATION_HELP["steps"])] = ",".join(map(str, SPEC.steps)),
+    teacher_steps: Annotated[int, typer.Option(help=CALIBRATION_HELP["teacher_steps"])] = SPEC.teacher_steps,
+    guidance_scale: Annotated[float, typer.Option(help=CALIBRATION_HELP["guidance_scale"])] = SPEC.guidance_scale,
+    validation_fraction: Annotated[float, typer.Option(help=CALIBRATION_HELP["validation_fraction"])] = SPEC.validation_fraction,
+    seed: Annotated[int, typer.Option(help=CALIBRATION_HELP["seed"])] = SPEC.seed,
+    output: Annotated[str, typer.Option(help=CALIBRATION_HELP["output"])] = EXECUTION.output,
+    device: Annotated[str, typer.Option(help=CALIBRATION_HELP["device"])] = EXECUTION.device,
+    num_workers: Annotated[Optional[int], typer.Option(help=CALIBRATION_HELP["num_workers"])] = EXECUTION.num_workers,
+    shard_size: Annotated[int, typer.Option(help=CALIBRATION_HELP["shard_size"])] = EXECUTION.shard_size,
+    wait_for_gpus: Annotated[float, typer.Option(help=CALIBRATION_HELP["wait_for_gpus_s"])] = EXECUTION.wait_for_gpus_s,
+    keep_states: Annotated[str, typer.Option(help=CALIBRATION_HELP["keep_states"])] = EXECUTION.keep_states,
+    state_dir: Annotated[Optional[str], typer.Option(help=CALIBRATION_HELP["state_dir"])] = EXECUTION.state_dir,
+    address: Annotated[Optional[str], typer.Option(help=CALIBRATION_HELP["address"])] = EXECUTION.address,
+    local_cpus: Annotated[Optional[int], typer.Option(help=CALIBRATION_HELP["local_cpus"])] = EXECUTION.local_cpus,
+    max_restarts: Annotated[int, typer.Option(help=CALIBRATION_HELP["max_restarts"])] = EXECUTION.max_restarts,
+    keep_checkpoints: Annotated[bool, typer.Option(help=CALIBRATION_HELP["keep_checkpoints"])] = EXECUTION.keep_checkpoints,
+    storage_options: StorageOptionsFlag = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress output (for cron); the URI is still printed")] = False,
+) -> None:
+    """Calibrate a model's OLSS schedulers on a Ray cluster and publish the run (see docs/distributed.md).
+
+    Under ``ray job submit`` (or with RAY_ADDRESS set) the job joins the cluster, otherwise it starts a
+    local Ray with CPU workers. Prints the published run's URI on stdout; bad input is one error line
+    and exit status 1, with nothing published.
+    """
+    spec, execution, quiet = calibration_config(**locals())  # the options above, by name
+    if spec.model == "analytic" and not quiet:
+        typer.echo("model: analytic Gaussian mixture (built-in test model, not an image model); pass --model for a real one")
+    from olss_dist.distributed.job import JOB_ERRORS, run_job_from_command  # loads torch and Ray
+
+    try:
+        result = run_job_from_command(spec, execution, quiet=quiet)
+    except JOB_ERRORS as error:
+        exit_with_error(error)
+    typer.echo(result.uri)
 
 
 # ----------------------------------------------------------------------------------------------- refit

@@ -11,7 +11,7 @@ import pytest
 
 from olss_dist.distributed.backend import RayRolloutBackend
 from olss_dist.distributed.checkpoints import ShardCheckpoints
-from olss_dist.distributed.job import JobConfig, run_job
+from olss_dist.distributed.job import run_job
 from olss_dist.distributed.pool import WorkerPool
 from olss_dist.distributed.progress import ShardProgress
 from olss_dist.distributed.worker import ModelSpec
@@ -20,6 +20,7 @@ from olss_dist.models import load_model
 from olss_dist.prompts import make_shards, read_prompts, records_from_prompts, split_validation
 from olss_dist.method.rollouts import TRAIN
 from olss_dist.scheduler import OLSSScheduler
+from olss_dist.spec import CalibrationSpec, ExecutionConfig
 from olss_dist.core.teacher import trailing_timesteps
 
 GUIDANCE = 3.0
@@ -56,19 +57,16 @@ def assert_same_plan(plan, expected, rtol=1e-6):
 def test_job_plans_equal_in_process_calibrate(local_ray, tmp_path):
     prompts_path = tmp_path / "prompts.txt"
     prompts_path.write_text("\n".join(f"a photo of digit {i % 10}, style {i}" for i in range(16)))
-    config = JobConfig(
-        output=str(tmp_path / "registry"),
+    spec = CalibrationSpec(
         model="analytic",
         prompts=str(prompts_path),
         steps=(3, 5),
         teacher_steps=TEACHER_STEPS,
         guidance_scale=GUIDANCE,
         validation_fraction=0.25,
-        shard_size=SHARD_SIZE,
-        keep_states="memory",
-        quiet=True,
     )
-    result = run_job(config)
+    execution = ExecutionConfig(output=str(tmp_path / "registry"), shard_size=SHARD_SIZE, keep_states="memory")
+    result = run_job(spec, execution, quiet=True)
 
     fit, validation = split_validation(read_prompts(str(prompts_path)), 0.25)
     expected = in_process_plans(fit, validation, (3, 5))

@@ -5,17 +5,15 @@ import s3fs
 from olss_dist import OLSSScheduler
 from olss_dist.artifacts import ArtifactError
 from olss_dist.distributed.checkpoints import check_writable
-from olss_dist.distributed.job import JobConfig, run_job
+from olss_dist.distributed.job import run_job
+from olss_dist.spec import CalibrationSpec, ExecutionConfig
 
 
 def test_job_publishes_to_s3_and_the_scheduler_loads_by_uri(local_ray, s3_root, run_cache, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(f"a sample of class {i % 4}, variant {i}" for i in range(8)))
-    config = JobConfig(
-        output=s3_root, model="analytic", prompts=str(prompts), steps=(2, 4), teacher_steps=20,
-        validation_fraction=0.25, shard_size=2, keep_states="memory", quiet=True,
-    )
-    result = run_job(config)
+    spec = CalibrationSpec(model="analytic", prompts=str(prompts), steps=(2, 4), teacher_steps=20, validation_fraction=0.25)
+    result = run_job(spec, ExecutionConfig(output=s3_root, shard_size=2, keep_states="memory"), quiet=True)
     assert result.uri.startswith(s3_root + "/")
     scheduler = OLSSScheduler.from_pretrained(result.uri)
     assert scheduler.available_steps == [2, 4]

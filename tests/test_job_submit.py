@@ -185,7 +185,7 @@ def assert_one_error_line(result: subprocess.CompletedProcess, fragment: str, ou
     [
         (lambda tmp: ["--prompts", str(_write(tmp / "empty.txt", "\n"))], "no prompts"),
         (lambda tmp: ["--prompts", str(tmp / "missing.parquet")], "cannot read prompts"),
-        (lambda tmp: ["--teacher-steps", "50", "--steps", "5,60"], "--steps 60"),
+        (lambda tmp: ["--teacher-steps", "50", "--steps", "5,60"], "--steps: 60 must be between 1 and teacher_steps (50)"),
     ],
 )
 def test_bad_input_fails_before_any_work(tmp_path, make_options, fragment):

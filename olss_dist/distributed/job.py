@@ -2,87 +2,38 @@
 search -> on-policy fits and validated choice (``olss_dist.method.run_method`` on ``RayRolloutBackend``)
 -> artifact.
 
-``run_job(JobConfig(...))`` is the whole job; ``jobs/calibrate.py`` is a thin command line over it.
-Inputs are checked before any work starts, and nothing is published unless the run succeeds.
+``run_job(CalibrationSpec(...), ExecutionConfig(...))`` is the whole job; ``olss-dist calibrate`` (and
+its wrapper ``jobs/calibrate.py``) is a thin command line over it. The spec and the execution config
+are checked when they are built, the prompt file and the output location before any worker starts,
+and nothing is published unless the run succeeds.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import ray
 
-from olss_dist.artifacts import config_digest, publish_run, staging_uri
+from olss_dist.artifacts import ArtifactError, config_digest, publish_run, staging_uri
+from olss_dist.artifacts.layout import CALIBRATION_FILE, PLANS_FILE, REPORT_FILE, SCHEDULER_CONFIG_FILE
 from olss_dist.core.calibration import Calibration
+from olss_dist.core.plan import Plan
+from olss_dist.core.teacher import trailing_timesteps
 from olss_dist.distributed.backend import RayRolloutBackend, TeacherSummary
 from olss_dist.distributed.checkpoints import ShardCheckpoints, check_writable
 from olss_dist.distributed.cluster import cluster_cpus, cluster_gpus, connect, wait_for_gpus
-from olss_dist.distributed.pool import WorkerPool, WorkerResources
+from olss_dist.distributed.pool import WorkerError, WorkerPool, WorkerResources, WorkersLostError
 from olss_dist.distributed.progress import ShardProgress
-from olss_dist.distributed.state_store import KEEP_MODES
 from olss_dist.distributed.worker import ModelSpec
-from olss_dist.method.run import builtin_config, run_method
-from olss_dist.core.plan import Plan
-from olss_dist.prompts import PromptRecord, make_shards, prompts_digest, read_prompts, spec_prompt_records, split_validation
-from olss_dist.spec import CalibrationSpec
 from olss_dist.method.rollouts import TRAIN
+from olss_dist.method.run import builtin_config, run_method
+from olss_dist.prompts import PromptRecord, make_shards, prompts_digest, read_prompts, spec_prompt_records, split_validation
 from olss_dist.scheduler import OLSSScheduler
-from olss_dist.core.teacher import trailing_timesteps
-
-DEVICES = ("auto", "cuda", "cpu")
-
-
-@dataclass
-class JobConfig:
-    """Everything the job needs; the fields that change results make up the published config.
-
-    Attributes:
-        output: registry root (local path or fsspec URI) the run is published under.
-        model: model spec (``"embedded"``, ``"analytic"``, a diffusers folder, a hub id, a URI).
-        prompts: Parquet or text file (path or URI); ``None`` uses the model's default prompts.
-        steps: step counts K to plan, each at most ``teacher_steps``.
-        teacher_steps: N, the teacher's step count.
-        guidance_scale: classifier-free guidance scale.
-        validation_fraction: share of prompts held out of the fit.
-        seed: base seed of every derived per-prompt seed.
-        shard_size: samples per shard (one batch on one worker).
-        device: ``"cuda"`` (GPU actors, fails without GPUs), ``"cpu"`` or ``"auto"`` (GPUs when the cluster has any).
-        num_workers: actors; ``None``: one per GPU, or the cluster's CPUs minus one for CPU workers.
-        wait_for_gpus_s: with ``device="cuda"``, how long to wait for an autoscaler to add GPU nodes.
-        keep_states: where workers keep teacher states for the on-policy rounds: ``"disk"`` (node-local
-            files, survive worker restarts and job reruns on the node) or ``"memory"``.
-        state_dir: node-local directory for ``"disk"`` states (``None``: the node's temp dir).
-        address: Ray address; ``None`` uses ``RAY_ADDRESS`` or starts a local Ray.
-        local_cpus: logical CPUs of a local Ray (``None``: the machine's).
-        max_restarts: restarts of each actor after its process dies.
-        keep_checkpoints: keep shard checkpoints after publishing (default: remove them).
-        quiet: no progress output.
-        storage_options: fsspec options for the output and prompt locations.
-    """
-
-    output: str = "olss-registry"
-    model: str = "embedded"
-    prompts: str | None = None
-    steps: tuple[int, ...] = (5, 10, 20)
-    teacher_steps: int = 1000
-    guidance_scale: float = 7.5
-    validation_fraction: float = 0.2
-    seed: int = 0
-    shard_size: int = 16
-    device: str = "auto"
-    num_workers: int | None = None
-    wait_for_gpus_s: float = 0.0
-    keep_states: str = "disk"
-    state_dir: str | None = None
-    address: str | None = None
-    local_cpus: int | None = None
-    max_restarts: int = 2
-    keep_checkpoints: bool = False
-    quiet: bool = False
-    storage_options: dict[str, Any] = field(default_factory=dict)
+from olss_dist.spec import CalibrationSpec, ExecutionConfig, SpecError
 
 
 @dataclass
@@ -92,7 +43,7 @@ class JobResult:
     Attributes:
         uri: the published run.
         run_id: its id in the registry.
-        plans: one plan per step count, in ``JobConfig.steps`` order.
+        plans: one plan per step count, in ``CalibrationSpec.steps`` order.
         calibration: the merged statistics of every fit shard.
         report: the JSON report that was published.
         summary: shards computed / restored, teacher reruns and worker recoveries of this run.
@@ -106,95 +57,45 @@ class JobResult:
     summary: TeacherSummary
 
 
-def check_config(config: JobConfig) -> None:
-    """Raise ValueError, naming the option, for anything that cannot run."""
-    if config.teacher_steps < 1:
-        raise ValueError(f"--teacher-steps must be at least 1, got {config.teacher_steps}")
-    if not config.steps:
-        raise ValueError("--steps needs at least one step count")
-    for k in config.steps:
-        if not 1 <= k <= config.teacher_steps:
-            raise ValueError(f"--steps {k} must be between 1 and --teacher-steps ({config.teacher_steps})")
-    if len(set(config.steps)) != len(config.steps):
-        raise ValueError(f"--steps has repeated step counts: {list(config.steps)}")
-    if config.device not in DEVICES:
-        raise ValueError(f"--device must be one of {DEVICES}, got {config.device!r}")
-    if config.num_workers is not None and config.num_workers < 1:
-        raise ValueError(f"--num-workers must be at least 1, got {config.num_workers}")
-    if config.shard_size < 1:
-        raise ValueError(f"--shard-size must be at least 1, got {config.shard_size}")
-    if not 0.0 < config.validation_fraction < 1.0:
-        raise ValueError(
-            f"--validation-fraction must be in (0, 1): held-out prompts choose the plan, got {config.validation_fraction}"
-        )
-    if config.keep_states not in KEEP_MODES:
-        raise ValueError(f"--keep-states must be one of {KEEP_MODES}, got {config.keep_states!r}")
-
-
-def resolve_device(config: JobConfig) -> str:
+def resolve_device(execution: ExecutionConfig) -> str:
     """``"cuda"`` or ``"cpu"`` for the workers, from the request and the cluster's GPUs."""
-    if config.device == "cpu":
+    if execution.device == "cpu":
         return "cpu"
     gpus = cluster_gpus()
-    if config.device == "cuda" and gpus == 0:
-        gpus = wait_for_gpus(config.num_workers or 1, config.wait_for_gpus_s)
+    if execution.device == "cuda" and gpus == 0:
+        gpus = wait_for_gpus(execution.num_workers or 1, execution.wait_for_gpus_s)
         if gpus == 0:
-            waited = f" after waiting {config.wait_for_gpus_s:g}s" if config.wait_for_gpus_s > 0 else ""
-            raise ValueError(f"--device cuda was requested but the Ray cluster has no GPU{waited}")
+            waited = f" after waiting {execution.wait_for_gpus_s:g}s" if execution.wait_for_gpus_s > 0 else ""
+            raise SpecError("device", f"cuda was requested but the Ray cluster has no GPU{waited}")
     return "cuda" if gpus > 0 else "cpu"
 
 
-def worker_layout(config: JobConfig, device: str) -> tuple[int, WorkerResources]:
+def worker_layout(execution: ExecutionConfig, device: str) -> tuple[int, WorkerResources]:
     """Number of actors and each one's resources: one per GPU, or one CPU each leaving one for planning."""
     if device == "cuda":
-        return config.num_workers or max(1, cluster_gpus()), WorkerResources(1, 1, config.max_restarts)
+        return execution.num_workers or max(1, cluster_gpus()), WorkerResources(1, 1, execution.max_restarts)
     spare = max(1, cluster_cpus() - 1)
-    if config.num_workers is not None and config.num_workers > spare:
-        raise ValueError(
-            f"--num-workers {config.num_workers} CPU workers need {config.num_workers + 1} CPUs "
-            f"(one stays free for planning tasks); the cluster has {cluster_cpus()}"
+    if execution.num_workers is not None and execution.num_workers > spare:
+        raise SpecError(
+            "num_workers",
+            f"{execution.num_workers} CPU workers need {execution.num_workers + 1} CPUs "
+            f"(one stays free for planning tasks); the cluster has {cluster_cpus()}",
         )
-    return config.num_workers or spare, WorkerResources(0, 1, config.max_restarts)
+    return execution.num_workers or spare, WorkerResources(0, 1, execution.max_restarts)
 
 
-def statistics_config(config: JobConfig, device: str, model: dict[str, Any], fit: list[PromptRecord]) -> dict[str, Any]:
+def statistics_config(
+    spec: CalibrationSpec, execution: ExecutionConfig, device: str, model: dict[str, Any], fit: list[PromptRecord]
+) -> dict[str, Any]:
     """What a shard's statistics depend on, besides its own records: the key of the shard checkpoints."""
     return {
         "model_id": model["model_id"],
         "model_digest": model["model_digest"],
         "device": device,
-        "guidance_scale": config.guidance_scale,
-        "teacher_steps": config.teacher_steps,
-        "shard_size": config.shard_size,
+        "guidance_scale": spec.guidance_scale,
+        "teacher_steps": spec.teacher_steps,
+        "shard_size": execution.shard_size,
         "fit_prompts": [[r.index, r.prompt, r.negative_prompt, r.seed] for r in fit],
-    }
-
-
-def prompt_file_records(config: JobConfig) -> list[PromptRecord] | None:
-    """The records of ``config.prompts``; None when the job uses the model's default prompts."""
-    return spec_prompt_records(CalibrationSpec(config.model, config.prompts, config.steps, config.teacher_steps,
-                                               config.guidance_scale, config.validation_fraction, config.seed),
-                               config.storage_options)
-
-
-def calibration_identity(config: JobConfig, file_records: list[PromptRecord] | None) -> dict[str, Any]:
-    """The run's config in the registry: what its plans mean, not how they were computed.
-
-    Its digest and the model digest identify a calibration: ``olss_dist.apps.refit`` computes it before
-    submitting a job (and skips models already calibrated), the job publishes it. Execution details
-    (device, workers, shard size, where states are kept) stay out. ``file_records`` are
-    ``prompt_file_records(config)``; the model's default prompts (``None``) are identified by the model
-    digest, so no model has to be loaded to know the identity.
-    """
-    return {
-        "model": config.model,
-        "prompts": config.prompts,
-        "prompts_digest": None if file_records is None else prompts_digest(file_records),
-        "steps": list(config.steps),
-        "teacher_steps": config.teacher_steps,
-        "guidance_scale": config.guidance_scale,
-        "validation_fraction": config.validation_fraction,
-        "seed": config.seed,
     }
 
 
@@ -205,90 +106,110 @@ def scheduler_config_bytes(plans: list[Plan], alphas_cumprod: np.ndarray, predic
     return scheduler.to_json_string().encode()
 
 
-def run_job(config: JobConfig) -> JobResult:
+def run_job(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = False) -> JobResult:
     """Run the whole calibration job and publish its artifact.
 
+    Args:
+        spec: what to calibrate; its ``identity`` (with the prompt file's digest) is the published config.
+        execution: where and how it runs (output store, device, workers, shards, state keeping).
+        quiet: no progress output.
+
     Raises:
-        ValueError: bad options, no prompts, CUDA requested without GPUs, a model that does not load.
+        ValueError: (``SpecError`` naming the argument) no prompts, CUDA requested without GPUs, more CPU
+            workers than the cluster holds, a model that does not load.
         ArtifactError: the output location is not writable or publishing failed.
         WorkerError: a worker failed while computing.
         WorkersLostError: workers kept dying.
     """
     started = time.monotonic()
-    check_config(config)
-    records = prompt_file_records(config)
-    run_config = calibration_identity(config, records)
-    check_writable(config.output, config.storage_options)
-    connect(config.address, num_cpus=config.local_cpus)
-    device = resolve_device(config)
-    num_workers, resources = worker_layout(config, device)
-    model_spec = ModelSpec(config.model, config.guidance_scale, device)
-    pool = WorkerPool(model_spec, num_workers, config.teacher_steps, resources, config.keep_states, config.state_dir)
+    records = spec_prompt_records(spec, execution.storage_options)
+    run_config = spec.identity(None if records is None else prompts_digest(records))
+    check_writable(execution.output, execution.storage_options)
+    connect(execution.address, num_cpus=execution.local_cpus)
+    device = resolve_device(execution)
+    num_workers, resources = worker_layout(execution, device)
+    model_spec = ModelSpec(spec.model, spec.guidance_scale, device)
+    pool = WorkerPool(model_spec, num_workers, spec.teacher_steps, resources, execution.keep_states, execution.state_dir)
     try:
         workers = pool.describe()
         model = workers[0]
         if records is None:
-            records = read_prompts(None, default_prompts=model["default_prompts"], base_seed=config.seed)
-        fit, validation = split_validation(records, config.validation_fraction, base_seed=config.seed)
-        statistics_digest = config_digest(statistics_config(config, device, model, fit))
+            records = read_prompts(None, default_prompts=model["default_prompts"], base_seed=spec.seed)
+        fit, validation = split_validation(records, spec.validation_fraction, base_seed=spec.seed)
+        statistics_digest = config_digest(statistics_config(spec, execution, device, model, fit))
         checkpoints = ShardCheckpoints(
-            staging_uri(config.output, model["model_id"], model["model_digest"], statistics_digest),
+            staging_uri(execution.output, model["model_id"], model["model_digest"], statistics_digest),
             statistics_digest,
-            config.storage_options,
+            execution.storage_options,
         )
-        train_shards = make_shards(fit, config.shard_size)
-        progress = ShardProgress(len(train_shards), len(fit), quiet=config.quiet)
+        train_shards = make_shards(fit, execution.shard_size)
+        progress = ShardProgress(len(train_shards), len(fit), quiet=quiet)
         progress.log(
             f"calibrating {model['model_id']} on {num_workers} {device} workers: {len(fit)} fit prompts, "
-            f"{len(validation)} held out, shards of {config.shard_size}, N={config.teacher_steps}"
+            f"{len(validation)} held out, shards of {execution.shard_size}, N={spec.teacher_steps}"
         )
         backend = RayRolloutBackend(
             pool,
             train_shards,
-            make_shards(validation, config.shard_size),
+            make_shards(validation, execution.shard_size),
             checkpoints,
             progress,
-            planned_steps=config.steps,
+            planned_steps=spec.steps,
             planner_parallelism=max(1, cluster_cpus() - num_workers),
         )
         alphas_cumprod = np.asarray(model["alphas_cumprod"], dtype=np.float64)
-        timesteps = trailing_timesteps(config.teacher_steps, len(alphas_cumprod))
-        plans_by_steps, calibration = run_method(backend, timesteps, alphas_cumprod, config.steps, progress=progress.log)
-        plans = [plans_by_steps[k] for k in config.steps]
-        report = job_report(config, model, workers, run_config, backend, calibration, plans, validation, started)
+        timesteps = trailing_timesteps(spec.teacher_steps, len(alphas_cumprod))
+        plans_by_steps, calibration = run_method(backend, timesteps, alphas_cumprod, spec.steps, progress=progress.log)
+        plans = [plans_by_steps[k] for k in spec.steps]
+        report = job_report(spec, model, workers, run_config, backend, calibration, plans, validation, started)
         published = publish_run(
-            config.output,
+            execution.output,
             model_id=model["model_id"],
             model_digest=model["model_digest"],
             config=run_config,
             files={
-                "scheduler_config.json": scheduler_config_bytes(plans, alphas_cumprod, model["prediction_type"]),
-                "calibration.safetensors": calibration.to_bytes(),
-                "plans.json": json.dumps([p.to_dict() for p in plans], indent=1).encode(),
-                "report.json": json.dumps(report, indent=1).encode(),
+                SCHEDULER_CONFIG_FILE: scheduler_config_bytes(plans, alphas_cumprod, model["prediction_type"]),
+                CALIBRATION_FILE: calibration.to_bytes(),
+                PLANS_FILE: json.dumps([p.to_dict() for p in plans], indent=1).encode(),
+                REPORT_FILE: json.dumps(report, indent=1).encode(),
             },
             extra_manifest={
-                "teacher_steps": config.teacher_steps,
-                "planned_step_counts": list(config.steps),
+                "teacher_steps": spec.teacher_steps,
+                "planned_step_counts": list(spec.steps),
                 "execution": {
                     "device": device,
                     "num_workers": num_workers,
-                    "shard_size": config.shard_size,
+                    "shard_size": execution.shard_size,
                     "prompts_digest": prompts_digest(records),
                 },
             },
-            storage_options=config.storage_options,
+            storage_options=execution.storage_options,
         )
         backend.clear_states()
-        if not config.keep_checkpoints:
+        if not execution.keep_checkpoints:
             checkpoints.remove_all()
     finally:
         pool.shutdown()
     return JobResult(published.uri, published.run_id, plans, calibration, report, backend.summary)
 
 
+JOB_ERRORS = (ValueError, ArtifactError, WorkerError, WorkersLostError, OSError)
+"""What a job reports to its user as one error line: bad input, storage failures, failed or lost workers."""
+
+
+def run_job_from_command(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = False) -> JobResult:
+    """``run_job`` for a command line (``olss-dist calibrate``): on one of ``JOB_ERRORS`` Ray is shut down
+    before the error propagates, which stops the worker logs Ray forwards, so the caller's error line is
+    the last line of the output."""
+    try:
+        return run_job(spec, execution, quiet=quiet)
+    except JOB_ERRORS:
+        ray.shutdown()
+        raise
+
+
 def job_report(
-    config: JobConfig,
+    spec: CalibrationSpec,
     model: dict[str, Any],
     workers: list[dict[str, Any]],
     run_config: dict[str, Any],
@@ -301,7 +222,7 @@ def job_report(
     """``report.json``: model identity, config, statistics counts, workers and per-step errors of each plan."""
     summary = backend.summary
     return {
-        "model": {"id": model["model_id"], "digest": model["model_digest"], "spec": config.model},
+        "model": {"id": model["model_id"], "digest": model["model_digest"], "spec": spec.model},
         "config": run_config,
         "statistics": {
             "num_samples": calibration.num_samples,
