@@ -1,19 +1,69 @@
-"""The teacher: deterministic DDIM (eta 0) with the model's guided noise predictions.
+"""The teacher: the model's deterministic ODE, N steps each linear in (state, guided output).
 
-The teacher runs N steps over strictly decreasing train timesteps and ends at the clean sample
-(alpha 1 after the last step). It records every state and every guided output, which is all the
-calibration statistics are made of.
+``linear_teacher`` runs any ``TeacherSchedule`` ``s_{n+1} = a_n s_n + b_n o_n``; a noise process
+(``core.noise_process``) says what ``a``, ``b`` and the model timesteps are: deterministic DDIM (eta 0)
+over strictly decreasing train timesteps ending at the clean sample (alpha 1 after the last step) for VP
+models, Euler on the velocity over the model's own flow-matching schedule for flow models. The
+teacher records every state and every guided output, which is all the calibration statistics are made of.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-Denoiser = Callable[[torch.Tensor, int, Any], torch.Tensor]
-"""``denoiser(x (B, *shape), t: int, cond) -> guided epsilon (B, *shape)``."""
+Denoiser = Callable[[torch.Tensor, Any, Any], torch.Tensor]
+"""``denoiser(x (B, *shape), t, cond) -> guided output (B, *shape)``: epsilon at an int train timestep
+for VP models, the velocity at the pipeline's float timestep ``t = sigma * 1000`` for flow models."""
+
+
+@dataclass(frozen=True)
+class TeacherSchedule:
+    """N deterministic steps ``s_{n+1} = state_coefficients[n] * s_n + output_coefficients[n] * o_n``.
+
+    Attributes:
+        timesteps: ``(N,)`` float64 model timesteps, strictly decreasing; ``o_n = denoiser(s_n, timesteps[n])``.
+        state_coefficients: ``(N,)`` float64 ``a_n``.
+        output_coefficients: ``(N,)`` float64 ``b_n``.
+        integer_timesteps: the denoiser takes Python ints (VP train timesteps), else Python floats.
+    """
+
+    timesteps: np.ndarray
+    state_coefficients: np.ndarray
+    output_coefficients: np.ndarray
+    integer_timesteps: bool
+
+    def __post_init__(self) -> None:
+        n = len(self.timesteps)
+        if n == 0 or self.state_coefficients.shape != (n,) or self.output_coefficients.shape != (n,):
+            raise ValueError(
+                f"a teacher schedule needs N >= 1 timesteps and N coefficients of each kind, got {n}, "
+                f"{self.state_coefficients.shape}, {self.output_coefficients.shape}"
+            )
+        if np.any(np.diff(self.timesteps) >= 0):
+            raise ValueError("teacher timesteps must be strictly decreasing")
+        if not (np.isfinite(self.state_coefficients).all() and np.isfinite(self.output_coefficients).all()):
+            raise ValueError("teacher step coefficients must be finite")
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def model_timestep(self, n: int) -> int | float:
+        """What the denoiser is called with at step ``n``."""
+        t = self.timesteps[n]
+        return int(t) if self.integer_timesteps else float(t)
+
+
+def ddim_schedule(timesteps: Any, alphas_cumprod: Any) -> TeacherSchedule:
+    """The deterministic DDIM teacher over ``timesteps`` (strictly decreasing train timesteps), ending at alpha 1."""
+    timesteps = validate_timesteps(timesteps)
+    alphas = teacher_alphas(timesteps, alphas_cumprod)
+    a, b = np.array([ddim_coefficients(alphas[n], alphas[n + 1]) for n in range(len(timesteps))]).T
+    return TeacherSchedule(timesteps.astype(np.float64), a, b, integer_timesteps=True)
 
 
 def trailing_timesteps(num_teacher_steps: int = 1000, num_train_timesteps: int = 1000) -> np.ndarray:
@@ -68,37 +118,41 @@ def teacher_alphas(timesteps: Any, alphas_cumprod: Any) -> np.ndarray:
     return np.append(alphas_cumprod[validate_timesteps(timesteps, len(alphas_cumprod))], 1.0)
 
 
-def ddim_teacher(
-    denoiser: Denoiser, x_T: torch.Tensor, cond: Any, timesteps: Any, alphas_cumprod: Any
+def linear_teacher(
+    denoiser: Denoiser, x_T: torch.Tensor, cond: Any, schedule: TeacherSchedule
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Run the N-step deterministic DDIM teacher from ``x_T``, one state at a time.
+    """Run the N-step teacher ``schedule`` from ``x_T``, one state at a time.
 
     Args:
-        denoiser: ``denoiser(x, t, cond) -> eps``, see ``Denoiser``.
+        denoiser: ``denoiser(x, t, cond) -> guided output``, see ``Denoiser``.
         x_T: ``(B, *shape)`` initial noise; ``cond`` its conditioning, passed to the denoiser untouched.
-        timesteps: ``(N,)`` strictly decreasing train timesteps.
-        alphas_cumprod: ``(num_train_timesteps,)`` cumulative alphas of the model.
+        schedule: the steps (``ddim_schedule`` or a noise process's ``teacher_schedule``).
 
     Yields:
-        ``(s_n, e_n)`` for n = 0 .. N-1, the state ``(B, *shape)`` in the dtype of ``x_T`` and the guided
+        ``(s_n, o_n)`` for n = 0 .. N-1, the state ``(B, *shape)`` in the dtype of ``x_T`` and the guided
         output there, then ``(s_N, None)`` with ``s_N`` the clean sample.
 
     Raises:
-        ValueError: bad timesteps, or a denoiser output of the wrong shape or with NaN / Inf.
+        ValueError: a denoiser output of the wrong shape or with NaN / Inf.
     """
-    timesteps = validate_timesteps(timesteps)
-    alphas = teacher_alphas(timesteps, alphas_cumprod)
     x = x_T
-    for n, t in enumerate(timesteps.tolist()):
-        eps = denoiser(x, t, cond)
-        if eps.shape != x.shape:
-            raise ValueError(f"denoiser returned shape {tuple(eps.shape)} for input {tuple(x.shape)}")
-        if not torch.isfinite(eps).all():
+    for n in range(schedule.num_steps):
+        t = schedule.model_timestep(n)
+        output = denoiser(x, t, cond)
+        if output.shape != x.shape:
+            raise ValueError(f"denoiser returned shape {tuple(output.shape)} for input {tuple(x.shape)}")
+        if not torch.isfinite(output).all():
             raise ValueError(f"denoiser returned non-finite values at teacher step {n} (t={t})")
-        yield x, eps
-        a, b = ddim_coefficients(alphas[n], alphas[n + 1])
-        x = a * x + b * eps.to(x.dtype)
+        yield x, output
+        x = float(schedule.state_coefficients[n]) * x + float(schedule.output_coefficients[n]) * output.to(x.dtype)
     yield x, None
+
+
+def ddim_teacher(
+    denoiser: Denoiser, x_T: torch.Tensor, cond: Any, timesteps: Any, alphas_cumprod: Any
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """``linear_teacher`` over ``ddim_schedule(timesteps, alphas_cumprod)`` (see both)."""
+    return linear_teacher(denoiser, x_T, cond, ddim_schedule(timesteps, alphas_cumprod))
 
 
 def record_trajectories(
