@@ -1,11 +1,17 @@
-"""An analytic class-conditional Gaussian mixture whose exact guided epsilon has a closed form.
+"""Analytic class-conditional Gaussian mixtures whose exact guided model output has a closed form.
 
-The data distribution of class ``c`` is a mixture of isotropic Gaussians ``N(mu_k, sigma_k^2 I)``. Under
-the forward process ``x_t = sqrt(a) x_0 + sqrt(1 - a) eps`` each component stays Gaussian with mean
-``sqrt(a) mu_k`` and variance ``a sigma_k^2 + 1 - a``, so the exact epsilon is a softmax-weighted
-average of per-component epsilons. Guidance mixes the class-conditional and unconditional
-predictions as classifier-free guidance does. Sharp components and strong guidance make it a hard,
-nonlinear test for few-step samplers, with no network and no download.
+The data distribution of class ``c`` is a mixture of isotropic Gaussians ``N(mu_k, s_k^2 I)``. Under a
+forward process ``x = p x_0 + q noise`` each component stays Gaussian with mean ``p mu_k`` and variance
+``V_k = p^2 s_k^2 + q^2``, so the exact posterior means of the noise and of ``x_0`` are softmax-weighted
+averages of per-component ones:
+
+- ``GaussianMixtureModel`` (VP, ``p = sqrt(ᾱ_t)``, ``q = sqrt(1 - ᾱ_t)``): the exact epsilon;
+- ``GaussianMixtureFlowModel`` (rectified flow, ``p = 1 - σ``, ``q = σ``, ``σ = t / 1000``): the exact
+  velocity ``E[noise - x_0 | x] = ((q - p s_k^2) / V_k) (x - p mu_k) - mu_k`` per component.
+
+Guidance mixes the class-conditional and unconditional outputs as classifier-free guidance does. Sharp
+components and strong guidance make them hard, nonlinear tests for few-step samplers, with no network
+and no download.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import torch
 
 from olss_dist.models.base import DiffusionModel
 from olss_dist.core.noise_schedule import alphas_cumprod_from_config
+
+FLOW_SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -75,26 +83,35 @@ class GaussianMixtureModel(DiffusionModel):
         self.model_id = f"analytic:gaussian-mixture:{parameters}"
         self.digest = hashlib.sha256(self.model_id.encode()).hexdigest()
 
-    def class_epsilon(self, x: torch.Tensor, t: int, classes: torch.Tensor | None) -> torch.Tensor:
-        """Exact epsilon of the class-conditional (``classes (B,)``) or unconditional (``None``) mixture."""
-        alpha = float(self.alphas_cumprod[t])
+    def signal_and_noise(self, t: int | float) -> tuple[float, float, float, float]:
+        """``(p, q, p^2, q^2)`` with ``x_t = p x_0 + q eps``: ``p^2 = ᾱ_t``, ``q^2 = 1 - ᾱ_t`` at train timestep ``t``
+        (the squares exactly, not squared roots)."""
+        alpha = float(self.alphas_cumprod[int(t)])
+        return float(np.sqrt(alpha)), float(np.sqrt(1.0 - alpha)), alpha, 1.0 - alpha
+
+    def component_output(self, offsets: torch.Tensor, variance: torch.Tensor, p: float, q: float) -> torch.Tensor:
+        """Per-component epsilon ``q (x - p mu_k) / V_k``; ``offsets (B, K, D)`` are ``x - p mu_k``."""
+        return q * offsets / variance[None, :, None]
+
+    def class_output(self, x: torch.Tensor, t: int | float, classes: torch.Tensor | None) -> torch.Tensor:
+        """Exact output of the class-conditional (``classes (B,)``) or unconditional (``None``) mixture."""
+        p, q, p2, q2 = self.signal_and_noise(t)
         flat = x.reshape(x.shape[0], -1).to(torch.float64)
-        variance = alpha * self.scales**2 + (1.0 - alpha)
-        offsets = flat[:, None, :] - np.sqrt(alpha) * self.means[None]
+        variance = p2 * self.scales**2 + q2
+        offsets = flat[:, None, :] - p * self.means[None]
         dims = flat.shape[1]
         log_weights = -0.5 * (offsets**2).sum(-1) / variance - 0.5 * dims * torch.log(variance)
         if classes is not None:
             member = self.component_class[None, :] == classes[:, None]
             log_weights = log_weights.masked_fill(~member, float("-inf"))
         weights = torch.softmax(log_weights, dim=1)
-        component_eps = np.sqrt(1.0 - alpha) * offsets / variance[None, :, None]
-        eps = (weights[..., None] * component_eps).sum(1)
-        return eps.reshape(x.shape).to(x.dtype)
+        output = (weights[..., None] * self.component_output(offsets, variance, p, q)).sum(1)
+        return output.reshape(x.shape).to(x.dtype)
 
-    def __call__(self, x: torch.Tensor, t: int, cond: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: int | float, cond: torch.Tensor) -> torch.Tensor:
         classes = torch.as_tensor(cond).reshape(-1).long()
-        unconditional = self.class_epsilon(x, t, None)
-        conditional = self.class_epsilon(x, t, classes)
+        unconditional = self.class_output(x, t, None)
+        conditional = self.class_output(x, t, classes)
         return unconditional + self.guidance_scale * (conditional - unconditional)
 
     def encode_prompts(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None) -> torch.Tensor:
@@ -112,3 +129,35 @@ class GaussianMixtureModel(DiffusionModel):
 
     def default_prompts(self) -> list[str]:
         return [f"a sample of class {NUMBER_WORDS[c % 10]}" for c in range(self.num_classes)]
+
+
+class GaussianMixtureFlowModel(GaussianMixtureModel):
+    """Exact guided velocity of a class-conditional Gaussian mixture under rectified flow.
+
+    ``x_σ = (1 - σ) x_0 + σ noise`` with ``σ = t / 1000`` (the pipeline's timestep); the noise process is a
+    ``FlowMatchEulerDiscreteScheduler`` with ``shift`` (default 3.0, as SD3). Other arguments as
+    ``GaussianMixtureModel``; the default guidance scale is 4 (flow models are guided less than SD 1.x).
+    """
+
+    def __init__(self, *args, guidance_scale: float = 4.0, shift: float = 3.0, **kwargs):
+        super().__init__(*args, guidance_scale=guidance_scale, **kwargs)
+        self.prediction_type = "flow_prediction"
+        self.scheduler_config = {**FLOW_SCHEDULER_CONFIG, "shift": float(shift)}
+        self.alphas_cumprod = None
+        self.model_id = self.model_id.replace("analytic:gaussian-mixture:", "analytic:flow-gaussian-mixture:") + f"-shift{shift:g}"
+        self.digest = hashlib.sha256(self.model_id.encode()).hexdigest()
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler_config["num_train_timesteps"])
+
+    def signal_and_noise(self, t: int | float) -> tuple[float, float, float, float]:
+        sigma = float(t) / self.num_train_timesteps
+        if not 0.0 <= sigma <= 1.0:
+            raise ValueError(f"t must lie in [0, {self.num_train_timesteps}] (sigma * 1000), got {t}")
+        return 1.0 - sigma, sigma, (1.0 - sigma) ** 2, sigma**2
+
+    def component_output(self, offsets: torch.Tensor, variance: torch.Tensor, p: float, q: float) -> torch.Tensor:
+        """Per-component velocity ``((q - p s_k^2) / V_k) (x - p mu_k) - mu_k``."""
+        gain = (q - p * self.scales**2) / variance
+        return gain[None, :, None] * offsets - self.means[None]

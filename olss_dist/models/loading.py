@@ -4,6 +4,7 @@ Specs, tried in this order:
 
 * ``"embedded"``: the committed digits model (``olss_dist/models/embedded``);
 * ``"analytic"``: ``GaussianMixtureModel()``, exact and network-free;
+* ``"analytic-flow"``: ``GaussianMixtureFlowModel()``, its rectified-flow twin (exact velocity);
 * ``scheme://...`` (``s3://``, ``gs://``, ``memory://``, ...): a diffusers folder on fsspec storage,
   copied to a local cache first (``$OLSS_MODEL_CACHE_DIR``, else ``~/.cache/olss_dist/models``);
 * an existing local folder (``file://`` URIs are local folders, used in place);
@@ -61,7 +62,7 @@ def load_model(
     """The ``DiffusionModel`` behind ``spec`` (see the module docstring for the accepted specs).
 
     Args:
-        spec: ``"embedded"``, ``"analytic"``, an fsspec URI, a local diffusers folder or a hub id.
+        spec: ``"embedded"``, ``"analytic"``, ``"analytic-flow"``, an fsspec URI, a local diffusers folder or a hub id.
         guidance_scale: classifier-free guidance scale of the returned denoiser.
         device: where the UNet runs; default CUDA when available, else CPU.
         torch_dtype: UNet / text-encoder dtype; default fp16 on CUDA, fp32 on CPU.
@@ -76,6 +77,10 @@ def load_model(
         from olss_dist.models.analytic import GaussianMixtureModel
 
         return GaussianMixtureModel(guidance_scale=guidance_scale)
+    if spec == "analytic-flow":
+        from olss_dist.models.analytic import GaussianMixtureFlowModel
+
+        return GaussianMixtureFlowModel(guidance_scale=guidance_scale)
     options = dict(guidance_scale=guidance_scale, device=device, torch_dtype=torch_dtype)
     from olss_dist.models.stable_diffusion import StableDiffusionModel
 
