@@ -110,10 +110,10 @@ class CountingRunner:
         self.models: list[str] = []
         self.lock = threading.Lock()
 
-    def __call__(self, config):
+    def __call__(self, spec, execution, *, quiet=False):
         with self.lock:
-            self.models.append(Path(config.model).name)
-        return run_job(config)
+            self.models.append(Path(spec.model).name)
+        return run_job(spec, execution, quiet=quiet)
 
 
 def by_model(outcomes) -> dict:
