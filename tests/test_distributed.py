@@ -13,6 +13,7 @@ import pytest
 from olss_dist.core.builtin import builtin_plan
 from olss_dist.core.calibration import Calibration
 from olss_dist.distributed.checkpoints import ShardCheckpoints
+from olss_dist.distributed.failure import FailurePolicy, LossCounts, StateLostError, WorkerError, WorkerHealth
 from olss_dist.distributed.job import scheduler_config_bytes
 from olss_dist.distributed.merge import MergeTree
 from olss_dist.distributed.parallel_search import ParallelPlanner, speculative_midpoints
@@ -81,6 +82,45 @@ def test_merge_tree_refuses_a_shard_twice_and_reports_missing_ones():
         tree.add(3, calibration)
     with pytest.raises(RuntimeError, match=r"shards \[0, 2\]"):
         tree.result()
+
+
+def test_failure_policy_decides_what_is_lost_who_comes_back_and_when_to_give_up():
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    policy = FailurePolicy(max_restarts=1, max_attempts=3, restart_timeout_s=10.0, poll_s=0.5)
+    assert policy.is_lost(ActorDiedError()) and policy.is_lost(ActorUnavailableError("restarting", None))
+    assert policy.is_lost(StateLostError("restarted in between"))
+    assert not policy.is_lost(WorkerError("ValueError: bad input")) and not policy.is_lost(ValueError())
+    assert policy.keeps_waiting(9.5) and not policy.keeps_waiting(10.0)
+
+    health = WorkerHealth(policy, 2)
+    assert health.record_loss(0), "first loss: Ray restarts the actor (max_restarts=1)"
+    assert not health.record_loss(0), "second loss: past its restarts, dead for good"
+    assert health.live() == [1] and not health.is_live(0)
+    health.mark_dead(1, "Ray reports it dead")
+    with pytest.raises(WorkersLostError, match="every worker died; no actor is left to compute shards"):
+        health.require_live("compute shards")
+    assert not WorkerHealth(FailurePolicy(max_restarts=0), 1).record_loss(0), "no restarts: the first loss is final"
+
+    losses = LossCounts(policy)
+    losses.lost(("train", 4), "train shard 4")
+    losses.lost(("train", 4), "train shard 4")
+    losses.lost(("train", 5), "train shard 5")
+    with pytest.raises(WorkersLostError, match="train shard 4 lost its worker 3 times"):
+        losses.lost(("train", 4), "train shard 4")
+
+
+def test_failure_policy_and_pool_arguments_are_checked_by_name():
+    with pytest.raises(ValueError, match="max_restarts must be an integer of at least 0, got -1"):
+        FailurePolicy(max_restarts=-1)
+    with pytest.raises(ValueError, match="max_attempts"):
+        FailurePolicy(max_attempts=0)
+    with pytest.raises(ValueError, match="restart_timeout_s"):
+        FailurePolicy(restart_timeout_s=float("nan"))
+    with pytest.raises(ValueError, match="^num_workers: must be at least 1, got 0$"):
+        WorkerPool(SPEC, 0, TEACHER_STEPS)
+    with pytest.raises(ValueError, match=r"failure.max_restarts \(2\) must equal resources.max_restarts \(0\)"):
+        WorkerPool(SPEC, 1, TEACHER_STEPS, WorkerResources(max_restarts=0), failure=FailurePolicy(max_restarts=2))
 
 
 def test_speculative_midpoints_cover_the_next_bisection_levels():

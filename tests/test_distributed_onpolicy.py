@@ -108,7 +108,7 @@ class KillingBackend(RayRolloutBackend):
         if self.advances == self.kill_at:
             import ray
 
-            owner = self.pool.actors[self.owner[(TRAIN, 0)]]
+            owner = self.pool.actors[self.owners[(TRAIN, 0)]]
             self.killed_pid = ray.get(owner.pid.remote())
             os.kill(self.killed_pid, 9)
         super().advance(handle, weights, next_timestep)

@@ -6,6 +6,10 @@ caller's ``on_result`` merges and checkpoints each one immediately. A worker tha
 killed, its node lost) fails its in-flight shard; the shard goes back to the front of the queue and
 is computed again on a live or restarted actor. A shard is reported once: tasks are never retried by
 Ray itself (``max_task_retries=0``), only by this loop, after a failure.
+
+Worker loss follows the pool's ``failure.FailurePolicy`` (restarts, waiting, giving up), whose
+``max_restarts`` is the one Ray gets for each actor; ``pool.health`` counts losses over the pool's
+life, so the teacher pass and the later calls of ``owners.ShardOwners`` see the same dead workers.
 """
 
 from __future__ import annotations
@@ -17,27 +21,33 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import ray
-from ray.exceptions import ActorUnavailableError, NodeDiedError, ObjectLostError, RayActorError, RayTaskError, WorkerCrashedError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
-from olss_dist.distributed.worker import CalibrationWorker, ModelSpec, ShardResult, StateLostError
+from olss_dist.distributed.failure import (
+    WORKER_LOST_ERRORS,
+    FailurePolicy,
+    LossCounts,
+    StateLostError,
+    WorkerError,
+    WorkerHealth,
+    WorkersLostError,
+)
+from olss_dist.distributed.worker import CalibrationWorker, ModelSpec, ShardResult
 from olss_dist.prompts import Shard
+from olss_dist.spec import SpecError
 
 logger = logging.getLogger(__name__)
 
-RESTART_POLL_S = 0.2
-"""Pause between pings to a worker Ray is still restarting."""
-
-WORKER_LOST_ERRORS = (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError, StateLostError)
-"""Failures of the worker rather than of the computation (including a restart that lost its state):
-the work is redone."""
-
-
-class WorkerError(RuntimeError):
-    """A worker raised while computing (a bad model, bad input): redoing it elsewhere would not help."""
-
-
-class WorkersLostError(RuntimeError):
-    """Every worker died, or a shard kept losing its worker."""
+__all__ = [
+    "WORKER_LOST_ERRORS",
+    "WorkerError",
+    "WorkerPool",
+    "WorkerResources",
+    "WorkersLostError",
+    "compute_shard",
+    "get_or_raise",
+    "run_shards",
+]
 
 
 @dataclass(frozen=True)
@@ -47,7 +57,8 @@ class WorkerResources:
     Attributes:
         num_gpus: 1 for a GPU worker (one actor per GPU), 0 for a CPU worker.
         num_cpus: CPU slots reserved per actor.
-        max_restarts: times Ray restarts a dead actor (reloading its model) before it is dropped.
+        max_restarts: times Ray restarts a dead actor (reloading its model) before it is dropped; the
+            pool's ``FailurePolicy.max_restarts``.
     """
 
     num_gpus: float = 0
@@ -56,7 +67,7 @@ class WorkerResources:
 
 
 class WorkerPool:
-    """``num_workers`` actors, each with the model loaded once.
+    """``num_workers`` actors, each with the model loaded once, and their health under one failure policy.
 
     Args:
         model_spec: what every actor loads.
@@ -66,6 +77,8 @@ class WorkerPool:
         keep_states: ``"memory"`` or ``"disk"`` (see ``TeacherStateStore``).
         state_dir: root of the node-local state directory; ``None`` uses each node's temp dir.
         worker_class: the actor body, ``CalibrationWorker`` or a subclass.
+        failure: how worker loss is handled; ``None``: the default policy with ``resources.max_restarts``.
+            Its ``max_restarts`` must be ``resources.max_restarts`` (Ray's count and the policy's are one).
     """
 
     def __init__(
@@ -77,16 +90,24 @@ class WorkerPool:
         keep_states: str = "memory",
         state_dir: str | None = None,
         worker_class: type[CalibrationWorker] = CalibrationWorker,
+        failure: FailurePolicy | None = None,
     ):
-        if num_workers < 1:
-            raise ValueError(f"need at least one worker, got {num_workers}")
+        if not isinstance(num_workers, int) or num_workers < 1:
+            raise SpecError("num_workers", f"must be at least 1, got {num_workers!r}")
+        policy = failure if failure is not None else FailurePolicy(max_restarts=resources.max_restarts)
+        if policy.max_restarts != resources.max_restarts:
+            raise ValueError(
+                f"failure.max_restarts ({policy.max_restarts}) must equal resources.max_restarts "
+                f"({resources.max_restarts}): Ray restarts the actors that often"
+            )
         actor_class = ray.remote(worker_class).options(
             num_gpus=resources.num_gpus,
             num_cpus=resources.num_cpus,
             max_restarts=resources.max_restarts,
             max_task_retries=0,
         )
-        self.max_restarts = resources.max_restarts
+        self.policy = policy
+        self.health = WorkerHealth(policy, num_workers)
         self.actors = [
             actor_class.remote(model_spec, num_teacher_steps, keep_states, state_dir)
             for _ in range(num_workers)
@@ -95,6 +116,34 @@ class WorkerPool:
     def describe(self) -> list[dict[str, Any]]:
         """Each actor's model identity and placement; raises WorkerError if a model failed to load."""
         return get_or_raise([actor.describe.remote() for actor in self.actors])
+
+    def ping(self, worker: int) -> ray.ObjectRef:
+        """A call that answers as soon as the actor is up (after a restart: once its model is loaded)."""
+        return self.actors[worker].pid.remote()
+
+    def await_restart(self, worker: int) -> bool:
+        """Count a loss of ``worker`` and wait for Ray to bring it back, as the policy says.
+
+        Returns:
+            True once the restarted worker answers; False when it is dead for good (past its restarts,
+            reported dead by Ray, or "unavailable" for ``restart_timeout_s``), and marked so.
+        """
+        if not self.health.record_loss(worker):
+            return False
+        started = time.monotonic()
+        while True:
+            try:
+                get_or_raise(self.ping(worker))
+                return True
+            except ActorUnavailableError:
+                waited = time.monotonic() - started
+                if not self.policy.keeps_waiting(waited):
+                    self.health.mark_dead(worker, f"unavailable for {waited:.0f}s")
+                    return False
+                time.sleep(self.policy.poll_s)
+            except WORKER_LOST_ERRORS as error:
+                self.health.mark_dead(worker, type(error).__name__)
+                return False
 
     def shutdown(self) -> None:
         for actor in self.actors:
@@ -112,29 +161,28 @@ def run_shards(
     shards: Sequence[Shard],
     on_result: Callable[[int, Shard, ShardResult], None],
     call: Callable[[Any, Shard], ray.ObjectRef] = compute_shard,
-    max_attempts: int = 3,
 ) -> None:
-    """Run ``call`` for every shard on the pool, one shard per actor at a time, with results streamed.
+    """Run ``call`` for every shard on the pool's live workers, one shard per actor at a time, results streamed.
 
-    A worker that loses its shard is pinged until Ray has restarted it, then gets work again; its shard
-    goes back to the front of the queue for the first idle worker. Once a worker has died more often
-    than ``pool.max_restarts`` it is dropped.
+    A lost shard goes back to the front of the queue for the first idle worker. Its worker, while the
+    pool's policy expects it back, is pinged (without holding up the other workers) until Ray has
+    restarted it, then gets work again; otherwise it is dropped.
 
     Args:
-        pool: the actors.
+        pool: the actors, their failure policy and health.
         shards: the shards to run (checkpointed ones already removed).
         on_result: ``on_result(worker_index, shard, result)`` on the driver, once per shard, in completion order.
         call: submits one shard to one actor (default: ``compute_shard``).
-        max_attempts: times one shard may lose its worker before the run gives up.
 
     Raises:
         WorkerError: a worker raised an exception while computing (not retried).
-        WorkersLostError: all actors are gone, or a shard lost its worker ``max_attempts`` times.
+        WorkersLostError: all actors are gone, or a shard lost its worker ``policy.max_attempts`` times.
     """
+    policy, health = pool.policy, pool.health
     queue = deque(shards)
-    attempts = {shard.shard_id: 0 for shard in shards}
-    deaths = [0] * len(pool.actors)
-    idle = set(range(len(pool.actors)))
+    losses = LossCounts(policy)
+    idle = set(health.live())
+    unavailable_since: dict[int, float] = {}  # workers answering "unavailable" to pings, since when
     in_flight: dict[ray.ObjectRef, tuple[int, Shard | None]] = {}  # None: a ping to a restarting worker
 
     def dispatch() -> None:
@@ -142,13 +190,11 @@ def run_shards(
             if not queue:
                 return
             shard = queue.popleft()
-            attempts[shard.shard_id] += 1
             in_flight[call(pool.actors[worker], shard)] = (worker, shard)
             idle.discard(worker)
 
-    def ping(worker: int) -> None:
-        in_flight[pool.actors[worker].pid.remote()] = (worker, None)
-
+    if queue and not idle:
+        health.require_live("compute shards")
     dispatch()
     while in_flight:
         [ref], _ = ray.wait(list(in_flight), num_returns=1)
@@ -157,19 +203,24 @@ def run_shards(
             result = get_or_raise(ref)
         except WORKER_LOST_ERRORS as error:
             if shard is not None:
-                deaths[worker] += 1
                 logger.warning("worker %d lost shard %d (%s); recomputing it", worker, shard.shard_id, type(error).__name__)
-                if attempts[shard.shard_id] >= max_attempts:
-                    raise WorkersLostError(f"shard {shard.shard_id} lost its worker {max_attempts} times") from error
                 queue.appendleft(shard)
-            if deaths[worker] <= pool.max_restarts and isinstance(error, ActorUnavailableError):
-                time.sleep(RESTART_POLL_S)
-                ping(worker)
-            elif deaths[worker] <= pool.max_restarts and shard is not None:
-                ping(worker)
-            elif not idle and not in_flight:
+                losses.lost(shard.shard_id, f"shard {shard.shard_id}")
+                if health.record_loss(worker):
+                    in_flight[pool.ping(worker)] = (worker, None)
+            elif isinstance(error, ActorUnavailableError):
+                since = unavailable_since.setdefault(worker, time.monotonic())
+                if policy.keeps_waiting(time.monotonic() - since):
+                    time.sleep(policy.poll_s)
+                    in_flight[pool.ping(worker)] = (worker, None)
+                else:
+                    health.mark_dead(worker, f"unavailable for {policy.restart_timeout_s:g}s")
+            else:
+                health.mark_dead(worker, type(error).__name__)
+            if queue and not idle and not in_flight:
                 raise WorkersLostError("every worker died; no actor is left to compute shards") from error
         else:
+            unavailable_since.pop(worker, None)
             if shard is not None:
                 on_result(worker, shard, result)
             idle.add(worker)

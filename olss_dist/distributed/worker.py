@@ -5,6 +5,8 @@ the shard's trajectories to their float64 R factor on its own device, and keeps 
 (host memory or node-local disk) for the on-policy rounds, which it then runs for its shards:
 one model call per sample per round, one small R factor per shard back to the driver. Trajectories
 never leave the actor; only R factors, per-sample errors and the driver's broadcast weights travel.
+A call about states or a rollout the actor no longer has (Ray restarted it) raises ``StateLostError``,
+which ``failure.FailurePolicy`` counts as a lost worker.
 """
 
 from __future__ import annotations
@@ -21,15 +23,12 @@ import ray
 import torch
 
 from olss_dist.core.calibration import Calibration
+from olss_dist.distributed.failure import StateLostError
 from olss_dist.distributed.state_store import TeacherStateStore
 from olss_dist.core.onpolicy import apply_step, step_statistics
 from olss_dist.prompts import Shard
 from olss_dist.method.rollouts import TRAIN, Rollout, per_sample_mse
 from olss_dist.core.teacher import record_trajectories, trailing_timesteps
-
-
-class StateLostError(RuntimeError):
-    """A worker was asked about states or rollouts it no longer has (it was restarted in between)."""
 
 
 @dataclass(frozen=True)
