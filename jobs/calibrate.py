@@ -19,7 +19,7 @@ import typer
 from olss_dist.cli import calibrate
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-app.command(help=__doc__.split("\n\n")[0])(calibrate)
+app.command()(calibrate)  # its help is the command's own
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)

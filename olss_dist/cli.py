@@ -477,7 +477,7 @@ def calibrate(
 ) -> None:
     """Calibrate a model's OLSS schedulers on a Ray cluster and publish the run (see docs/distributed.md).
 
-    Under ``ray job submit`` (or with RAY_ADDRESS set) the job joins the cluster, otherwise it starts a
+    Under 'ray job submit' (or with RAY_ADDRESS set) the job joins the cluster, otherwise it starts a
     local Ray with CPU workers. Prints the published run's URI on stdout; bad input is one error line
     and exit status 1, with nothing published.
     """
