@@ -134,17 +134,6 @@ class RayRolloutBackend(RolloutBackend):
         plans = planner.plans(self.planned_steps)
         return PlannedCalibration(calibration, {p.num_steps: p for p in plans})
 
-    def record_train_states(self, timesteps: np.ndarray, alphas_cumprod: np.ndarray, keep: Iterable[int]) -> None:
-        """Teacher states of every shard at ``keep`` (train) or its final state, on owners spread round-robin.
-
-        No statistics, no checkpoints: the owners' ``prepare_states`` runs each shard's teacher keeping
-        just those states (validation shards, if the backend has any, keep their final state).
-        """
-        _check_timesteps(timesteps, alphas_cumprod)
-        latent_shape = self.pool.describe()[0]["latent_shape"]
-        self._num_train_rows = sum(len(shard.records) for shard in self.shards[TRAIN]) * int(np.prod(latent_shape))
-        self.owners.keep(keep)
-
     def keep_train_states(self, nodes: Iterable[int]) -> None:
         """Every shard gets a live owner holding exactly the needed states (teacher rerun where they are gone)."""
         self.owners.keep(nodes)
