@@ -35,6 +35,7 @@ from olss_dist.artifacts import (
     read_run_file,
     resolve_run,
 )
+from olss_dist.apps.refit import DEFAULT_MAX_ATTEMPTS, Outcome  # neither Ray nor torch nor pyarrow on import
 from olss_dist.spec import DEVICES, KEEP_STATES, CalibrationSpec, ExecutionConfig, SpecError, flag_name, parse_steps
 
 app = typer.Typer(
@@ -498,22 +499,27 @@ def calibrate(
 REFIT_STATUS_STYLES = {"failed": "bold red", "succeeded": "green", "submitted": "cyan", "running": "yellow", "queued": "yellow"}
 
 
-def refit_table(title: str, outcomes: list[Any]) -> Table:
-    """One row per model of a refit (``olss_dist.apps.refit.Outcome``): status, attempt, digests, run URI or reason."""
+def refit_table(title: str, outcomes: list[Outcome]) -> Table:
+    """One row per model of a refit: status, attempt, digests, run URI or reason."""
     table = Table(title=title, title_justify="left")
     for column in ("model", "status", "attempt", "model digest", "config digest", "run / job / reason"):
         table.add_column(column, overflow="fold", no_wrap=column == "status")
     for outcome in outcomes:
         detail = " ".join(part for part in (outcome.run_uri, outcome.submission_id, outcome.message) if part)
         table.add_row(
-            outcome.model,
+            escape(outcome.model),
             f"[{REFIT_STATUS_STYLES[outcome.status]}]{outcome.status}[/]" if outcome.status in REFIT_STATUS_STYLES else outcome.status,
             _format_value(outcome.attempt),
             (outcome.model_digest or "-")[:12],
             (outcome.config_digest or "-")[:12],
-            detail,
+            escape(detail),
         )
     return table
+
+
+def refit_help(field: str) -> str:
+    """Help of a refit calibration option: the calibrate option's, as the default of models without settings."""
+    return f"for models the registry gives no setting: {CALIBRATION_HELP[field]}"
 
 
 @app.command()
@@ -524,16 +530,16 @@ def refit(
     inline: Annotated[bool, typer.Option("--inline", help="calibrate in this process on the Ray cluster it joins (--address, RAY_ADDRESS or a local Ray) instead of submitting Ray jobs")] = False,
     address: Annotated[Optional[str], typer.Option(help="Ray Jobs API address for submissions, e.g. http://head:8265 (default: RAY_ADDRESS); with --inline, the Ray cluster address")] = None,
     working_dir: Annotated[Optional[str], typer.Option(help="checkout holding jobs/calibrate.py, uploaded with each job (default: the one olss_dist runs from)")] = None,
-    prompts: Annotated[Optional[str], typer.Option(help="default prompt file (text or Parquet), path or URI; default: each model's own prompts")] = None,
-    steps: Annotated[str, typer.Option(help="default comma-separated step counts to plan")] = "5,10,20",
-    teacher_steps: Annotated[int, typer.Option(help="default N, the teacher's DDIM step count")] = 1000,
-    guidance_scale: Annotated[float, typer.Option(help="default classifier-free guidance scale")] = 7.5,
-    validation_fraction: Annotated[float, typer.Option(help="default share of prompts held out to choose each plan")] = 0.1,
-    seed: Annotated[int, typer.Option(help="default base seed of the per-prompt seeds")] = 0,
-    device: Annotated[str, typer.Option(help="worker device of every job: auto, cuda or cpu")] = "auto",
-    num_workers: Annotated[Optional[int], typer.Option(help="actors per job (default: one per GPU, or CPUs minus one)")] = None,
-    shard_size: Annotated[int, typer.Option(help="samples per shard in every job")] = 4,
-    max_attempts: Annotated[int, typer.Option(help="failed attempts per model and config before refits give up (kept in the store)")] = 3,
+    prompts: Annotated[Optional[str], typer.Option(help=refit_help("prompts"))] = SPEC.prompts,
+    steps: Annotated[str, typer.Option(help=refit_help("steps"))] = ",".join(map(str, SPEC.steps)),
+    teacher_steps: Annotated[int, typer.Option(help=refit_help("teacher_steps"))] = SPEC.teacher_steps,
+    guidance_scale: Annotated[float, typer.Option(help=refit_help("guidance_scale"))] = SPEC.guidance_scale,
+    validation_fraction: Annotated[float, typer.Option(help=refit_help("validation_fraction"))] = SPEC.validation_fraction,
+    seed: Annotated[int, typer.Option(help=refit_help("seed"))] = SPEC.seed,
+    device: Annotated[str, typer.Option(help=f"every job's {CALIBRATION_HELP['device']}")] = EXECUTION.device,
+    num_workers: Annotated[Optional[int], typer.Option(help=f"every job's {CALIBRATION_HELP['num_workers']}")] = EXECUTION.num_workers,
+    shard_size: Annotated[int, typer.Option(help=f"every job's {CALIBRATION_HELP['shard_size']}")] = EXECUTION.shard_size,
+    max_attempts: Annotated[int, typer.Option(help="failed attempts per model and config before refits give up (kept in the store)")] = DEFAULT_MAX_ATTEMPTS,
     max_running: Annotated[Optional[int], typer.Option(help="jobs of this refit running at once; the rest are queued for --wait or the next refit (default: no limit)")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="wait for the submitted jobs and report how they ended")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="show what would run; write and start nothing")] = False,
@@ -545,20 +551,28 @@ def refit(
 ) -> None:
     """Calibrate each model of a registry that has no run for its weights and config yet (see docs/refit.md).
 
-    Exit status 1 when any model failed (in the last refit, with --watch).
+    Models without settings get the calibrate defaults (``CalibrationSpec``), so a refit finds the runs
+    of default ``olss-dist calibrate`` jobs. Exit status 1 when any model failed (in the last refit, with --watch).
     """
     import time
 
-    from olss_dist.apps.refit import RefitOptions, Settings, any_failed, parse_steps
+    from olss_dist.apps.refit import RefitOptions, any_failed
     from olss_dist.apps.refit import refit as refit_registry
 
     if interval <= 0 or (cycles is not None and (cycles < 1 or not watch)):
         raise ValueError("--interval must be positive, and --cycles a positive count used with --watch")
-    options = RefitOptions(
-        output=output, inline=inline, address=address, working_dir=working_dir, device=device, num_workers=num_workers,
-        shard_size=shard_size, max_attempts=max_attempts, max_running=max_running, storage_options=parse_storage_options(storage_options) or {},
+    execution = ExecutionConfig(
+        output=output, device=device, num_workers=num_workers, shard_size=shard_size, address=address if inline else None,
+        storage_options=parse_storage_options(storage_options) or {},
     )  # fmt: skip
-    defaults = Settings(prompts, parse_steps(steps), teacher_steps, guidance_scale, validation_fraction, seed)
+    options = RefitOptions(
+        execution, inline=inline, address=None if inline else address, working_dir=working_dir, max_attempts=max_attempts,
+        max_running=max_running,
+    )  # fmt: skip
+    defaults = CalibrationSpec(
+        prompts=prompts, steps=parse_steps(steps), teacher_steps=teacher_steps, guidance_scale=guidance_scale,
+        validation_fraction=validation_fraction, seed=seed,
+    )  # fmt: skip
     cycle, failed = 0, False
     while True:
         cycle += 1
@@ -567,7 +581,7 @@ def refit(
         except (ValueError, ArtifactError) as error:
             if not watch:
                 raise
-            error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            error_console.print(f"[bold red]error:[/] {escape(error_text(error))}", highlight=False, soft_wrap=True)
             outcomes, failed = [], True
         else:
             failed = any_failed(outcomes)
@@ -575,7 +589,7 @@ def refit(
                 typer.echo(json.dumps([outcome.to_dict() for outcome in outcomes]))
             else:
                 stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-                console.print(refit_table(f"refit of {models} ({stamp}{', dry run' if dry_run else ''})", outcomes))
+                console.print(refit_table(f"refit of {escape(models)} ({stamp}{', dry run' if dry_run else ''})", outcomes))
         if not watch or (cycles is not None and cycle >= cycles):
             break
         time.sleep(interval)

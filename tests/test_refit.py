@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import replace
 import shutil
 import threading
 import time
@@ -18,35 +19,37 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from olss_dist.artifacts import config_digest, read_manifest
-from olss_dist.cli import app
-from olss_dist.distributed.job import calibration_identity, prompt_file_records, run_job
-from olss_dist.models.digest import content_digest
 from olss_dist.apps.refit import (
     AttemptStatus,
     RefitOptions,
     RefitRecord,
     Refitter,
-    RegistryModel,
-    Settings,
     Status,
-    Target,
-    calibrate_arguments,
     identify,
+    job_arguments,
     new_attempt,
     parse_registry_document,
     refit,
     scan_registry,
+    target_of,
     with_attempt,
 )
+from olss_dist.artifacts import publish_run, read_manifest
 from olss_dist.artifacts.stores import open_store
+from olss_dist import cli
+from olss_dist.cli import app, parse_calibrate_arguments
+from olss_dist.distributed.job import run_job
+from olss_dist.models.digest import content_digest
+from olss_dist.prompts import spec_digest
+from olss_dist.spec import CalibrationSpec, ExecutionConfig
+from artifact_data import run_files
 from tiny_sd import tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
 PROMPTS = ["a red cat", "a blue dog", "a green bird", "a cat and a dog"]
 # Small enough for seconds per calibration on two shared cores: N=20, K in {2, 4}, one held-out prompt.
-FAST = Settings(steps=(2, 4), teacher_steps=20, validation_fraction=0.25)
+FAST = CalibrationSpec(steps=(2, 4), teacher_steps=20, validation_fraction=0.25)
 
 
 # ------------------------------------------------------------------------------------------- fixtures
@@ -85,10 +88,11 @@ def registry(tmp_path, tiny_model) -> Path:
 
 
 @pytest.fixture
-def settings(tmp_path) -> Settings:
+def settings(tmp_path) -> CalibrationSpec:
+    """``FAST`` with a prompt file of ``PROMPTS``: the registry defaults of most tests."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    return Settings(str(prompts), FAST.steps, FAST.teacher_steps, FAST.guidance_scale, FAST.validation_fraction, FAST.seed)
+    return replace(FAST, prompts=str(prompts))
 
 
 @pytest.fixture(autouse=True)
@@ -100,7 +104,7 @@ def model_cache(tmp_path, monkeypatch) -> Path:
 
 
 def inline_options(output: str, **changes) -> RefitOptions:
-    return RefitOptions(output=output, inline=True, num_workers=1, shard_size=2, **changes)
+    return RefitOptions(ExecutionConfig(output=output, num_workers=1, shard_size=2), inline=True, **changes)
 
 
 class CountingRunner:
@@ -129,8 +133,8 @@ def complete_runs(root: Path) -> list[Path]:
 
 def test_directory_registry_lists_model_folders_with_absolute_specs(registry, settings):
     models = scan_registry(str(registry), settings)
-    assert [m.spec for m in models] == [str(registry / "model-a"), str(registry / "model-b")]
-    assert all(m.settings == settings for m in models)
+    assert [m.model for m in models] == [str(registry / "model-a"), str(registry / "model-b")]
+    assert all(replace(m, model=settings.model) == settings for m in models)
 
 
 def test_registry_file_defaults_overrides_and_relative_paths(tmp_path):
@@ -144,21 +148,24 @@ def test_registry_file_defaults_overrides_and_relative_paths(tmp_path):
         ],
     }
     (tmp_path / "models.yaml").write_text(json.dumps(document))  # JSON is YAML
-    models = scan_registry(str(tmp_path / "models.yaml"), Settings(validation_fraction=0.2))
-    assert [m.spec for m in models] == [str(tmp_path / "models" / "a"), "s3://bucket/models/b", "org/name"]
-    assert models[0].settings == Settings(steps=(4, 8), teacher_steps=50, validation_fraction=0.2)
-    assert models[1].settings == Settings(str(tmp_path / "prompts" / "b.txt"), (2, 3), 50, 5.0, 0.2, 0)
-    assert models[2].settings.seed == 7 and models[2].settings.steps == (4, 8)
-    remote = parse_registry_document(["./x", "../y/z"], Settings(), "s3://bucket/reg", "s3://bucket/reg/m.json")
-    assert [m.spec for m in remote] == ["s3://bucket/reg/x", "s3://bucket/y/z"]
+    models = scan_registry(str(tmp_path / "models.yaml"), CalibrationSpec(validation_fraction=0.3))
+    assert [m.model for m in models] == [str(tmp_path / "models" / "a"), "s3://bucket/models/b", "org/name"]
+    assert models[0] == CalibrationSpec(str(tmp_path / "models" / "a"), steps=(4, 8), teacher_steps=50, validation_fraction=0.3)
+    assert models[1] == CalibrationSpec("s3://bucket/models/b", str(tmp_path / "prompts" / "b.txt"), (2, 3), 50, 5.0, 0.3, 0)
+    assert models[2].seed == 7 and models[2].steps == (4, 8)
+    remote = parse_registry_document(["./x", "../y/z"], CalibrationSpec(), "s3://bucket/reg", "s3://bucket/reg/m.json")
+    assert [m.model for m in remote] == ["s3://bucket/reg/x", "s3://bucket/y/z"]
 
 
 @pytest.mark.parametrize(
     "document, fragment",
     [
         ([{"uri": "a", "guidance": 3}], "unknown settings ['guidance']"),
-        ([{"uri": "a", "steps": [2.5]}], "steps must be a list of integers"),
-        ([{"uri": "a", "teacher_steps": "50"}], "teacher_steps must be an integer"),
+        ([{"uri": "a", "model": "b"}], "unknown settings ['model']"),
+        ([{"uri": "a", "steps": [2.5]}], "model 1 (a): steps: expected a list of integers"),
+        ([{"uri": "a", "teacher_steps": "50"}], "teacher_steps: must be an integer"),
+        ([{"uri": "a", "teacher_steps": 10}], "steps: 20 must be between 1 and teacher_steps (10)"),
+        ({"defaults": {"guidance_scale": float("nan")}, "models": ["a"]}, "defaults: guidance_scale: must be a finite number"),
         (["a", {"uri": "a"}], "listed more than once: ['a']"),
         ([{"prompts": "p.txt"}], "model 1: expected a URI string"),
         ({"models": ["a"], "other": 1}, "expected keys 'models'"),
@@ -167,16 +174,16 @@ def test_registry_file_defaults_overrides_and_relative_paths(tmp_path):
 )
 def test_malformed_registry_files_name_the_problem(document, fragment):
     with pytest.raises(ValueError, match="m.yaml") as error:
-        parse_registry_document(document, Settings(), "/r", "/r/m.yaml")
+        parse_registry_document(document, CalibrationSpec(), "/r", "/r/m.yaml")
     assert fragment in str(error.value)
 
 
 def test_empty_or_missing_registries_are_one_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no model folders"):
-        scan_registry(str(tmp_path / "empty"), Settings())
+        scan_registry(str(tmp_path / "empty"), CalibrationSpec())
     with pytest.raises(Exception, match="does not exist"):
-        scan_registry(str(tmp_path / "missing"), Settings())
+        scan_registry(str(tmp_path / "missing"), CalibrationSpec())
 
 
 def test_bucket_registry_digests_equal_local_digests(registry, s3_bucket, moto_endpoint):
@@ -185,51 +192,74 @@ def test_bucket_registry_digests_equal_local_digests(registry, s3_bucket, moto_e
     fs = s3fs.S3FileSystem(endpoint_url=moto_endpoint, key="olss-test", secret="olss-test-secret", skip_instance_cache=True)
     fs.put(str(registry / "model-a"), f"{s3_bucket}/models/model-a", recursive=True)
     [model] = scan_registry(f"s3://{s3_bucket}/models", FAST)
-    assert model.spec == f"s3://{s3_bucket}/models/model-a"
-    target = identify(model, inline_options(f"s3://{s3_bucket}/registry"))
+    assert model.model == f"s3://{s3_bucket}/models/model-a"
+    target = identify(model)
     assert target.model_digest == content_digest(registry / "model-a")
 
 
 # ------------------------------------------------------------------------------------------- identity
 
 
-def test_identity_ignores_execution_details_and_follows_what_changes_results(registry, settings, tmp_path):
-    model = RegistryModel(str(registry / "model-a"), settings)
-    base = identify(model, inline_options(str(tmp_path / "store")))
-    executed_otherwise = identify(model, RefitOptions(output=str(tmp_path / "store"), device="cpu", num_workers=3, shard_size=7))
-    assert executed_otherwise.config_digest == base.config_digest
-    assert identify(RegistryModel(model.spec, Settings(**{**vars(settings), "seed": 1})), inline_options("x")).config_digest != base.config_digest
+def test_identity_follows_what_changes_results(registry, settings):
+    spec = replace(settings, model=str(registry / "model-a"))
+    base = identify(spec)
+    assert (base.model_digest, (base.config, base.config_digest)) == (content_digest(registry / "model-a"), spec_digest(spec))
+    assert identify(replace(spec, seed=1)).config_digest != base.config_digest
     Path(settings.prompts).write_text("\n".join(PROMPTS[:3]) + "\n")
-    assert identify(model, inline_options("x")).config_digest != base.config_digest, "prompt file content"
+    assert identify(spec).config_digest != base.config_digest, "prompt file content"
     assert base.submission_id(2) == f"olss-refit-{base.model_digest[:12]}-{base.config_digest[:12]}-2"
 
 
-def test_submitted_arguments_parse_back_to_the_same_identity(registry, settings, tmp_path, monkeypatch):
-    """The job's own command line, given the refit's arguments, builds a config with the refit's identity."""
+def test_relative_prompt_files_are_made_absolute(registry, settings, monkeypatch):
+    """A submitted job runs in another working directory: its spec names the prompt file absolutely."""
+    monkeypatch.chdir(Path(settings.prompts).parent)
+    target = identify(replace(settings, model=str(registry / "model-a"), prompts=Path(settings.prompts).name))
+    assert target.spec.prompts == settings.prompts and target.config["prompts"] == settings.prompts
+
+
+def test_submitted_arguments_parse_back_to_the_same_spec_and_identity(registry, settings, tmp_path):
+    """The job's own command line, given the refit's arguments, builds the refit's spec and execution."""
     specification = importlib.util.spec_from_file_location("calibrate_job", REPO / "jobs" / "calibrate.py")
     calibrate_job = importlib.util.module_from_spec(specification)
     specification.loader.exec_module(calibrate_job)
-    target = identify(RegistryModel(str(registry / "model-a"), settings), RefitOptions(output=str(tmp_path), num_workers=2))
-    parsed = []
+    [command] = calibrate_job.app.registered_commands
+    assert command.callback is cli.calibrate, "jobs/calibrate.py is olss-dist calibrate"
+    target = identify(replace(settings, model=str(registry / "model-a")))
+    execution = ExecutionConfig(output=str(tmp_path), num_workers=2, storage_options={"secret": "never sent"})
+    arguments = job_arguments(target.spec, execution)
+    assert "never sent" not in " ".join(arguments)
+    spec, parsed_execution, quiet = parse_calibrate_arguments(arguments)
+    assert (spec, parsed_execution, quiet) == (target.spec, replace(execution, storage_options={}), True)
+    assert spec_digest(spec)[1] == target.config_digest
 
-    def parse_only(config):
-        parsed.append(config)
-        raise SystemExit(0)
 
-    monkeypatch.setattr(calibrate_job, "run_job", parse_only)
-    result = CliRunner().invoke(calibrate_job.app, calibrate_arguments(target.job))
-    assert result.exit_code == 0, result.output
-    [config] = parsed
-    assert config == target.job, result.output
-    assert config_digest(calibration_identity(config, prompt_file_records(config))) == target.config_digest
+def test_refit_with_all_defaults_skips_a_model_a_default_job_calibrated(registry, tmp_path, monkeypatch):
+    """``olss-dist refit`` with no calibration options looks for the run ``olss-dist calibrate --model M``
+    (every option at its default) publishes: same model id, model digest and config digest."""
+    for variable in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        monkeypatch.delenv(variable, raising=False)
+    store = tmp_path / "store"
+    model = str(registry / "model-a")
+    spec, execution, _ = parse_calibrate_arguments(["--model", model, "--output", str(store)])
+    assert spec.prompts is None, "the default job uses the model's prompts"
+    # What run_job publishes (distributed/job.py): the spec's identity; no prompt file, so no prompts digest.
+    published = publish_run(
+        execution.output, model_id=model, model_digest=content_digest(registry / "model-a"), config=spec.identity(None),
+        files=run_files(), extra_manifest={"teacher_steps": spec.teacher_steps, "planned_step_counts": list(spec.steps)},
+    )  # fmt: skip
+    result = CliRunner().invoke(app, ["refit", str(registry), "--output", str(store), "--json", "--address", "http://127.0.0.1:9"])
+    outcomes = {Path(o["model"]).name: o for o in json.loads(result.stdout)}
+    assert (outcomes["model-a"]["status"], outcomes["model-a"]["run_uri"]) == ("skipped", published.uri), outcomes
+    assert outcomes["model-a"]["config_digest"] == published.manifest["config_digest"]
+    assert outcomes["model-b"]["status"] == "failed" and "could not submit" in outcomes["model-b"]["message"]
 
 
 # ------------------------------------------------------------------------------------------- records
 
 
-def fake_target(spec: str = "model-x") -> Target:
-    config = {"model": spec, "steps": [2]}
-    return Target(spec=spec, job=None, model_digest="d" * 64, config=config, config_digest=config_digest(config))
+def fake_target(model: str = "model-x"):
+    """The target of a model that is never loaded (its digest is made up): for record and decision tests."""
+    return target_of(CalibrationSpec(model, steps=(2,), teacher_steps=20), "d" * 64)
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -245,8 +275,8 @@ def test_racing_claims_start_one_attempt(store_root):
     release = threading.Event()
     calls = []
 
-    def blocked_runner(config):
-        calls.append(config)
+    def blocked_runner(spec, execution, *, quiet=False):
+        calls.append(spec)
         release.wait(60)
         raise RuntimeError("the model fails to load")
 
@@ -275,7 +305,7 @@ def test_racing_claims_start_one_attempt(store_root):
     assert [(a["attempt"], a["status"]) for a in document["attempts"]] == [(1, AttemptStatus.FAILED)]
 
 
-def failing_runner(config):
+def failing_runner(spec, execution, *, quiet=False):
     raise RuntimeError("boom")
 
 
@@ -294,13 +324,16 @@ def test_abandoned_inline_attempt_is_failed_after_its_lease_and_retried(store_ro
     assert "abandoned: no heartbeat" in attempts[0]["message"]
 
 
-def test_submissions_that_never_reach_a_cluster_do_not_use_up_attempts(registry, settings, tmp_path):
-    options = RefitOptions(output=str(tmp_path / "store"), address="http://127.0.0.1:9", max_attempts=1)
+def test_submissions_that_never_reach_a_cluster_do_not_use_up_attempts(registry, settings, tmp_path, monkeypatch):
+    for variable in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # Ray lets these override the address passed
+        monkeypatch.delenv(variable, raising=False)
+    options = RefitOptions(ExecutionConfig(output=str(tmp_path / "store")), address="http://127.0.0.1:9", max_attempts=1)
     for expected_attempt in (1, 2):
         outcome = by_model(refit(str(registry), options, settings))["model-a"]
         assert outcome.status == Status.FAILED and outcome.attempt == expected_attempt
-        assert "could not submit" in outcome.message and "127.0.0.1:9" in outcome.message
-    target = identify(RegistryModel(str(registry / "model-a"), settings), options)
+        assert "could not submit" in outcome.message and "unreachable" in outcome.message
+        assert "127.0.0.1:9" in outcome.message
+    target = identify(replace(settings, model=str(registry / "model-a")))
     attempts = RefitRecord(Refitter(options).store, target).read()[0]["attempts"]
     assert [a["status"] for a in attempts] == [AttemptStatus.UNSUBMITTED] * 2
 
