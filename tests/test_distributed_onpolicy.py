@@ -12,7 +12,7 @@ import pytest
 from olss_dist.distributed.backend import RayRolloutBackend
 from olss_dist.distributed.checkpoints import ShardCheckpoints
 from olss_dist.distributed.job import run_job
-from olss_dist.distributed.pool import WorkerPool
+from olss_dist.distributed.pool import WorkerPool, WorkerResources
 from olss_dist.distributed.progress import ShardProgress
 from olss_dist.distributed.worker import ModelSpec
 from olss_dist.method.run import calibrate, run_method
@@ -114,9 +114,9 @@ class KillingBackend(RayRolloutBackend):
         super().advance(handle, weights, next_timestep)
 
 
-def method_on_ray(tmp_path, keep_states, backend_class=RayRolloutBackend):
+def method_on_ray(tmp_path, keep_states, backend_class=RayRolloutBackend, resources=WorkerResources()):
     fit, validation = small_split()
-    pool = WorkerPool(ModelSpec("analytic", GUIDANCE, "cpu"), 2, TEACHER_STEPS, keep_states=keep_states,
+    pool = WorkerPool(ModelSpec("analytic", GUIDANCE, "cpu"), 2, TEACHER_STEPS, resources, keep_states=keep_states,
                       state_dir=str(tmp_path / "states"))
     try:
         backend = backend_class(
@@ -150,3 +150,15 @@ def test_worker_lost_during_rounds_is_recovered_and_plans_equal_a_clean_run(clea
         np.testing.assert_allclose(plans[k].coefficients, clean_plans[k].coefficients, rtol=1e-12, atol=0)
         assert [c["rmse"] for c in plans[k].candidates] == pytest.approx([c["rmse"] for c in clean_plans[k].candidates], rel=1e-12)
     assert not any((tmp_path / "states").rglob("*.npy")), "states are cleared after the run"
+
+
+def test_worker_dead_for_good_during_rounds_leaves_its_shards_to_the_live_one(clean_plans, tmp_path):
+    no_restarts = WorkerResources(num_gpus=0, num_cpus=1, max_restarts=0)
+    plans, backend = method_on_ray(tmp_path, "memory", KillingBackend, no_restarts)
+    killed = backend.pool.health.dead
+    assert backend.killed_pid is not None and len(killed) == 1 and backend.summary.recoveries == 1
+    assert all(backend.owners[key] not in killed for key in backend.owners.owner), "every shard has a live owner"
+    assert backend.summary.teacher_runs >= 1, "the live worker reran the teacher for the shards it took over"
+    for k in STEPS:
+        assert plans[k].nodes == clean_plans[k].nodes
+        np.testing.assert_allclose(plans[k].coefficients, clean_plans[k].coefficients, rtol=1e-12, atol=0)
