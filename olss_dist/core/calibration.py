@@ -16,10 +16,12 @@ from olss_dist.core.lstsq import solve_from_r
 from olss_dist.core.plan import Plan
 from olss_dist.core.path_search import SearchErrors, check_nodes, even_nodes, output_column, search_path, state_column
 from olss_dist.core.teacher import validate_timesteps
-from olss_dist.core.tsqr import DEFAULT_CHUNK_ROWS, iter_row_chunks, merge_r_factors, streaming_r_factor
+from olss_dist.core.tsqr import DEFAULT_CHUNK_ROWS, merge_r_factors, trajectory_r_factor
 
 FORMAT = "olss_dist.core.calibration"
 FORMAT_VERSION = 1
+FINITE_CHECK_ELEMENTS = 1 << 20
+"""Elements checked for NaN and Inf at a time (whole samples, at least one)."""
 
 
 def as_tensor(array: Any) -> torch.Tensor:
@@ -40,8 +42,10 @@ def check_trajectories(states: torch.Tensor, noise_preds: torch.Tensor, num_teac
         raise ValueError(f"noise_preds must have shape {expected}, got {tuple(noise_preds.shape)}")
     if states.shape[0] == 0:
         raise ValueError("trajectories are empty (batch size 0)")
+    # A few samples at a time: isfinite of the whole batch would allocate a batch-sized temporary.
+    step = max(1, FINITE_CHECK_ELEMENTS // max(1, states[0].numel()))
     for name, tensor in (("states", states), ("noise_preds", noise_preds)):
-        if not torch.isfinite(tensor).all():
+        if not all(torch.isfinite(tensor[start : start + step]).all() for start in range(0, tensor.shape[0], step)):
             raise ValueError(f"{name} contain NaN or Inf")
 
 
@@ -80,13 +84,13 @@ class Calibration:
             states: ``(B, N+1, *shape)`` teacher states, numpy or torch (any device; the QR runs there).
             noise_preds: ``(B, N, *shape)`` guided outputs.
             timesteps: ``(N,)`` teacher timesteps.
-            chunk_rows: rows per QR chunk; bounds memory to ``chunk_rows * (2N+1)`` float64.
+            chunk_rows: rows per chunk; beside the trajectories the reduction holds R and one chunk,
+                ``(2N+1 + max(chunk_rows, D)) * (2N+1)`` float64, whatever the sample count.
         """
         timesteps = validate_timesteps(timesteps)
         states, noise_preds = as_tensor(states), as_tensor(noise_preds)
         check_trajectories(states, noise_preds, len(timesteps))
-        chunks = iter_row_chunks(states, noise_preds, chunk_rows)
-        r = streaming_r_factor(chunks, 2 * len(timesteps) + 1)
+        r = trajectory_r_factor(states, noise_preds, chunk_rows)
         return cls(r.cpu().numpy(), states.shape[0], states[:, 0].numel(), timesteps)
 
     @classmethod

@@ -4,6 +4,11 @@ The calibration matrix has one row per latent element of every sample and one co
 trajectory quantity. Only its triangular factor R is ever kept: any least-squares fit and
 residual over its columns is a small problem on R (see ``lstsq``), and R of stacked rows is the R
 of the stacked R's, so shards reduce independently and merge in any order or tree.
+
+Within a shard the rows stream: on the CPU each chunk is folded into the running R in place by
+LAPACK's triangular-pentagonal QR (``dtpqrt``: the QR of ``[R; chunk]`` that never touches R's zeros
+and never stacks the two), so the reduction holds R plus two chunks whatever the number of rows; on
+another device chunks are gathered to ``DEVICE_FOLD_ROWS`` rows and folded by a QR of ``[R; rows]``.
 """
 
 from __future__ import annotations
@@ -12,8 +17,16 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from scipy.linalg import lapack
 
-DEFAULT_CHUNK_ROWS = 8192
+DEFAULT_CHUNK_ROWS = 1024
+"""Rows per streamed chunk: at N = 1000 (2001 columns) a 16 MB float64 chunk, beside R's 32 MB."""
+
+DEVICE_FOLD_ROWS = 16384
+"""Off the CPU, rows gathered before each QR of ``[R; rows]`` (that QR also refactors R's C rows)."""
+
+TPQRT_BLOCK = 64
+"""Block size of the in-place fold (LAPACK's ``nb``)."""
 
 
 def interleave_columns(states: torch.Tensor, noise_preds: torch.Tensor) -> torch.Tensor:
@@ -36,27 +49,66 @@ def interleave_columns(states: torch.Tensor, noise_preds: torch.Tensor) -> torch
     return rows
 
 
-def iter_row_chunks(
-    states: torch.Tensor, noise_preds: torch.Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS
-) -> Iterator[torch.Tensor]:
-    """Yield the rows of ``interleave_columns`` in float64 chunks of about ``chunk_rows`` rows.
+def chunk_spans(batch: int, elements: int, chunk_rows: int) -> Iterator[tuple[int, int, int, int]]:
+    """``(first_sample, end_sample, first_element, end_element)`` of each chunk of about ``chunk_rows`` rows.
 
     Chunks hold whole samples when a sample has fewer than ``chunk_rows`` elements, and slices of one
-    sample otherwise, so peak memory is ``chunk_rows * (2N+1)`` float64 whatever the batch size.
+    sample otherwise.
     """
-    batch = states.shape[0]
-    elements = states[0, 0].numel()
     if elements >= chunk_rows:
-        flat_states = states.reshape(batch, states.shape[1], elements)
-        flat_preds = noise_preds.reshape(batch, noise_preds.shape[1], elements)
         for b in range(batch):
             for start in range(0, elements, chunk_rows):
-                stop = min(start + chunk_rows, elements)
-                yield interleave_columns(flat_states[b : b + 1, :, start:stop], flat_preds[b : b + 1, :, start:stop])
+                yield b, b + 1, start, min(start + chunk_rows, elements)
     else:
         samples = max(1, chunk_rows // elements)
         for start in range(0, batch, samples):
-            yield interleave_columns(states[start : start + samples], noise_preds[start : start + samples])
+            yield start, min(start + samples, batch), 0, elements
+
+
+def iter_row_chunks(
+    states: torch.Tensor, noise_preds: torch.Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS
+) -> Iterator[torch.Tensor]:
+    """Yield the rows of ``interleave_columns`` in float64 chunks of about ``chunk_rows`` rows (``chunk_spans``),
+    so a chunk is at most ``max(chunk_rows, D) * (2N+1)`` float64 whatever the batch size."""
+    batch = states.shape[0]
+    elements = states[0, 0].numel()
+    flat_states = states.reshape(batch, states.shape[1], elements)
+    flat_preds = noise_preds.reshape(batch, noise_preds.shape[1], elements)
+    for b0, b1, e0, e1 in chunk_spans(batch, elements, chunk_rows):
+        yield interleave_columns(flat_states[b0:b1, :, e0:e1], flat_preds[b0:b1, :, e0:e1])
+
+
+def trajectory_r_factor(
+    states: torch.Tensor, noise_preds: torch.Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS
+) -> torch.Tensor:
+    """R of ``interleave_columns(states, noise_preds)``, streamed ``chunk_rows`` rows at a time.
+
+    Args:
+        states: ``(B, N+1, *shape)``, any float dtype; noise_preds: ``(B, N, *shape)``.
+
+    Returns:
+        ``(2N+1, 2N+1)`` float64 on the trajectories' device. On the CPU the rows are written into one
+        column-major float64 chunk, reused, and folded in place (``fold_into``): the reduction holds R
+        and one chunk beside the trajectories, however many samples there are.
+    """
+    num_columns = 2 * states.shape[1] - 1
+    if states.device.type != "cpu" or states.dtype == torch.bfloat16:  # numpy has no bfloat16
+        return streaming_r_factor(iter_row_chunks(states, noise_preds, chunk_rows), num_columns)
+    batch, elements = states.shape[0], states[0, 0].numel()
+    flat_states = states.reshape(batch, states.shape[1], elements).numpy()
+    flat_preds = noise_preds.reshape(batch, noise_preds.shape[1], elements).numpy()
+    r = np.zeros((num_columns, num_columns), order="F")
+    chunk = np.empty((0, num_columns), order="F")
+    for b0, b1, e0, e1 in chunk_spans(batch, elements, chunk_rows):
+        width = e1 - e0
+        if chunk.shape[0] != (b1 - b0) * width:
+            chunk = np.empty(((b1 - b0) * width, num_columns), order="F")
+        for i, b in enumerate(range(b0, b1)):
+            rows = slice(i * width, (i + 1) * width)
+            chunk[rows, 0::2] = flat_states[b, :, e0:e1].T
+            chunk[rows, 1::2] = flat_preds[b, :, e0:e1].T
+        fold_into(r, chunk, overwrite_rows=True)
+    return torch.from_numpy(np.ascontiguousarray(r))
 
 
 def r_factor(rows: torch.Tensor) -> torch.Tensor:
@@ -87,13 +139,48 @@ def merge_r_factors(factors: Sequence[np.ndarray | torch.Tensor]) -> np.ndarray 
 
 
 def streaming_r_factor(chunks: Iterator[torch.Tensor], num_columns: int) -> torch.Tensor:
-    """R of all rows of ``chunks`` (each ``(M_i, C)``), folding one chunk at a time into a running R."""
-    running: torch.Tensor | None = None
+    """R of all rows of ``chunks`` (each ``(M_i, C)``), folding them one at a time into a running R.
+
+    CPU chunks are folded in place (``fold_into``, chunks left as they are): memory is R and a
+    column-major copy of one chunk.
+    Chunks on another device are gathered to ``DEVICE_FOLD_ROWS`` rows per QR of ``[R; rows]``.
+    Returns ``(C, C)`` float64 on the chunks' device.
+    """
+    running: np.ndarray | torch.Tensor | None = None
+    pending: list[torch.Tensor] = []
+    pending_rows = 0
     for chunk in chunks:
-        if chunk.shape[1] != num_columns:
-            raise ValueError(f"chunk has {chunk.shape[1]} columns, expected {num_columns}")
-        rows = chunk if running is None else torch.cat([running, chunk.to(running)])
-        running = r_factor(rows)
+        if chunk.ndim != 2 or chunk.shape[1] != num_columns:
+            raise ValueError(f"chunk has {chunk.shape[1] if chunk.ndim == 2 else 'no'} columns, expected {num_columns}")
+        if chunk.device.type == "cpu":
+            if running is None:
+                running = np.zeros((num_columns, num_columns), order="F")
+            fold_into(running, chunk.numpy())
+            continue
+        pending.append(chunk.to(torch.float64))
+        pending_rows += chunk.shape[0]
+        if pending_rows >= DEVICE_FOLD_ROWS:
+            running = r_factor(torch.cat(([running] if running is not None else []) + pending))
+            pending, pending_rows = [], 0
+    if pending:
+        running = r_factor(torch.cat(([running] if running is not None else []) + pending))
     if running is None:
         raise ValueError("no rows to factor")
-    return running
+    return torch.from_numpy(np.ascontiguousarray(running)) if isinstance(running, np.ndarray) else running
+
+
+def fold_into(r: np.ndarray, rows: np.ndarray, overwrite_rows: bool = False) -> None:
+    """Replace ``r (C, C)`` (float64, column-major, upper triangular) by the R of ``[r; rows (M, C)]``, in place.
+
+    ``rows`` is left as it is unless ``overwrite_rows`` (then a column-major float64 ``rows`` becomes
+    LAPACK's workspace and is destroyed: no copy). Row signs may differ from a QR of all rows at
+    once; every fit and residual from R is the same.
+    """
+    if rows.shape[0] == 0:
+        return
+    block = np.asfortranarray(rows, dtype=np.float64) if overwrite_rows else np.array(rows, dtype=np.float64, order="F")
+    folded, _, _, info = lapack.dtpqrt(0, min(TPQRT_BLOCK, r.shape[1]), r, block, overwrite_a=True, overwrite_b=True)
+    if info != 0:
+        raise ValueError(f"LAPACK dtpqrt failed on a ({rows.shape[0]}, {rows.shape[1]}) chunk (info {info})")
+    if folded is not r:  # the wrapper copies when r is not column-major float64
+        r[...] = folded
