@@ -6,7 +6,8 @@ import torch
 
 from core_data import raw_lstsq, raw_rows, small_model, trajectories
 from olss_dist import Calibration, record_trajectories, trailing_timesteps
-from olss_dist.core.path_search import even_nodes
+from olss_dist.core.path_search import SearchErrors, even_nodes, exhaustive_greedy_path, greedy_path, search_nodes
+from olss_dist.core.tsqr import fold_into, streaming_r_factor
 
 
 def assert_same_gram(a: Calibration, b: Calibration) -> None:
@@ -158,3 +159,68 @@ def test_bad_inputs_raise_clear_errors():
         calibration.fit([0, 5, 5])
     with pytest.raises(ValueError, match="start at 0"):
         calibration.fit([1, 5])
+
+
+def random_r(num_teacher_steps: int, num_rows: int, seed: int) -> np.ndarray:
+    """R of random rows with a random walk per column: search errors that are not monotone in the step."""
+    rng = np.random.default_rng(seed)
+    rows = np.cumsum(rng.standard_normal((num_rows, 2 * num_teacher_steps + 1)), axis=1)
+    rows += 0.3 * rng.standard_normal(rows.shape) * rng.uniform(0, 3, rows.shape[1])
+    return np.linalg.qr(rows, mode="r")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pruned_search_equals_exhaustive_scan_on_random_r(seed):
+    n = 30
+    r = random_r(n, 200, seed)
+    errors = SearchErrors(r, 200)
+    non_monotone = sum(np.any(np.diff(errors.from_prefix((0, m))) < 0) for m in range(1, n))
+    assert non_monotone > 0  # a bisection on the step length would not be exact here
+    for num_steps in (1, 2, 3, 5, 8, 13, 30):
+        pruned_errors, full_errors = SearchErrors(r, 200), SearchErrors(r, 200)
+        pruned = search_nodes(pruned_errors, num_steps)
+        full = search_nodes(full_errors, num_steps, greedy=exhaustive_greedy_path)
+        assert pruned[0] == full[0]
+        np.testing.assert_allclose(pruned[1], full[1], rtol=1e-12)
+        assert pruned_errors.evaluations <= full_errors.evaluations
+    for bound in np.quantile(errors.from_prefix((0,)), [0.05, 0.3, 0.7]):
+        for max_nodes in (2, 4, 30):
+            assert greedy_path(SearchErrors(r, 200), bound, max_nodes) == exhaustive_greedy_path(SearchErrors(r, 200), bound, max_nodes)
+
+
+def test_lower_bounds_never_exceed_search_errors():
+    errors = SearchErrors(random_r(20, 100, 3), 100)
+    for prefix in [(0,), (0, 3), (0, 3, 9), (0, 1, 2, 15)]:
+        assert np.all(errors.lower_bounds(prefix) <= errors.from_prefix(prefix))
+
+
+def test_pruned_search_equals_exhaustive_scan_on_trajectories():
+    states, noise_preds, timesteps = trajectories()
+    calibration = Calibration.from_trajectories(states, noise_preds, timesteps)
+    for num_steps in (2, 5, 10, 20):
+        pruned = search_nodes(SearchErrors(calibration.r_factor, calibration.num_rows), num_steps)
+        full = search_nodes(SearchErrors(calibration.r_factor, calibration.num_rows), num_steps, greedy=exhaustive_greedy_path)
+        assert pruned[0] == full[0]
+
+
+def test_streamed_fold_equals_one_qr_and_accepts_any_chunking():
+    rng = np.random.default_rng(5)
+    rows = rng.standard_normal((300, 41)) @ rng.standard_normal((41, 41))
+    whole = np.linalg.qr(rows, mode="r")
+    for size in (1, 37, 41, 300):
+        streamed = streaming_r_factor(iter(torch.from_numpy(rows).split(size)), 41).numpy()
+        assert np.allclose(np.tril(streamed, -1), 0)
+        np.testing.assert_allclose(streamed.T @ streamed, whole.T @ whole, rtol=1e-10, atol=1e-10 * np.abs(rows).max() ** 2)
+    few = np.linalg.qr(rows[:10], mode="r")
+    folded = np.zeros((41, 41), order="F")
+    fold_into(folded, rows[:10])
+    np.testing.assert_allclose(folded.T @ folded, few.T @ few, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="expected 41"):
+        streaming_r_factor(iter([torch.zeros(3, 40)]), 41)
+
+
+def test_float32_trajectories_reduce_like_their_float64_copy():
+    states, noise_preds, timesteps = trajectories()
+    single = Calibration.from_trajectories(states.float(), noise_preds.float(), timesteps, chunk_rows=50)
+    double = Calibration.from_trajectories(states.float().double(), noise_preds.float().double(), timesteps)
+    assert_same_gram(single, double)

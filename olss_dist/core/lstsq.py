@@ -75,6 +75,17 @@ def residuals_of_many(
     """
     top = max(features) + 1
     q = orthonormal_basis(r[:top, list(features)])
-    y = r[:top, targets]
-    residual = y - q @ (q.T @ y)
-    return np.einsum("rt,rt->t", residual, residual) + target_tails[top]
+    return residuals_on_basis(q, r[:top, targets].T, target_tails[top])
+
+
+def residuals_on_basis(q: np.ndarray, y_rows: np.ndarray, tails: np.ndarray) -> np.ndarray:
+    """Residual sums of squares of many targets off the span of ``q (top, rank)``.
+
+    ``q`` is ``orthonormal_basis`` of the feature block of R (rows ``0..top-1``); row ``t`` of
+    ``y_rows (T, top)`` holds the same rows of target ``t`` (targets as rows: a contiguous block to
+    gather when R's target columns are kept transposed); ``tails (T,)`` are the targets' squares
+    below row ``top``. Every result is at least its tail: the search uses the tails alone as free
+    lower bounds.
+    """
+    residual = y_rows - (y_rows @ q) @ q.T
+    return np.einsum("tr,tr->t", residual, residual) + tails

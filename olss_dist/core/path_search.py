@@ -3,21 +3,36 @@
 The search error of a step from node ``n_i`` to a target ``k`` is the mean squared residual of
 fitting the teacher state ``s_k`` on ``[s_{n_i}, e_{n_0}, ..., e_{n_i}]``: the current teacher state
 plus every output seen so far. A path of exactly K nodes minimising its worst search error is found
-by greedy longest steps under a bound D (exact linear scans over all targets, no monotonicity
-assumed) and bisection on D. Shorter greedy paths are split to exactly K nodes, and evenly spaced
-nodes are kept as a competitor, so the result is never worse than uniform spacing.
+by greedy longest steps under a bound D and bisection on D. Shorter greedy paths are split to exactly
+K nodes, and evenly spaced nodes are kept as a competitor, so the result is never worse than uniform
+spacing.
+
+The longest step within D is exact, with no monotonicity assumed (the search error is not always
+monotone in the step length). It is found from the longest step down, and most steps are never
+evaluated: a step's error is at least the tail of its target below the feature rows of R (the part
+of ``s_k`` orthogonal to every column up to ``e_{n_i}``), known for free, so only steps whose tail is
+within D are evaluated, in blocks, until one is within D. Every evaluated error is kept for later
+rounds. ``exhaustive_greedy_path`` (every step of every prefix evaluated) is the reference it is
+tested against.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Callable, Sequence
 
 import numpy as np
 
-from olss_dist.core.lstsq import residuals_of_many, tail_sums_of_squares
+from olss_dist.core.lstsq import orthonormal_basis, residuals_on_basis, tail_sums_of_squares
 
 BISECTION_TOLERANCE = 1e-9
 """Bisection stops when the bound is known to this relative precision."""
+
+FIRST_BLOCK = 8
+"""Steps evaluated together first in the downward scan; each further block is twice as large."""
+
+CACHED_BASES = 64
+"""Feature bases kept (least recently used dropped): ``(2 n_i + 2, i + 2)`` float64 each."""
 
 
 def state_column(n: int) -> int:
@@ -56,14 +71,18 @@ def check_nodes(nodes: Sequence[int], num_teacher_steps: int) -> list[int]:
 
 
 class SearchErrors:
-    """Search errors of every step, memoised per path prefix.
+    """Search errors of every step, evaluated on demand and memoised per path prefix.
 
-    One call for a prefix ``(n_0, ..., n_i)`` solves one small least squares on R for all targets
-    ``k = n_i + 1 ... N`` at once.
+    For a prefix ``(n_0, ..., n_i)`` the steps are indexed ``j = 0 ... N - n_i - 1`` (target
+    ``k = n_i + 1 + j``). One orthonormal basis of the prefix's feature block of R serves every target.
 
     Args:
         r: ``(2N+1, 2N+1)`` float64 R factor with interleaved columns.
         num_rows: rows of the data matrix (samples x latent elements), to turn sums into means.
+
+    Attributes:
+        evaluations: steps evaluated so far (one residual of one target each).
+        bases: feature bases computed so far (one SVD of a ``(2 n_i + 2, i + 2)`` block each).
     """
 
     def __init__(self, r: np.ndarray, num_rows: int):
@@ -72,30 +91,99 @@ class SearchErrors:
         self.num_teacher_steps = (r.shape[0] - 1) // 2
         self.state_columns = np.arange(0, r.shape[0], 2)
         self.state_tails = tail_sums_of_squares(r, self.state_columns)
+        # Row k is R's column of s_k: a block of targets is a contiguous gather.
+        self.state_rows = np.ascontiguousarray(r[:, self.state_columns].T)
+        self.evaluations = 0
+        self.bases = 0
         self._cache: dict[tuple[int, ...], np.ndarray] = {}
+        self._bases: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
+
+    def lower_bounds(self, prefix: tuple[int, ...]) -> np.ndarray:
+        """``(N - n_i,)`` lower bounds of the errors of the steps from ``prefix``: each target's tail
+        below the feature rows, the term every evaluated error adds to a non-negative sum."""
+        current = prefix[-1]
+        return self.state_tails[output_column(current) + 1, current + 1 :] / self.num_rows
+
+    def at(self, prefix: tuple[int, ...], steps: np.ndarray) -> np.ndarray:
+        """Mean squared errors of the steps ``steps`` (indices ``j``, target ``n_i + 1 + j``) from ``prefix``."""
+        errors = self._cache.get(prefix)
+        if errors is None:
+            errors = np.full(self.num_teacher_steps - prefix[-1], np.nan)
+            self._cache[prefix] = errors
+        steps = np.asarray(steps, dtype=int)
+        missing = steps[np.isnan(errors[steps])]
+        if missing.size:
+            errors[missing] = self._evaluate(prefix, missing)
+        return errors[steps]
 
     def from_prefix(self, prefix: tuple[int, ...]) -> np.ndarray:
         """``(N - n_i,)`` mean squared errors of the step from ``prefix[-1]`` to each ``k = n_i+1 ... N``."""
-        cached = self._cache.get(prefix)
-        if cached is None:
-            current = prefix[-1]
-            features = [state_column(current)] + [output_column(n) for n in prefix]
-            targets = self.state_columns[current + 1 :]
-            sums = residuals_of_many(self.r, features, targets, self.state_tails[:, current + 1 :])
-            cached = np.maximum(sums, 0.0) / self.num_rows
-            self._cache[prefix] = cached
-        return cached
+        return self.at(prefix, np.arange(self.num_teacher_steps - prefix[-1]))
 
     def along(self, nodes: Sequence[int]) -> np.ndarray:
         """``(K,)`` search errors of each step of the path ``nodes`` (the last step ends at N)."""
         targets = list(nodes[1:]) + [self.num_teacher_steps]
         return np.array(
-            [self.from_prefix(tuple(nodes[: i + 1]))[targets[i] - nodes[i] - 1] for i in range(len(nodes))]
+            [self.at(tuple(nodes[: i + 1]), [targets[i] - nodes[i] - 1])[0] for i in range(len(nodes))]
         )
+
+    def _basis(self, prefix: tuple[int, ...]) -> np.ndarray:
+        basis = self._bases.get(prefix)
+        if basis is None:
+            current = prefix[-1]
+            features = [state_column(current)] + [output_column(n) for n in prefix]
+            basis = orthonormal_basis(self.r[: output_column(current) + 1, features])
+            self.bases += 1
+            self._bases[prefix] = basis
+            if len(self._bases) > CACHED_BASES:
+                self._bases.popitem(last=False)
+        else:
+            self._bases.move_to_end(prefix)
+        return basis
+
+    def _evaluate(self, prefix: tuple[int, ...], steps: np.ndarray) -> np.ndarray:
+        current = prefix[-1]
+        top = output_column(current) + 1
+        targets = current + 1 + steps
+        sums = residuals_on_basis(self._basis(prefix), self.state_rows[targets, :top], self.state_tails[top, targets])
+        self.evaluations += steps.size
+        return np.maximum(sums, 0.0) / self.num_rows
+
+
+def longest_step(errors: SearchErrors, prefix: tuple[int, ...], bound: float, shortest: int = 0) -> int | None:
+    """Largest step index ``j >= shortest`` from ``prefix`` whose search error is within ``bound``, or ``None``.
+
+    Exact: the same answer as evaluating every step. Steps whose lower bound exceeds ``bound`` cannot
+    be within it (an evaluated error is its lower bound plus a non-negative sum, rounded upwards or
+    exactly), the others are evaluated from the longest down, ``FIRST_BLOCK`` first, doubling.
+    """
+    candidates = shortest + np.flatnonzero(errors.lower_bounds(prefix)[shortest:] <= bound)[::-1]
+    start, size = 0, FIRST_BLOCK
+    while start < candidates.size:
+        block = candidates[start : start + size]
+        within = np.flatnonzero(errors.at(prefix, block) <= bound)
+        if within.size:
+            return int(block[within[0]])
+        start, size = start + size, 2 * size
+    return None
 
 
 def greedy_path(errors: SearchErrors, bound: float, max_nodes: int) -> list[int] | None:
     """Longest steps whose search error stays within ``bound``; ``None`` if N is not reached in ``max_nodes``."""
+    nodes = [0]
+    last = errors.num_teacher_steps - 1
+    while True:
+        # With max_nodes nodes only the step to N is still allowed.
+        step = longest_step(errors, tuple(nodes), bound, last - nodes[-1] if len(nodes) == max_nodes else 0)
+        if step == last - nodes[-1]:
+            return nodes
+        if step is None or len(nodes) == max_nodes:
+            return None
+        nodes.append(nodes[-1] + 1 + step)
+
+
+def exhaustive_greedy_path(errors: SearchErrors, bound: float, max_nodes: int) -> list[int] | None:
+    """``greedy_path`` with every step of every prefix evaluated: the reference for the pruned scan."""
     nodes = [0]
     while True:
         step_errors = errors.from_prefix(tuple(nodes))
@@ -143,23 +231,26 @@ def search_path(r: np.ndarray, num_rows: int, num_steps: int) -> tuple[list[int]
     return search_nodes(SearchErrors(r, num_rows), num_steps)
 
 
-def search_nodes(errors: SearchErrors, num_steps: int) -> tuple[list[int], np.ndarray]:
-    """``search_path``'s search on given search errors (``SearchErrors`` or another source with its
-    ``num_teacher_steps``, ``from_prefix`` and ``along``, e.g. a benchmark's baseline)."""
+def search_nodes(
+    errors: SearchErrors, num_steps: int,
+    greedy: Callable[[SearchErrors, float, int], list[int] | None] = greedy_path,
+) -> tuple[list[int], np.ndarray]:
+    """``search_path``'s search on given search errors, with ``greedy`` as the greedy step
+    (``exhaustive_greedy_path`` for the unpruned reference)."""
     check_num_steps(errors.num_teacher_steps, num_steps)
     uniform = even_nodes(errors.num_teacher_steps, num_steps)
     upper = max(errors.along(uniform).max(), np.finfo(float).tiny)
-    while greedy_path(errors, upper, num_steps) is None:
+    while greedy(errors, upper, num_steps) is None:
         upper *= 2.0
     lower = 0.0
     while still_bisecting(lower, upper):
         middle = 0.5 * (lower + upper)
-        if greedy_path(errors, middle, num_steps) is None:
+        if greedy(errors, middle, num_steps) is None:
             lower = middle
         else:
             upper = middle
     searched = split_to_length(
-        greedy_path(errors, upper, num_steps), num_steps, errors.num_teacher_steps,
+        greedy(errors, upper, num_steps), num_steps, errors.num_teacher_steps,
         lambda paths: [errors.along(path).max() for path in paths],
     )
     best = min([searched, uniform], key=lambda path: errors.along(path).max())
