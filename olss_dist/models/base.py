@@ -8,6 +8,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from olss_dist.core.noise_process import NoiseProcess, noise_process_from_config
+
 
 class DiffusionModel(ABC):
     """A guided noise predictor with everything calibration needs to know about it.
@@ -16,10 +18,14 @@ class DiffusionModel(ABC):
         model_id: human-readable identity (hub id, path, ``"embedded"``, ``"analytic"``).
         digest: sha256 hex digest of the content that affects sampling (weights and configs).
         latent_shape: shape of one latent sample, e.g. ``(4, 64, 64)``.
-        alphas_cumprod: ``(num_train_timesteps,)`` float64, the model's own noise schedule.
-        prediction_type: what the network predicts (``"epsilon"`` or ``"v_prediction"``);
-            ``__call__`` always returns epsilon.
-        scheduler_config: the model's own diffusers scheduler config (for built-in solvers).
+        alphas_cumprod: ``(num_train_timesteps,)`` float64, a VP model's own noise schedule (``None`` for
+            flow-matching models).
+        prediction_type: what the network predicts (``"epsilon"``, ``"v_prediction"`` or
+            ``"flow_prediction"``); ``__call__`` returns epsilon for VP models (v converted) and the
+            velocity for flow-matching models, i.e. ``noise_process.output_type``.
+        scheduler_config: the model's own diffusers scheduler config (names the noise process; built-ins).
+        mu: the dynamic shift of a flow model with ``use_dynamic_shifting`` at its calibration resolution
+            (Flux: from the image sequence length); ``None`` otherwise.
         guidance_scale: classifier-free guidance scale used by ``__call__``.
         device: where ``__call__`` runs.
     """
@@ -32,18 +38,25 @@ class DiffusionModel(ABC):
     scheduler_config: dict[str, Any]
     guidance_scale: float
     device: torch.device
+    mu: float | None = None
+
+    @property
+    def noise_process(self) -> NoiseProcess:
+        """The model's noise process (VP or flow matching), from its scheduler config and ``mu``."""
+        return noise_process_from_config(self.scheduler_config, mu=self.mu)
 
     @property
     def num_train_timesteps(self) -> int:
-        return int(len(self.alphas_cumprod))
+        return self.noise_process.num_train_timesteps
 
     @abstractmethod
     def encode_prompts(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None) -> Any:
         """Conditioning for a batch of prompts, indexable along the batch (first) dimension."""
 
     @abstractmethod
-    def __call__(self, x: torch.Tensor, t: int, cond: Any) -> torch.Tensor:
-        """Guided epsilon for ``x (B, *latent_shape)`` at train timestep ``t``; same shape and dtype as ``x``."""
+    def __call__(self, x: torch.Tensor, t: int | float, cond: Any) -> torch.Tensor:
+        """Guided output for ``x (B, *latent_shape)`` at model timestep ``t`` (an int train timestep for VP
+        models, ``σ·1000`` for flow models); same shape and dtype as ``x``."""
 
     def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:
         """``(B, *latent_shape)`` float32 standard normal latents, one CPU generator per seed.
