@@ -206,3 +206,23 @@ def test_racing_refits_submit_one_job_which_a_waiting_refit_sees_succeed(ray_hea
     assert (again["status"], again["run_uri"]) == ("skipped", waited["run_uri"])
     jobs = [job for job in ray_head.api("/api/jobs/") if (job.get("submission_id") or "").startswith("olss-refit-")]
     assert [job["submission_id"] for job in jobs if job["submission_id"].startswith(submission_id[:-2])] == [submission_id]
+
+    # The real head's answers map to the same kinds as the stand-in's (a client process: token auth from its env).
+    probe = subprocess.run([sys.executable, "-c", SUBMISSION_PROBE, ray_head.address, submission_id, str(tmp_path)],
+                           cwd=REPO, env=ray_head.client_env(), capture_output=True, text=True, timeout=REFIT_TIMEOUT_S)  # fmt: skip
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    assert json.loads(probe.stdout) == {"duplicate": "duplicate", "unknown": None, "succeeded": True}
+
+
+SUBMISSION_PROBE = """
+import json, sys
+from olss_dist.distributed.submission import RayJobs, SubmissionError
+address, submission_id, working_dir = sys.argv[1:]
+jobs = RayJobs(address)
+try:
+    jobs.submit(submission_id, "true", working_dir)
+    kind = "submitted"
+except SubmissionError as error:
+    kind = error.kind
+print(json.dumps({"duplicate": kind, "unknown": jobs.info("olss-refit-unknown-1"), "succeeded": jobs.info(submission_id).succeeded}))
+"""
