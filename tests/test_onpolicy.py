@@ -7,7 +7,7 @@ from diffusers import DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepS
 
 from core_data import raw_lstsq, small_model, trajectories
 from olss_dist import calibrate, fit_on_policy, trailing_timesteps
-from olss_dist.core.builtin import builtin_plan, make_builtin_scheduler, scheduler_coefficients
+from olss_dist.core.builtin import builtin_plan, builtin_scheduler, scheduler_coefficients
 from olss_dist.method.run import builtin_config
 from olss_dist.core.onpolicy import rollout
 from olss_dist.method.rollouts import InProcessBackend
@@ -53,13 +53,13 @@ def test_builtin_in_olss_form_reproduces_the_diffusers_scheduler(name, scheduler
     model = small_model()
     x_T = torch.randn(6, *model.latent_shape, dtype=torch.float64)
     cond = torch.arange(6) % 4
-    scheduler = make_builtin_scheduler(name, builtin_config(model.alphas_cumprod))
+    scheduler = builtin_scheduler(name, builtin_config(model.alphas_cumprod), "trailing", linear=True)
     assert isinstance(scheduler, scheduler_class)
     scheduler.set_timesteps(7)
     x = x_T
     for t in scheduler.timesteps:
         x = scheduler.step(model(x, int(t), cond), t, x).prev_sample
-    timesteps, coefficients = scheduler_coefficients(make_builtin_scheduler(name, builtin_config(model.alphas_cumprod)), 7)
+    timesteps, coefficients = scheduler_coefficients(builtin_scheduler(name, builtin_config(model.alphas_cumprod), "trailing", linear=True), 7)
     torch.testing.assert_close(rollout(coefficients, model, x_T, cond, timesteps), x, rtol=1e-5, atol=1e-5)
 
 

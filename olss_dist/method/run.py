@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from olss_dist.core.builtin import builtin_plan
+from olss_dist.core.builtin import LINEAR_BUILTINS, builtin_plan
 from olss_dist.core.calibration import Calibration, as_tensor
 from olss_dist.core.onpolicy import DEFAULT_RIDGE, solve_step
 from olss_dist.core.plan import Plan
@@ -31,7 +31,7 @@ from olss_dist.core.tsqr import merge_r_factors
 logger = logging.getLogger(__name__)
 
 DEFAULT_STEPS = (5, 10, 20)
-DEFAULT_BUILTINS = ("ddim", "dpmsolver++", "unipc", "deis")
+DEFAULT_BUILTINS = LINEAR_BUILTINS  # every built-in solver with an exact OLSS form
 DEFAULT_RIDGES = (DEFAULT_RIDGE, 10 * DEFAULT_RIDGE)
 
 
