@@ -92,7 +92,8 @@ class InProcessBackend(RolloutBackend):
     Args:
         denoiser: ``denoiser(x, t, cond) -> eps``.
         noise: ``(B, *shape)`` train initial noise; ``cond`` its conditioning.
-        validation_noise: ``(V, *shape)``; ``validation_cond`` its conditioning.
+        validation_noise: ``(V, *shape)``; ``validation_cond`` its conditioning. None: no validation split,
+            for on-policy fits of given nodes alone (``record_train_states``, ``method.run.fit_candidate``).
         batch_size: samples per model call (None: a split at once).
         progress: called with a short description of each finished stage.
     """
@@ -102,13 +103,15 @@ class InProcessBackend(RolloutBackend):
         denoiser: Denoiser,
         noise: torch.Tensor,
         cond: Any,
-        validation_noise: torch.Tensor,
-        validation_cond: Any,
+        validation_noise: torch.Tensor | None = None,
+        validation_cond: Any = None,
         batch_size: int | None = None,
         progress: Callable[[str], None] | None = None,
     ):
         self.denoiser = denoiser
-        self.splits = {TRAIN: (noise, cond), VALIDATION: (validation_noise, validation_cond)}
+        self.splits = {TRAIN: (noise, cond)}
+        if validation_noise is not None:
+            self.splits[VALIDATION] = (validation_noise, validation_cond)
         self.batch_size = batch_size
         self.progress = progress or (lambda message: None)
         self.train_states: dict[int, torch.Tensor] = {}
@@ -129,6 +132,8 @@ class InProcessBackend(RolloutBackend):
         all_states = torch.cat(states)
         self.train_states = {n: all_states[:, n] for n in range(all_states.shape[1])}
         self.progress(f"teacher: {len(noise)} train trajectories")
+        if VALIDATION not in self.splits:
+            return Calibration.merge(calibrations)
         noise, cond = self.splits[VALIDATION]
         final = [len(timesteps)]
         self.validation_final = torch.cat([
@@ -138,11 +143,29 @@ class InProcessBackend(RolloutBackend):
         self.progress(f"teacher: {len(noise)} validation trajectories")
         return Calibration.merge(calibrations)
 
+    def record_train_states(self, timesteps: np.ndarray, alphas_cumprod: np.ndarray, keep: Iterable[int]) -> None:
+        """Run the teacher on the train split keeping its states at ``keep`` and the final one, without
+        calibration statistics: all that on-policy fits of given nodes need (``method.run.fit_candidate``).
+
+        Args:
+            timesteps: ``(N,)`` teacher timesteps; ``keep`` indexes its states ``0..N``.
+        """
+        noise, cond = self.splits[TRAIN]
+        keep = sorted(set(keep) | {len(timesteps)})
+        states = torch.cat([
+            record_states(self.denoiser, noise[rows], select(cond, rows), timesteps, alphas_cumprod, keep)
+            for rows in batch_slices(len(noise), self.batch_size)
+        ])
+        self.train_states = {n: states[:, i] for i, n in enumerate(keep)}
+        self.progress(f"teacher: {len(noise)} train samples, {len(keep)} states kept")
+
     def keep_train_states(self, nodes: Iterable[int]) -> None:
         keep = set(nodes) | {max(self.train_states)}
         self.train_states = {n: s.clone() for n, s in self.train_states.items() if n in keep}
 
     def start(self, split: str, timestep: int) -> int:
+        if split not in self.splits:
+            raise ValueError(f"no {split} split: this backend was built without one")
         noise, cond = self.splits[split]
         batches = [Rollout(noise[rows], select(cond, rows)) for rows in batch_slices(len(noise), self.batch_size)]
         for batch in batches:
