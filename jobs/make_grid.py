@@ -20,7 +20,8 @@ import torch
 import typer
 from PIL import Image, ImageDraw
 
-from olss_dist.apps.evaluate import builtin_scheduler, run_sampler
+from olss_dist.apps.evaluate import run_sampler
+from olss_dist.core.builtin import builtin_scheduler
 from olss_dist.method.run import calibrate
 from olss_dist.models import load_model
 from olss_dist.models.embedded import STROKE_STYLES, digit_prompt

@@ -15,11 +15,12 @@ from core_data import small_model, trajectories
 from tiny_sd import tiny_pipeline
 from olss_dist import Calibration, trailing_timesteps
 from olss_dist.artifacts import publish_run
-from olss_dist.core.builtin import builtin_plan
+from olss_dist.core.builtin import LINEAR_BUILTINS, builtin_plan, builtin_scheduler
 from olss_dist.cli import app
 from olss_dist.apps.evaluate import (
-    builtin_scheduler,
+    EvaluationSet,
     evaluation_seeds,
+    fit_uniform_on_policy,
     load_calibrated_run,
     olss_sampler,
     rich_tables,
@@ -32,11 +33,11 @@ from olss_dist.apps.evaluate import (
 from olss_dist.method.run import builtin_config, run_method
 from olss_dist.models import load_model
 from olss_dist.models.analytic import GaussianMixtureModel
-from olss_dist.core.onpolicy import rollout
+from olss_dist.core.onpolicy import fit_on_policy, rollout
+from olss_dist.core.path_search import even_nodes
 from olss_dist.prompts import read_prompts, split_validation
 from olss_dist.method.rollouts import InProcessBackend
 from olss_dist.scheduler import OLSSScheduler
-from olss_dist.core.teacher import record_trajectories
 
 TEACHER_STEPS = 40
 PLANNED = (4, 8)
@@ -63,6 +64,52 @@ def test_generic_loop_reproduces_olss_rollout_and_builtin_in_olss_form():
     config = {**model.scheduler_config, "beta_schedule": "scaled_linear"}
     final, calls = run_sampler(builtin_scheduler("ddim", config, "trailing"), model, x_T, cond, 8)
     torch.testing.assert_close(final, rollout(ddim.coefficients, model, x_T, cond, ddim.timesteps), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", LINEAR_BUILTINS)
+def test_evaluated_trailing_builtin_is_the_method_candidate(name):
+    """One registry: the evaluation's ``<name> (trailing)`` sampler is the method's ``builtin/<name>`` plan."""
+    model, x_T = small_model(), trajectories()[0][:, 0]
+    cond = torch.arange(len(x_T)) % 4
+    plan = builtin_plan(name, 6, builtin_config(model.alphas_cumprod), trailing_timesteps(1000))
+    final, calls = run_sampler(builtin_scheduler(name, model.scheduler_config, "trailing"), model, x_T, cond, 6)
+    assert calls == 6
+    torch.testing.assert_close(final, rollout(plan.coefficients, model, x_T, cond, plan.timesteps), rtol=1e-5, atol=1e-6)
+
+
+def test_builtins_without_an_olss_form_are_refused():
+    config = GaussianMixtureModel().scheduler_config
+    for name in ("pndm", "euler"):
+        assert name not in LINEAR_BUILTINS
+        builtin_scheduler(name, config, "trailing")  # evaluated as users run it
+        with pytest.raises(ValueError, match="have no OLSS form"):
+            builtin_plan(name, 5, config, trailing_timesteps(1000))
+
+
+class CountingModel:
+    """A model that records the batch size of every call."""
+
+    def __init__(self, model):
+        self.model, self.alphas_cumprod, self.batches = model, model.alphas_cumprod, []
+
+    def __call__(self, x, t, cond):
+        self.batches.append(len(x))
+        return self.model(x, t, cond)
+
+
+def test_uniform_on_policy_fit_is_the_method_fit_in_batches():
+    states, _, timesteps = trajectories()
+    model, cond = CountingModel(small_model()), torch.arange(24) % 4
+    fit_samples = EvaluationSet([""] * 24, [""] * 24, list(range(24)), states[:, 0], cond)
+    plans = fit_uniform_on_policy(model, fit_samples, timesteps, [4, 8], batch_size=5)
+    assert max(model.batches) == 5
+    whole = fit_uniform_on_policy(small_model(), fit_samples, timesteps, [4, 8])
+    for plan, unbatched in zip(plans, whole):
+        reference = fit_on_policy(even_nodes(40, len(plan.nodes)), small_model(), states, cond, timesteps=timesteps)
+        assert plan.nodes == reference.nodes and (plan.fit, plan.spacing) == ("on_policy", "uniform")
+        np.testing.assert_allclose(unbatched.coefficients, reference.coefficients, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(plan.coefficients, reference.coefficients, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(plan.step_errors, reference.step_errors, rtol=1e-6)
 
 
 def test_builtin_variants_follow_the_model_config_or_trailing_spacing():
@@ -207,7 +254,7 @@ def test_cli_writes_outputs(run_uri, tmp_path, monkeypatch):
 @pytest.mark.parametrize("arguments,message", [
     (["--artifact", "{root}/nothing-here"], "not found"),
     (["--steps", "5"], "no plan for [5] steps; it planned [4, 8]"),
-    (["--steps", "4,x"], "comma-separated integers"),
+    (["--steps", "4,x"], "--steps: expected comma-separated positive integers"),
     (["--num-samples", "0"], "--num-samples must be at least 1"),
     (["--model", "nonexistent-model-folder"], "nonexistent-model-folder"),
 ])

@@ -1,0 +1,289 @@
+"""Running an evaluation: the teacher's reference, the sampling loop, its metrics, and ``run_evaluation``.
+
+Every sampler runs the same generic diffusers loop from the same initial noise ``x_T``, with its own
+model calls::
+
+    x = x_T * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(scheduler.scale_model_input(x, t), t, cond), t, x).prev_sample
+
+and its final latent is compared with the N-step DDIM teacher's final latent from the same ``x_T``
+(held-out samples: ``samples``).
+
+Metrics (per sample, over latent elements): RMSE against the teacher's final latent, and PSNR on latents,
+``20 log10(peak_to_peak / rmse)`` with ``peak_to_peak`` the range of all teacher final latents of the set.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from olss_dist.apps.evaluate.published import calibration_seeds, load_calibrated_run
+from olss_dist.apps.evaluate.results import Evaluation, SamplerResult
+from olss_dist.apps.evaluate.samples import EvaluationSet, evaluation_set
+from olss_dist.apps.evaluate.samplers import (
+    Sampler,
+    builtin_samplers,
+    fit_uniform_on_policy,
+    olss_sampler,
+    paper_plans,
+    shipped_sampler,
+)
+from olss_dist.core.builtin import BUILTIN_SOLVERS, check_builtins
+from olss_dist.core.path_search import check_num_steps, even_nodes
+from olss_dist.core.teacher import Denoiser, record_states, trailing_timesteps
+from olss_dist.method.rollouts import batch_slices, error_summary, per_sample_mse, select
+
+GRID_SAMPLES = 8
+
+
+def teacher_states(
+    denoiser: Denoiser,
+    x_T: torch.Tensor,
+    cond: Any,
+    timesteps: Any,
+    alphas_cumprod: Any,
+    keep: Sequence[int],
+    batch_size: int | None = None,
+) -> torch.Tensor:
+    """``teacher.record_states`` over batches of ``batch_size`` samples (None: all at once).
+
+    Returns:
+        ``(B, len(keep), *shape)`` in the dtype of ``x_T``: the N-step DDIM teacher's states at ``keep``.
+    """
+    return torch.cat([
+        record_states(denoiser, x_T[rows], select(cond, rows), timesteps, alphas_cumprod, keep)
+        for rows in batch_slices(len(x_T), batch_size)
+    ])
+
+
+def model_timestep(t: torch.Tensor | int | float) -> int:
+    """A scheduler timestep as the integer train timestep the denoiser protocol takes."""
+    value = float(t)
+    if not value.is_integer():
+        raise ValueError(f"timestep {value} is not an integer train timestep")
+    return int(value)
+
+
+def run_sampler(scheduler, denoiser: Denoiser, x_T: torch.Tensor, cond: Any, num_steps: int) -> tuple[torch.Tensor, int]:
+    """The generic diffusers sampling loop; returns the final latent ``(B, *shape)`` and model calls per sample."""
+    scheduler.set_timesteps(num_steps)
+    x = x_T * scheduler.init_noise_sigma
+    calls = 0
+    for t in scheduler.timesteps:
+        output = denoiser(scheduler.scale_model_input(x, t), model_timestep(t), cond)
+        calls += 1
+        x = scheduler.step(output, t, x).prev_sample
+    return x, calls
+
+
+def latent_peak_to_peak(teacher_final: torch.Tensor) -> float:
+    """The PSNR peak: the range of all the teacher's final latents ``(B, *shape)`` of the set."""
+    return float(teacher_final.max() - teacher_final.min())
+
+
+def sample_metrics(mse: np.ndarray, peak_to_peak: float) -> dict[str, float]:
+    """Summary of per-sample errors ``mse (B,)`` (``per_sample_mse``): pooled RMSE, spread of per-sample RMSE, PSNR.
+
+    Returns:
+        ``rmse`` (over all samples), ``median``/``p90``/``worst`` per-sample RMSE, ``rmse_mean``/``rmse_std``
+        of per-sample RMSE, and ``psnr_mean``/``psnr_std`` in dB on latents relative to ``peak_to_peak``.
+    """
+    if not np.all(np.isfinite(mse)):
+        nan = float("nan")
+        return {"rmse": float("inf"), "median": nan, "p90": nan, "worst": float("inf"),
+                "rmse_mean": nan, "rmse_std": nan, "psnr_mean": nan, "psnr_std": nan}
+    per_sample_rmse = np.sqrt(mse)
+    with np.errstate(divide="ignore"):
+        psnr = 20.0 * np.log10(peak_to_peak / per_sample_rmse)
+    return {
+        **error_summary(mse),
+        "rmse_mean": float(per_sample_rmse.mean()),
+        "rmse_std": float(per_sample_rmse.std()),
+        "psnr_mean": float(psnr.mean()),
+        "psnr_std": float(psnr.std()),
+    }
+
+
+def sample_set(sampler: Sampler, denoiser: Denoiser, samples: EvaluationSet, num_steps: int,
+               batch_size: int | None = None) -> tuple[torch.Tensor, int, int]:
+    """Final latents ``(B, *shape)`` of ``sampler`` over the whole set, model calls per sample, first timestep."""
+    finals = []
+    for rows in batch_slices(len(samples), batch_size):
+        scheduler = sampler.new_scheduler()
+        final, calls = run_sampler(scheduler, denoiser, samples.x_T[rows], select(samples.cond, rows), num_steps)
+        finals.append(final)
+    return torch.cat(finals), calls, model_timestep(scheduler.timesteps[0])
+
+
+def evaluate(
+    denoiser: Denoiser,
+    samplers: Sequence[Sampler],
+    steps: Sequence[int],
+    samples: EvaluationSet,
+    teacher_final: torch.Tensor,
+    batch_size: int | None = None,
+    grid: Sequence[int] = (),
+    progress: Callable[[str], None] | None = None,
+) -> tuple[list[SamplerResult], dict[int, dict[str, torch.Tensor]]]:
+    """Run every sampler at every step count on-policy from ``samples.x_T`` and score it against the teacher.
+
+    Args:
+        denoiser: ``denoiser(x, t, cond) -> eps``.
+        steps: step counts K.
+        teacher_final: ``(B, *shape)`` the teacher's final latents from the same ``x_T``.
+        batch_size: samples per model call (None: all at once).
+        grid: indices of the samples whose final latents are kept for the sample grid.
+        progress: called with one line per finished sampler and step count.
+
+    Returns:
+        the results (sampler-major, then K) and ``{K: {label: (len(grid), *shape) latents}}``.
+    """
+    progress = progress or (lambda message: None)
+    peak_to_peak = latent_peak_to_peak(teacher_final)
+    results, kept = [], {k: {} for k in steps}
+    for sampler in samplers:
+        for k in steps:
+            try:
+                final, calls, first = sample_set(sampler, denoiser, samples, k, batch_size)
+            except (ValueError, IndexError, RuntimeError) as error:
+                results.append(SamplerResult(sampler.name, sampler.variant, k, None, note=f"cannot run: {error}"))
+                progress(f"{k} steps: {sampler.label} cannot run: {error}")
+                continue
+            mse = per_sample_mse(final, teacher_final)
+            metrics = sample_metrics(mse, peak_to_peak)
+            note = "diverged (non-finite output)" if not math.isfinite(metrics["rmse"]) else ""
+            results.append(SamplerResult(sampler.name, sampler.variant, k, calls, metrics, note, first, np.sqrt(mse).tolist()))
+            if len(grid):
+                kept[k][sampler.label] = final[list(grid)]
+            progress(f"{k} steps: {sampler.label} RMSE {metrics['rmse']:.4g} ({calls} calls)")
+    return results, kept
+
+
+def run_evaluation(
+    model_spec: str,
+    artifact: str,
+    steps: Sequence[int] | None = None,
+    num_samples: int = 32,
+    prompts: str | None = None,
+    seed_offset: int = 0,
+    teacher_steps: int | None = None,
+    uniform_fit_samples: int = 0,
+    builtins: Sequence[str] = tuple(BUILTIN_SOLVERS),
+    batch_size: int | None = None,
+    device: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Evaluation:
+    """Evaluate a published run on held-out samples against the built-in solvers (what ``olss-dist evaluate`` runs).
+
+    Args:
+        model_spec: ``olss_dist.models.load_model`` spec; must be the model the run was calibrated for.
+        artifact: run URI, model URI (its latest run), ``latest.json`` URI or local run folder.
+        steps: step counts K (default: every step count the run planned); each must be planned.
+        num_samples: held-out samples.
+        prompts: prompt file (text or Parquet, path or URI); default: the model's prompts, cycled.
+        seed_offset: selects an independent set of evaluation seeds.
+        teacher_steps: N of the reference teacher (default: the run's teacher).
+        uniform_fit_samples: fresh samples for the on-policy fit on evenly spaced nodes (0: skip that sampler).
+        builtins: built-in solvers to compare (keys of ``core.builtin.BUILTIN_SOLVERS``).
+        batch_size: samples per model call (None: all at once).
+        device: where the model runs (default: the adapter's choice).
+        storage_options: fsspec options for the artifact and prompt locations.
+        progress: called with a line per stage.
+
+    Raises:
+        ArtifactError: no complete run at ``artifact``.
+        ValueError: a step count the run did not plan, a model other than the run's, bad sizes or prompts.
+    """
+    from olss_dist.models import load_model
+    from olss_dist.prompts import read_prompts
+
+    progress = progress or (lambda message: None)
+    if num_samples < 1:
+        raise ValueError(f"--num-samples must be at least 1, got {num_samples}")
+    if uniform_fit_samples < 0:
+        raise ValueError(f"--uniform-fit-samples must be at least 0, got {uniform_fit_samples}")
+    check_builtins(builtins)
+    run = load_calibrated_run(artifact, storage_options)
+    steps = list(steps) if steps else run.planned_steps
+    unplanned = [k for k in steps if k not in run.plans]
+    if unplanned:
+        raise ValueError(f"the run has no plan for {unplanned} steps; it planned {run.planned_steps} (see --steps)")
+    config = run.manifest.get("config", {})
+    model = load_model(model_spec, guidance_scale=float(config.get("guidance_scale", 7.5)), device=device)
+    if model.digest != run.manifest["model"]["digest"]:
+        raise ValueError(
+            f"the run was calibrated for {run.manifest['model']['id']} (digest {run.manifest['model']['digest'][:12]}), "
+            f"but --model {model_spec} is {model.model_id} (digest {model.digest[:12]})"
+        )
+    fit_timesteps = run.calibration.timesteps if run.calibration is not None else trailing_timesteps(
+        int(run.manifest["teacher_steps"]), model.num_train_timesteps)
+    reference_timesteps = fit_timesteps if teacher_steps is None else trailing_timesteps(teacher_steps, model.num_train_timesteps)
+    for k in steps:
+        check_num_steps(len(fit_timesteps), k)
+
+    records = read_prompts(prompts, storage_options=storage_options) if prompts else None
+    known_seeds = calibration_seeds(run, model, storage_options)
+    samples = evaluation_set(
+        model, num_samples, [r.prompt for r in records] if records else None,
+        [r.negative_prompt for r in records] if records else None, seed_offset, known_seeds or (),
+    )
+    progress(f"teacher: {len(reference_timesteps)} DDIM steps on {num_samples} held-out samples")
+    teacher_final = teacher_states(model, samples.x_T, samples.cond, reference_timesteps, model.alphas_cumprod,
+                                   [len(reference_timesteps)], batch_size)[:, 0]
+
+    samplers = [shipped_sampler(run)]
+    if run.calibration is not None:
+        n = run.calibration.num_teacher_steps
+        samplers.append(olss_sampler("olss-paper", "same nodes", paper_plans(
+            run.calibration, {k: run.plans[k].nodes for k in steps}, "shipped nodes"), model.num_train_timesteps))
+        samplers.append(olss_sampler("olss-paper", "uniform", paper_plans(
+            run.calibration, {k: even_nodes(n, k) for k in steps}, "uniform"), model.num_train_timesteps))
+    if uniform_fit_samples:
+        fit_samples = evaluation_set(model, uniform_fit_samples, samples.prompts, samples.negative_prompts,
+                                     seed_offset, [*(known_seeds or ()), *samples.seeds])
+        progress(f"on-policy fit on uniform nodes: {uniform_fit_samples} fresh samples")
+        samplers.append(olss_sampler("olss-onpolicy", "uniform", fit_uniform_on_policy(
+            model, fit_samples, fit_timesteps, steps, batch_size), model.num_train_timesteps))
+    samplers += builtin_samplers(model.scheduler_config, builtins)
+
+    grid = grid_indices(num_samples, GRID_SAMPLES)
+    results, kept = evaluate(model, samplers, steps, samples, teacher_final, batch_size, grid, progress)
+    info = {
+        "model": {"spec": model_spec, "id": model.model_id, "digest": model.digest, "guidance_scale": model.guidance_scale},
+        "artifact": {"uri": run.uri, "run_id": run.manifest.get("run_id"), "shipped": {
+            k: {"fit": p.fit, "spacing": p.spacing, "nodes": p.nodes} for k, p in run.plans.items() if k in steps}},
+        "teacher_steps": len(reference_timesteps),
+        "calibration_teacher_steps": len(fit_timesteps),
+        "num_samples": num_samples,
+        "seed_offset": seed_offset,
+        "seeds": samples.seeds,
+        "calibration_seeds_excluded": known_seeds is not None,
+        "prompts": prompts or "model default prompts",
+        "uniform_fit_samples": uniform_fit_samples,
+        "teacher_peak_to_peak": latent_peak_to_peak(teacher_final),
+        "metric": "RMSE per latent element of the final latent against the teacher's; PSNR on latents "
+                  "relative to the teacher's peak-to-peak range",
+    }
+    return Evaluation(results, info, decoded_grids(model, teacher_final[grid], kept, len(reference_timesteps)))
+
+
+def grid_indices(num_samples: int, count: int) -> list[int]:
+    """``count`` sample indices spread evenly over the set (prompts cycle, so they show different prompts)."""
+    return sorted({i * num_samples // count for i in range(count)})
+
+
+def decoded_grids(model, teacher_latents: torch.Tensor, kept: dict[int, dict[str, torch.Tensor]], teacher_steps: int):
+    """``{K: {row label: (n, H, W, 3) uint8}}`` with the teacher's row first; ``{}`` for models without a decoder."""
+    teacher_images = model.decode(teacher_latents)
+    if teacher_images is None:
+        return {}
+    teacher_row = {f"teacher ({teacher_steps} steps)": teacher_images}
+    return {k: {**teacher_row, **{label: model.decode(latents) for label, latents in rows.items()}} for k, rows in kept.items()}
+
+
