@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from dataclasses import replace
 import shutil
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from artifact_data import run_files
 from safetensors.torch import load_file, save_file
+from tiny_sd import tiny_pipeline
 from typer.testing import CliRunner
 
+from olss_dist import cli
 from olss_dist.apps.refit import (
     AttemptStatus,
     RefitOptions,
@@ -36,14 +39,11 @@ from olss_dist.apps.refit import (
 )
 from olss_dist.artifacts import publish_run, read_manifest
 from olss_dist.artifacts.stores import open_store
-from olss_dist import cli
 from olss_dist.cli import app, parse_calibrate_arguments
 from olss_dist.distributed.job import run_job
 from olss_dist.models.digest import content_digest
 from olss_dist.prompts import spec_digest
 from olss_dist.spec import CalibrationSpec, ExecutionConfig
-from artifact_data import run_files
-from tiny_sd import tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"

@@ -26,8 +26,9 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 JOB_POLL_S = 2.0
 NOT_FOUND = 404

@@ -12,11 +12,12 @@ import shlex
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 import olss_dist
 from olss_dist.apps.refit.identity import Target
@@ -144,10 +145,10 @@ class Refitter:
         self.resources = ExitStack()
         self.package: str | None = None
 
-    def __enter__(self) -> "Refitter":
+    def __enter__(self) -> Refitter:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.resources.close()
 
     def job_working_dir(self) -> str:

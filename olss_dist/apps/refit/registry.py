@@ -7,9 +7,10 @@ other fields are the registry's defaults with the entry's own settings (any spec
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from olss_dist.artifacts.errors import storage_errors
 from olss_dist.artifacts.stores import open_store, parent_uri

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any
 
 from olss_dist.apps.refit.identity import Target, identify
 from olss_dist.apps.refit.outcomes import Outcome, Status, is_active_job, outcome_for
