@@ -7,6 +7,7 @@ import torch
 from core_data import raw_lstsq, raw_rows, small_model, trajectories
 from olss_dist import Calibration, record_trajectories, trailing_timesteps
 from olss_dist.core.path_search import SearchErrors, even_nodes, exhaustive_greedy_path, greedy_path, search_nodes
+from olss_dist.core.lstsq import tail_sums_of_squares
 from olss_dist.core.tsqr import fold_into, streaming_r_factor
 
 
@@ -224,3 +225,23 @@ def test_float32_trajectories_reduce_like_their_float64_copy():
     single = Calibration.from_trajectories(states.float(), noise_preds.float(), timesteps, chunk_rows=50)
     double = Calibration.from_trajectories(states.float().double(), noise_preds.float().double(), timesteps)
     assert_same_gram(single, double)
+
+
+def test_search_errors_do_not_depend_on_the_order_they_are_asked_for():
+    r = random_r(40, 150, 4)
+    forward, backward = SearchErrors(r, 150), SearchErrors(r, 150)
+    prefix = (0, 3, 11)
+    steps = np.arange(40 - 11)
+    for step in steps:
+        forward.at(prefix, [step])
+    backward.at(prefix, steps[::-7])
+    assert np.array_equal(forward.from_prefix(prefix), backward.from_prefix(prefix))
+    np.testing.assert_array_equal(SearchErrors(r, 150).state_tails, tail_sums_of_squares(r, np.arange(0, 81, 2)))
+
+
+def test_plans_sharing_one_memo_equal_fresh_searches():
+    states, noise_preds, timesteps = trajectories()
+    calibration = Calibration.from_trajectories(states, noise_preds, timesteps)
+    for num_steps in (7, 3, 12):
+        fresh, _ = search_nodes(SearchErrors(calibration.r_factor, calibration.num_rows), num_steps)
+        assert calibration.plan(num_steps).nodes == fresh

@@ -14,7 +14,7 @@ from safetensors.numpy import load as load_safetensors
 
 from olss_dist.core.lstsq import solve_from_r
 from olss_dist.core.plan import Plan
-from olss_dist.core.path_search import SearchErrors, check_nodes, even_nodes, output_column, search_path, state_column
+from olss_dist.core.path_search import SearchErrors, check_nodes, even_nodes, output_column, search_nodes, state_column
 from olss_dist.core.teacher import validate_timesteps
 from olss_dist.core.tsqr import DEFAULT_CHUNK_ROWS, merge_r_factors, trajectory_r_factor
 
@@ -128,12 +128,16 @@ class Calibration:
             step_errors[i] = residual[0] / self.num_rows
         return coefficients, step_errors
 
-    def search_errors(self, nodes: Sequence[int]) -> np.ndarray:
-        """``(K,)`` local search errors of the path ``nodes`` (see ``olss_dist.core.path_search``)."""
-        nodes = check_nodes(nodes, self.num_teacher_steps)
+    def memoised_search_errors(self) -> SearchErrors:
+        """The search errors on this R, built once and shared by every search and plan made from it
+        (their values do not depend on the order they were asked for in)."""
         if self._search_errors is None:
             self._search_errors = SearchErrors(self.r_factor, self.num_rows)
-        return self._search_errors.along(nodes)
+        return self._search_errors
+
+    def search_errors(self, nodes: Sequence[int]) -> np.ndarray:
+        """``(K,)`` local search errors of the path ``nodes`` (see ``olss_dist.core.path_search``)."""
+        return self.memoised_search_errors().along(check_nodes(nodes, self.num_teacher_steps))
 
     def plan_for_nodes(self, nodes: Sequence[int], spacing: str) -> Plan:
         """Teacher-forced plan on given nodes."""
@@ -152,7 +156,7 @@ class Calibration:
 
     def plan(self, num_steps: int) -> Plan:
         """Minimax path of exactly ``num_steps`` nodes with its teacher-forced coefficients."""
-        nodes, _ = search_path(self.r_factor, self.num_rows, int(num_steps))
+        nodes, _ = search_nodes(self.memoised_search_errors(), int(num_steps))
         return self.plan_for_searched_nodes(nodes)
 
     def plan_for_searched_nodes(self, nodes: list[int]) -> Plan:

@@ -56,6 +56,16 @@ def tail_sums_of_squares(r: np.ndarray, columns: Sequence[int]) -> np.ndarray:
     return tails
 
 
+def tail_sums_of_rows(rows: np.ndarray) -> np.ndarray:
+    """``(T, C+1)``: entry ``[j, k]`` is the sum of ``rows[j, k:] ** 2`` (``tail_sums_of_squares`` with the
+    columns of R given as the rows of ``rows (T, C)``, e.g. a contiguous transposed copy: faster)."""
+    tails = np.zeros((rows.shape[0], rows.shape[1] + 1))
+    reversed_tails = tails[:, -2::-1]  # columns C-1 ... 0: the sums run from the last column back
+    np.square(rows[:, ::-1], out=reversed_tails)
+    np.cumsum(reversed_tails, axis=1, out=reversed_tails)
+    return tails
+
+
 def residuals_of_many(
     r: np.ndarray, features: Sequence[int], targets: np.ndarray, target_tails: np.ndarray
 ) -> np.ndarray:

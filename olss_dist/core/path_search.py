@@ -11,25 +11,28 @@ The longest step within D is exact, with no monotonicity assumed (the search err
 monotone in the step length). It is found from the longest step down, and most steps are never
 evaluated: a step's error is at least the tail of its target below the feature rows of R (the part
 of ``s_k`` orthogonal to every column up to ``e_{n_i}``), known for free, so only steps whose tail is
-within D are evaluated, in blocks, until one is within D. Every evaluated error is kept for later
-rounds. ``exhaustive_greedy_path`` (every step of every prefix evaluated) is the reference it is
-tested against.
+within D are evaluated, a fixed group of steps at a time, until one is within D. Every evaluated
+error is kept for later rounds. ``exhaustive_greedy_path`` (every step of every prefix evaluated) is
+the reference: it sees the same errors, bit for bit, so both find the same paths.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import Callable, Sequence
 
 import numpy as np
 
-from olss_dist.core.lstsq import orthonormal_basis, residuals_on_basis, tail_sums_of_squares
+from olss_dist.core.lstsq import orthonormal_basis, residuals_on_basis, tail_sums_of_rows
 
 BISECTION_TOLERANCE = 1e-9
 """Bisection stops when the bound is known to this relative precision."""
 
-FIRST_BLOCK = 8
-"""Steps evaluated together first in the downward scan; each further block is twice as large."""
+GROUP = 32
+"""Steps of a prefix are evaluated in fixed aligned groups (``j // GROUP``): an error's rounding then
+depends on its group alone, never on which steps were asked for before, so every search, in any
+order, in any process (the Ray planner's tasks), sees bit for bit the same errors."""
 
 CACHED_BASES = 64
 """Feature bases kept (least recently used dropped): ``(2 n_i + 2, i + 2)`` float64 each."""
@@ -90,13 +93,14 @@ class SearchErrors:
         self.num_rows = num_rows
         self.num_teacher_steps = (r.shape[0] - 1) // 2
         self.state_columns = np.arange(0, r.shape[0], 2)
-        self.state_tails = tail_sums_of_squares(r, self.state_columns)
         # Row k is R's column of s_k: a block of targets is a contiguous gather.
         self.state_rows = np.ascontiguousarray(r[:, self.state_columns].T)
+        self.state_tails = tail_sums_of_rows(self.state_rows).T
         self.evaluations = 0
         self.bases = 0
         self._cache: dict[tuple[int, ...], np.ndarray] = {}
         self._bases: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
+        self._bases_lock = threading.Lock()
 
     def lower_bounds(self, prefix: tuple[int, ...]) -> np.ndarray:
         """``(N - n_i,)`` lower bounds of the errors of the steps from ``prefix``: each target's tail
@@ -104,16 +108,29 @@ class SearchErrors:
         current = prefix[-1]
         return self.state_tails[output_column(current) + 1, current + 1 :] / self.num_rows
 
-    def at(self, prefix: tuple[int, ...], steps: np.ndarray) -> np.ndarray:
-        """Mean squared errors of the steps ``steps`` (indices ``j``, target ``n_i + 1 + j``) from ``prefix``."""
+    def known(self, prefix: tuple[int, ...]) -> np.ndarray:
+        """``(N - n_i,)`` errors of the steps from ``prefix`` evaluated so far, NaN for the others (the
+        memo itself: read, don't write)."""
         errors = self._cache.get(prefix)
         if errors is None:
             errors = np.full(self.num_teacher_steps - prefix[-1], np.nan)
             self._cache[prefix] = errors
+        return errors
+
+    def evaluate_group(self, prefix: tuple[int, ...], group: int) -> None:
+        """Evaluate the steps ``group * GROUP ...`` (one aligned group) from ``prefix`` into the memo."""
+        errors = self.known(prefix)
+        members = np.arange(group * GROUP, min((group + 1) * GROUP, errors.size))
+        errors[members] = self._evaluate(prefix, members)
+
+    def at(self, prefix: tuple[int, ...], steps: np.ndarray) -> np.ndarray:
+        """Mean squared errors of the steps ``steps`` (indices ``j``, target ``n_i + 1 + j``) from ``prefix``."""
+        errors = self.known(prefix)
         steps = np.asarray(steps, dtype=int)
-        missing = steps[np.isnan(errors[steps])]
-        if missing.size:
-            errors[missing] = self._evaluate(prefix, missing)
+        missing = np.isnan(errors[steps])
+        if missing.any():
+            for group in np.unique(steps[missing] // GROUP):
+                self.evaluate_group(prefix, int(group))
         return errors[steps]
 
     def from_prefix(self, prefix: tuple[int, ...]) -> np.ndarray:
@@ -128,17 +145,19 @@ class SearchErrors:
         )
 
     def _basis(self, prefix: tuple[int, ...]) -> np.ndarray:
-        basis = self._bases.get(prefix)
-        if basis is None:
-            current = prefix[-1]
-            features = [state_column(current)] + [output_column(n) for n in prefix]
-            basis = orthonormal_basis(self.r[: output_column(current) + 1, features])
+        with self._bases_lock:  # a Calibration's memo is shared by the Ray planner's threads
+            basis = self._bases.get(prefix)
+            if basis is not None:
+                self._bases.move_to_end(prefix)
+                return basis
+        current = prefix[-1]
+        features = [state_column(current)] + [output_column(n) for n in prefix]
+        basis = orthonormal_basis(self.r[: output_column(current) + 1, features])
+        with self._bases_lock:
             self.bases += 1
             self._bases[prefix] = basis
             if len(self._bases) > CACHED_BASES:
                 self._bases.popitem(last=False)
-        else:
-            self._bases.move_to_end(prefix)
         return basis
 
     def _evaluate(self, prefix: tuple[int, ...], steps: np.ndarray) -> np.ndarray:
@@ -154,18 +173,19 @@ def longest_step(errors: SearchErrors, prefix: tuple[int, ...], bound: float, sh
     """Largest step index ``j >= shortest`` from ``prefix`` whose search error is within ``bound``, or ``None``.
 
     Exact: the same answer as evaluating every step. Steps whose lower bound exceeds ``bound`` cannot
-    be within it (an evaluated error is its lower bound plus a non-negative sum, rounded upwards or
-    exactly), the others are evaluated from the longest down, ``FIRST_BLOCK`` first, doubling.
+    be within it (an evaluated error is its lower bound plus a non-negative sum, and rounding keeps
+    that order). Of the others, those above the longest step known to be within ``bound`` are
+    evaluated, the longest group first, until none is left unknown.
     """
-    candidates = shortest + np.flatnonzero(errors.lower_bounds(prefix)[shortest:] <= bound)[::-1]
-    start, size = 0, FIRST_BLOCK
-    while start < candidates.size:
-        block = candidates[start : start + size]
-        within = np.flatnonzero(errors.at(prefix, block) <= bound)
-        if within.size:
-            return int(block[within[0]])
-        start, size = start + size, 2 * size
-    return None
+    values = errors.known(prefix)
+    candidates = shortest + np.flatnonzero(errors.lower_bounds(prefix)[shortest:] <= bound)
+    while True:
+        within = candidates[values[candidates] <= bound]  # NaN (not evaluated) compares False
+        longest = int(within[-1]) if within.size else -1
+        unknown = candidates[(candidates > longest) & np.isnan(values[candidates])]
+        if unknown.size == 0:
+            return longest if longest >= 0 else None
+        errors.evaluate_group(prefix, int(unknown[-1]) // GROUP)
 
 
 def greedy_path(errors: SearchErrors, bound: float, max_nodes: int) -> list[int] | None:
