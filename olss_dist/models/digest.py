@@ -6,8 +6,12 @@ import hashlib
 from pathlib import Path
 
 # Components whose files change what the guided denoiser returns. The VAE only decodes images and
-# the safety checker / feature extractor only filter them, so retraining those needs no refit.
-SAMPLING_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
+# the safety checker / feature extractor only filter them, so retraining those needs no refit. SD3 and Flux
+# folders denoise with a transformer/ and up to three text encoders and tokenizers.
+SAMPLING_COMPONENTS = (
+    "unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3",
+    "scheduler",
+)
 SAMPLING_ROOT_FILES = ("model_index.json",)
 CHUNK_BYTES = 1 << 20
 

@@ -3,6 +3,7 @@
 Specs, tried in this order:
 
 * ``"embedded"``: the committed digits model (``olss_dist/models/embedded``);
+* ``"embedded-flow"``: the committed flow-matching digits model (``olss_dist/models/embedded_flow``, SD3 layout);
 * ``"analytic"``: ``GaussianMixtureModel()``, exact and network-free;
 * ``"analytic-flow"``: ``GaussianMixtureFlowModel()``, its rectified-flow twin (exact velocity);
 * ``scheme://...`` (``s3://``, ``gs://``, ``memory://``, ...): a diffusers folder on fsspec storage,
@@ -10,6 +11,10 @@ Specs, tried in this order:
 * an existing local folder (``file://`` URIs are local folders, used in place);
 * a Hugging Face hub id (``org/name``), downloaded with ``huggingface_hub`` (safetensors and configs
   only; ``HF_HUB_OFFLINE=1`` uses the local hub cache only, bounded timeouts otherwise).
+
+A folder's adapter follows the pipeline class its ``model_index.json`` names (``PIPELINES``):
+``StableDiffusionPipeline`` (SD 1.x/2.x), ``StableDiffusion3Pipeline`` (SD3/3.5), ``FluxPipeline`` (Flux);
+SDXL and every other class are refused. Hub downloads and remote copies take that family's files only.
 
 Every failure is one ``ModelLoadError`` naming the spec and what was tried.
 """
@@ -22,14 +27,16 @@ import os
 import re
 import secrets
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from olss_dist.models.base import DiffusionModel
+from olss_dist.models.common import ModelLoadError, parse_resolution, read_json, vae_scale_factor
 
-# What a Stable Diffusion folder needs, as hub allow-patterns and as remote-copy prefixes.
+# What a Stable Diffusion (1.x/2.x) folder needs, as hub allow-patterns and as remote-copy prefixes.
 HUB_FILES = (
     "model_index.json",
     "scheduler/scheduler_config.json",
@@ -47,8 +54,69 @@ HUB_ETAG_TIMEOUT_S = 10
 COPY_CHUNK_BYTES = 8 << 20
 
 
-class ModelLoadError(ValueError):
-    """A model spec could not be turned into a model; the message names the spec and what was tried."""
+
+def weight_files(component: str, weights: str) -> tuple[str, ...]:
+    """Hub allow-patterns of one component's config and fp32 safetensors, whole or sharded (fp16 variants left out)."""
+    return (
+        f"{component}/config.json",
+        f"{component}/{weights}.safetensors",
+        f"{component}/{weights}-*-of-*.safetensors",
+        f"{component}/{weights}.safetensors.index.json",
+    )
+
+
+def family_hub_files(text_encoders: tuple[str, ...], tokenizers: tuple[str, ...]) -> tuple[str, ...]:
+    """Hub allow-patterns of a transformer (SD3 / Flux) folder with these text encoders and tokenizers."""
+    files = ["model_index.json", "scheduler/scheduler_config.json"] + [f"{name}/*" for name in tokenizers]
+    for name in text_encoders:
+        files += weight_files(name, "model")
+    for name in ("transformer", "vae"):
+        files += weight_files(name, "diffusion_pytorch_model")
+    return tuple(files)
+
+
+@dataclass(frozen=True)
+class PipelineFamily:
+    """One supported diffusers pipeline class: what it is and which of its files sampling and decoding need."""
+
+    description: str
+    hub_files: tuple[str, ...]
+    remote_prefixes: tuple[str, ...]
+
+
+SD3_TEXT = (("text_encoder", "text_encoder_2", "text_encoder_3"), ("tokenizer", "tokenizer_2", "tokenizer_3"))
+FLUX_TEXT = (("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"))
+PIPELINES = {
+    "StableDiffusionPipeline": PipelineFamily("Stable Diffusion 1.x/2.x", HUB_FILES, REMOTE_PREFIXES),
+    "StableDiffusion3Pipeline": PipelineFamily(
+        "Stable Diffusion 3/3.5", family_hub_files(*SD3_TEXT),
+        ("model_index.json", "scheduler/", "transformer/", "vae/") + tuple(f"{n}/" for n in sum(SD3_TEXT, ())),
+    ),
+    "FluxPipeline": PipelineFamily(
+        "Flux", family_hub_files(*FLUX_TEXT),
+        ("model_index.json", "scheduler/", "transformer/", "vae/") + tuple(f"{n}/" for n in sum(FLUX_TEXT, ())),
+    ),
+}
+ALL_REMOTE_PREFIXES = tuple(dict.fromkeys(p for family in PIPELINES.values() for p in family.remote_prefixes))
+SUPPORTED = ", ".join(f"{name} ({family.description})" for name, family in PIPELINES.items())
+
+
+def pipeline_class(index: dict[str, Any], where: str) -> str:
+    """The supported pipeline class (a key of ``PIPELINES``) that ``model_index.json`` (``index``) names.
+
+    A folder naming no class is tried as Stable Diffusion 1.x/2.x, as before there were other families.
+
+    Raises:
+        ModelLoadError: SDXL, or any other class; the message names it and the supported ones.
+    """
+    name = str(index.get("_class_name", ""))
+    if name in PIPELINES and (name != "StableDiffusionPipeline" or "text_encoder_2" not in index):
+        return name
+    if "XL" in name or ("text_encoder_2" in index and name in ("", "StableDiffusionPipeline")):
+        raise ModelLoadError(f"{where} is a {name or 'two-text-encoder'} model; SDXL's extra conditioning is not supported")
+    if not name:
+        return "StableDiffusionPipeline"
+    raise ModelLoadError(f"{where}: pipeline class {name!r} is not supported; supported: {SUPPORTED}")
 
 
 def load_model(
@@ -58,39 +126,104 @@ def load_model(
     device: str | torch.device | None = None,
     torch_dtype: torch.dtype | None = None,
     storage_options: dict[str, Any] | None = None,
+    resolution: int | tuple[int, int] | None = None,
 ) -> DiffusionModel:
     """The ``DiffusionModel`` behind ``spec`` (see the module docstring for the accepted specs).
 
     Args:
-        spec: ``"embedded"``, ``"analytic"``, ``"analytic-flow"``, an fsspec URI, a local diffusers folder or a hub id.
-        guidance_scale: classifier-free guidance scale of the returned denoiser.
-        device: where the UNet runs; default CUDA when available, else CPU.
-        torch_dtype: UNet / text-encoder dtype; default fp16 on CUDA, fp32 on CPU.
+        spec: ``"embedded"``, ``"embedded-flow"``, ``"analytic"``, ``"analytic-flow"``, an fsspec URI, a local
+            diffusers folder or a hub id.
+        guidance_scale: classifier-free guidance scale of the returned denoiser (Flux: the distilled
+            guidance fed to its guidance embedding).
+        device: where the network runs; default CUDA when available, else CPU.
+        torch_dtype: network dtype; default fp16 on CUDA (bf16 for Flux), fp32 on CPU.
         storage_options: fsspec options for URI specs (credentials, ``endpoint_url``...).
+        resolution: pixels (an int, or ``(height, width)``) SD3 and Flux models calibrate at; default the
+            model's own. SD 1.x/2.x models take only their own; the analytic models none.
 
     Raises:
-        ModelLoadError: the spec names nothing loadable; the message says what was tried.
+        ModelLoadError: the spec names nothing loadable, or the resolution is one the model cannot take;
+            the message says what was tried.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ModelLoadError(f"model spec must be a non-empty string, got {spec!r}")
-    if spec == "analytic":
-        from olss_dist.models.analytic import GaussianMixtureModel
+    if spec in ("analytic", "analytic-flow"):
+        if resolution is not None:
+            raise ModelLoadError(f"resolution: the {spec} model has no image resolution, got {resolution!r}")
+        from olss_dist.models.analytic import GaussianMixtureFlowModel, GaussianMixtureModel
 
-        return GaussianMixtureModel(guidance_scale=guidance_scale)
-    if spec == "analytic-flow":
-        from olss_dist.models.analytic import GaussianMixtureFlowModel
-
-        return GaussianMixtureFlowModel(guidance_scale=guidance_scale)
+        analytic = GaussianMixtureModel if spec == "analytic" else GaussianMixtureFlowModel
+        return analytic(guidance_scale=guidance_scale)
     options = dict(guidance_scale=guidance_scale, device=device, torch_dtype=torch_dtype)
-    from olss_dist.models.stable_diffusion import StableDiffusionModel
-
     if spec == "embedded":
         from olss_dist.models import embedded
 
-        return StableDiffusionModel.from_folder(
-            embedded.EMBEDDED_MODEL_PATH, model_id="embedded", prompts=embedded.default_prompts(), **options
+        return load_folder(
+            embedded.EMBEDDED_MODEL_PATH, "embedded", resolution, prompts=embedded.default_prompts(), **options
         )
-    return StableDiffusionModel.from_folder(local_folder(spec, storage_options), model_id=spec, **options)
+    if spec == "embedded-flow":
+        folder, prompts = embedded_flow_folder()
+        return load_folder(folder, "embedded-flow", resolution, prompts=prompts, **options)
+    return load_folder(local_folder(spec, storage_options), spec, resolution, **options)
+
+
+def embedded_flow_folder() -> tuple[Path, list[str]]:
+    """``(folder, default prompts)`` of the committed flow-matching digits model; ``ModelLoadError`` if not built."""
+    try:
+        from olss_dist.models import embedded_flow
+    except ImportError as error:
+        raise ModelLoadError(f"model 'embedded-flow': not part of this installation ({error})") from error
+    folder = Path(embedded_flow.EMBEDDED_FLOW_MODEL_PATH)
+    if not (folder / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"model 'embedded-flow': no trained model in {folder} (python jobs/train_embedded_flow_model.py writes it)"
+        )
+    return folder, embedded_flow.default_prompts()
+
+
+def load_folder(
+    folder: str | Path, model_id: str, resolution: int | tuple[int, int] | None = None, **options: Any
+) -> DiffusionModel:
+    """The adapter of the pipeline class ``folder/model_index.json`` names, loaded from ``folder``.
+
+    ``options``: ``guidance_scale``, ``device``, ``torch_dtype``, ``prompts`` of the adapters' ``from_folder``.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise ModelLoadError(f"model folder {folder} does not exist")
+    name = pipeline_class(read_json(folder / "model_index.json"), str(folder))
+    if name == "StableDiffusion3Pipeline":
+        from olss_dist.models.sd3 import StableDiffusion3Model
+
+        return StableDiffusion3Model.from_folder(folder, model_id=model_id, resolution=resolution, **options)
+    if name == "FluxPipeline":
+        from olss_dist.models.flux import FluxModel
+
+        return FluxModel.from_folder(folder, model_id=model_id, resolution=resolution, **options)
+    from olss_dist.models.stable_diffusion import StableDiffusionModel
+
+    if resolution is not None:
+        check_sd_resolution(folder, resolution)
+    return StableDiffusionModel.from_folder(folder, model_id=model_id, **options)
+
+
+def check_sd_resolution(folder: Path, resolution: Any) -> None:
+    """``ModelLoadError`` unless ``resolution`` is the SD 1.x/2.x model's own (UNet sample size × VAE scale).
+
+    The UNet adapter samples at the UNet's configured size only; a folder without ``unet/config.json`` is
+    left to the adapter's own error.
+    """
+    config = folder / "unet" / "config.json"
+    if not config.is_file():
+        return
+    size = read_json(config)["sample_size"]
+    scale = vae_scale_factor(folder)
+    native = tuple(side * scale for side in ((size, size) if isinstance(size, int) else size))
+    if parse_resolution(resolution, 1, f"{folder} (Stable Diffusion 1.x/2.x)") != native:
+        raise ModelLoadError(
+            f"resolution: {folder} is a Stable Diffusion 1.x/2.x model, which calibrates at its own resolution "
+            f"{native[0]}x{native[1]} only; got {resolution!r}"
+        )
 
 
 def local_folder(spec: str, storage_options: dict[str, Any] | None = None) -> Path:
@@ -109,13 +242,23 @@ def local_folder(spec: str, storage_options: dict[str, Any] | None = None) -> Pa
 
 
 def download_from_hub(repo_id: str) -> Path:
-    """The local hub snapshot of ``repo_id`` holding ``HUB_FILES`` (downloaded unless ``HF_HUB_OFFLINE``)."""
+    """The local hub snapshot of ``repo_id`` holding its family's ``hub_files`` (downloaded unless ``HF_HUB_OFFLINE``).
+
+    ``model_index.json`` comes first: the pipeline class it names says which files to fetch.
+    """
+    index = hub_snapshot(repo_id, ("model_index.json",)) / "model_index.json"
+    family = PIPELINES[pipeline_class(read_json(index), f"model {repo_id!r}")]
+    return hub_snapshot(repo_id, family.hub_files)
+
+
+def hub_snapshot(repo_id: str, allow_patterns: tuple[str, ...]) -> Path:
+    """``snapshot_download(repo_id, allow_patterns)``, offline with ``HF_HUB_OFFLINE``; one ``ModelLoadError`` on failure."""
     from huggingface_hub import snapshot_download
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
     try:
         snapshot = snapshot_download(
-            repo_id, allow_patterns=list(HUB_FILES), local_files_only=offline, etag_timeout=HUB_ETAG_TIMEOUT_S
+            repo_id, allow_patterns=list(allow_patterns), local_files_only=offline, etag_timeout=HUB_ETAG_TIMEOUT_S
         )
     except (OSError, ValueError) as error:  # hub, HTTP, offline-cache and repo-id errors all derive from these
         where = "the local hub cache (HF_HUB_OFFLINE is set)" if offline else "the Hugging Face hub and its local cache"
@@ -134,7 +277,7 @@ def model_cache_dir() -> Path:
 
 
 def fetch_remote_folder(uri: str, storage_options: dict[str, Any] | None = None) -> Path:
-    """A local copy of the diffusers folder at ``uri`` (only the files in ``REMOTE_PREFIXES``).
+    """A local copy of the diffusers folder at ``uri`` (only its family's ``remote_prefixes``).
 
     The copy lives at ``<model_cache_dir>/<sha256(uri)[:16]>/<sha256(listing)[:16]>``, where the listing
     holds each file's path, size and version stamp (ETag / mtime), so a changed remote folder gets a
@@ -147,11 +290,17 @@ def fetch_remote_folder(uri: str, storage_options: dict[str, Any] | None = None)
     try:
         store = open_store(uri, storage_options)
         with storage_errors("cannot list model folder", uri):
-            listing = remote_listing(store)
+            listing = remote_listing(store, ALL_REMOTE_PREFIXES)
+        if "model_index.json" not in listing:
+            raise ModelLoadError(f"model {uri!r}: no model_index.json there; expected a diffusers model folder ({SUPPORTED})")
+        with storage_errors("cannot read model_index.json of", uri), store.open("model_index.json") as handle:
+            index = json.loads(handle.read())
+    except ModelLoadError:
+        raise
     except (ArtifactError, ValueError) as error:
         raise ModelLoadError(f"model {uri!r}: {error}") from error
-    if "model_index.json" not in listing:
-        raise ModelLoadError(f"model {uri!r}: no model_index.json there; expected a diffusers Stable Diffusion folder")
+    prefixes = PIPELINES[pipeline_class(index, f"model {uri!r}")].remote_prefixes
+    listing = {relative: entry for relative, entry in listing.items() if relative.startswith(prefixes)}
     stamp = hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()[:16]
     final = model_cache_dir() / hashlib.sha256(uri.encode()).hexdigest()[:16] / stamp
     if final.is_dir():
@@ -173,8 +322,8 @@ def fetch_remote_folder(uri: str, storage_options: dict[str, Any] | None = None)
     return final
 
 
-def remote_listing(store) -> dict[str, list]:
-    """``{relative path: [size, version stamp]}`` of the files under ``store``'s root in ``REMOTE_PREFIXES``."""
+def remote_listing(store, prefixes: tuple[str, ...] = REMOTE_PREFIXES) -> dict[str, list]:
+    """``{relative path: [size, version stamp]}`` of the files under ``store``'s root that start with ``prefixes``."""
     base = store.path().rstrip("/") + "/"
     try:
         found = store.fs.find(store.path(), detail=True)
@@ -183,7 +332,7 @@ def remote_listing(store) -> dict[str, list]:
     listing = {}
     for name, info in found.items():
         relative = name[len(base) :] if name.startswith(base) else None
-        if relative and relative.startswith(REMOTE_PREFIXES) and info.get("type", "file") == "file":
+        if relative and relative.startswith(prefixes) and info.get("type", "file") == "file":
             version = next((str(info[k]) for k in ("ETag", "etag", "md5Hash", "mtime", "LastModified") if k in info), "")
             listing[relative] = [int(info.get("size") or 0), version]
     return listing

@@ -6,64 +6,28 @@ the VAE is loaded on the first ``decode``. Weights are read from safetensors onl
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from olss_dist.models.base import DiffusionModel
-from olss_dist.models.digest import content_digest
-from olss_dist.models.loading import ModelLoadError
 from olss_dist.core.noise_schedule import alphas_cumprod_from_config
+from olss_dist.models.base import DiffusionModel
+from olss_dist.models.common import (
+    GENERIC_PROMPTS,
+    ModelLoadError,
+    check_prompt_lists,
+    decode_latents,
+    default_device,
+    default_dtype,
+    load_vae,
+    read_json,
+)
+from olss_dist.models.digest import content_digest
 
 REQUIRED_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-GENERIC_PROMPTS = (
-    "a photograph of an astronaut riding a horse",
-    "a watercolor painting of a lighthouse at dusk",
-    "a bowl of ramen on a wooden table, studio lighting",
-    "a red fox in a snowy forest, telephoto",
-    "an isometric illustration of a small city block",
-    "a portrait of an old fisherman, oil painting",
-    "a futuristic car parked in a neon-lit alley",
-    "a field of sunflowers under a stormy sky",
-    "a cozy reading nook with a cat asleep on a blanket",
-    "a mountain lake reflecting snowy peaks at sunrise",
-    "a steampunk airship above the clouds",
-    "macro photograph of a dew drop on a leaf",
-    "a medieval castle on a cliff, dramatic lighting",
-    "a plate of colorful macarons, pastel background",
-    "an underwater coral reef with tropical fish",
-    "a pencil sketch of a sleeping dog",
-    "a busy street market in the rain at night",
-    "a minimalist poster of a mountain and the sun",
-    "a golden retriever puppy playing in autumn leaves",
-    "a robot painting a canvas in an art studio",
-    "a desert canyon at golden hour, wide angle",
-    "a vase of tulips on a windowsill, morning light",
-    "an ancient library with towering bookshelves",
-    "a hot air balloon over green rolling hills",
-)
-
-
-def default_device() -> torch.device:
-    """CUDA when available, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """fp16 UNet and text encoder on CUDA, fp32 elsewhere."""
-    return torch.float16 if device.type == "cuda" else torch.float32
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``; a clear ``ModelLoadError`` when it is missing or malformed."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise ModelLoadError(f"cannot read {path}: {error}") from error
 
 
 def check_model_folder(folder: Path) -> None:
@@ -189,12 +153,7 @@ class StableDiffusionModel(DiffusionModel):
 
         Each distinct string goes through the text encoder once, however often it repeats.
         """
-        if isinstance(prompts, str) or isinstance(negative_prompts, str):
-            raise ValueError("prompts and negative_prompts must be sequences of strings, not one string")
-        prompts = list(prompts)
-        negatives = [""] * len(prompts) if negative_prompts is None else list(negative_prompts)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        prompts, negatives = check_prompt_lists(prompts, negative_prompts)
         distinct = list(dict.fromkeys(negatives + prompts))
         embeddings = self.text_embeddings(distinct)
         row = {text: i for i, text in enumerate(distinct)}
@@ -252,23 +211,10 @@ class StableDiffusionModel(DiffusionModel):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 16) -> np.ndarray:
         """``(B, H, W, 3)`` uint8 images of ``latents (B, *latent_shape)`` (VAE loaded on first use, fp32)."""
-        vae = self.load_vae()
-        images = []
-        for start in range(0, len(latents), batch_size):
-            z = latents[start : start + batch_size].to(vae.device, torch.float32) / vae.config.scaling_factor
-            pixels = vae.decode(z).sample.clamp(-1.0, 1.0)
-            pixels = pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels
-            images.append(((pixels + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
-        return np.concatenate(images)
+        return decode_latents(self.load_vae(), latents, batch_size)
 
     def load_vae(self):
         """The folder's ``AutoencoderKL`` in fp32 on ``self.device``, loaded once."""
         if self.vae is None:
-            from diffusers import AutoencoderKL
-
-            try:
-                vae = AutoencoderKL.from_pretrained(self.folder, subfolder="vae", use_safetensors=True)
-            except (OSError, ValueError) as error:
-                raise ModelLoadError(f"cannot load the VAE of {self.folder}: {error}") from error
-            self.vae = vae.to(self.device).eval().requires_grad_(False)
+            self.vae = load_vae(self.folder, self.device)
         return self.vae
