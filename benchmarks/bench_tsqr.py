@@ -7,20 +7,22 @@ prints times and agreement with the single QR (the baseline, same process):
 
 - ``tree``: ``r_factor`` per shard, then pairwise ``merge_r_factors`` level by level (what the Ray job does);
 - ``flat``: ``r_factor`` per shard, then one ``merge_r_factors`` of all shard factors;
-- ``stream``: ``streaming_r_factor`` over the shards in order (one worker folding its chunks).
+- ``stream``: ``streaming_r_factor`` over the shards in order (one worker folding its chunks into R in
+  place, LAPACK ``dtpqrt``).
 
 Agreement: the Gram matrices, ``||R^T R - R_qr^T R_qr||_F / ||R_qr^T R_qr||_F`` (R itself is not a stable
 target: its rows for near-dependent columns move a lot under rounding, while every least squares it serves
 does not), and the largest relative differences of the teacher-forced coefficients and step errors of a
 10-step plan computed from each R. The tree's critical path is the time with one worker per shard: one
-shard factor plus, per level, one merge.
+shard factor plus, per level, one merge. For one QR and the stream the script also prints the peak
+resident memory above the start (``common.measured``; the rows themselves are resident before).
 
     python benchmarks/bench_tsqr.py
 """
 
 from __future__ import annotations
 
-from common import describe_machine, pin_threads
+from common import describe_machine, measured, pin_threads
 
 pin_threads()  # before numpy and torch load their thread pools
 
@@ -83,14 +85,14 @@ def main() -> None:
         shards = list(torch.chunk(rows, num_shards))
         print(f"N={num_teacher_steps}: {rows.shape[0]} rows x {rows.shape[1]} columns, {num_shards} shards of "
               f"{shards[0].shape[0]} rows")
-        reference, baseline_seconds = timed(lambda: r_factor(rows).numpy())
+        reference, baseline_seconds, baseline_peak = measured(lambda: r_factor(rows).numpy())
         nodes = even_nodes(num_teacher_steps, 10)
         reference_fit = Calibration(reference, 1, rows.shape[0], timesteps).fit(nodes)
-        print(f"  one QR  {baseline_seconds:7.2f} s")
+        print(f"  one QR  {baseline_seconds:7.2f} s   peak {baseline_peak / 2**20:.0f} MB above the rows")
         shard_factors, shard_seconds = timed(lambda: [r_factor(s) for s in shards])
         tree, tree_seconds = timed(lambda: tree_merge(shard_factors))
         flat, flat_seconds = timed(lambda: merge_r_factors(shard_factors))
-        streamed, stream_seconds = timed(lambda: streaming_r_factor(iter(shards), rows.shape[1]))
+        streamed, stream_seconds, stream_peak = measured(lambda: streaming_r_factor(iter(shards), rows.shape[1]))
         common = (reference, rows.shape[0], timesteps)
         compare("tree", tree.numpy(), *common, shard_seconds + tree_seconds, baseline_seconds, reference_fit, nodes)
         levels = int(np.ceil(np.log2(num_shards)))
@@ -99,6 +101,7 @@ def main() -> None:
               f"with a worker per shard ~{critical:.2f} s (x{critical / baseline_seconds:.2f} of one QR, {levels} levels)")
         compare("flat", flat.numpy(), *common, shard_seconds + flat_seconds, baseline_seconds, reference_fit, nodes)
         compare("stream", streamed.numpy(), *common, stream_seconds, baseline_seconds, reference_fit, nodes)
+        print(f"          stream peak {stream_peak / 2**20:.0f} MB above the rows (R and one {shards[0].shape[0]}-row chunk)")
 
 
 if __name__ == "__main__":

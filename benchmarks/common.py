@@ -7,8 +7,13 @@ shared with other work, one thread per library gives timings that can be repeate
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
+import time
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -33,3 +38,25 @@ def describe_machine() -> str:
     load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     return (f"{model}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} thread(s) used, load average {load}; "
             f"python {platform.python_version()}, numpy {numpy.__version__}, torch {torch.__version__}")
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def measured(function: Callable[[], T]) -> tuple[T, float, int]:
+    """``(result, wall seconds, peak resident bytes above the start)`` of one call of ``function``.
+
+    Linux only: memory freed earlier is handed back to the system first (``malloc_trim``) and the
+    peak resident set is reset (``/proc/self/clear_refs``), so the peak counts what ``function``
+    itself held at its worst, numpy, torch and LAPACK alike, and not what was resident before.
+    """
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    start_kib = _status_kib("VmRSS")
+    start = time.perf_counter()
+    result = function()
+    seconds = time.perf_counter() - start
+    return result, seconds, max(_status_kib("VmHWM") - start_kib, 0) * 1024

@@ -107,7 +107,10 @@ def trajectory_r_factor(
             rows = slice(i * width, (i + 1) * width)
             chunk[rows, 0::2] = flat_states[b, :, e0:e1].T
             chunk[rows, 1::2] = flat_preds[b, :, e0:e1].T
-        fold_into(r, chunk, overwrite_rows=True)
+        if b0 == 0 and e0 == 0:
+            first_r_into(r, chunk)
+        else:
+            fold_into(r, chunk, overwrite_rows=True)
     return torch.from_numpy(np.ascontiguousarray(r))
 
 
@@ -155,7 +158,9 @@ def streaming_r_factor(chunks: Iterator[torch.Tensor], num_columns: int) -> torc
         if chunk.device.type == "cpu":
             if running is None:
                 running = np.zeros((num_columns, num_columns), order="F")
-            fold_into(running, chunk.numpy())
+                first_r_into(running, chunk.numpy())
+            else:
+                fold_into(running, chunk.numpy())
             continue
         pending.append(chunk.to(torch.float64))
         pending_rows += chunk.shape[0]
@@ -167,6 +172,17 @@ def streaming_r_factor(chunks: Iterator[torch.Tensor], num_columns: int) -> torc
     if running is None:
         raise ValueError("no rows to factor")
     return torch.from_numpy(np.ascontiguousarray(running)) if isinstance(running, np.ndarray) else running
+
+
+def first_r_into(r: np.ndarray, rows: np.ndarray) -> None:
+    """Set ``r (C, C)`` (column-major) to the R of ``rows (M, C)`` alone, zero-padded when ``M < C``.
+
+    The first chunk's own QR: with fewer rows than columns it costs ``2 M^2 C`` flops where a fold
+    into a zero R costs ``2 M C^2``.
+    """
+    top = np.linalg.qr(np.asarray(rows, dtype=np.float64), mode="r")
+    r[...] = 0.0
+    r[: top.shape[0]] = top
 
 
 def fold_into(r: np.ndarray, rows: np.ndarray, overwrite_rows: bool = False) -> None:
