@@ -55,7 +55,7 @@ class StableDiffusion3Model(DiffusionModel):
     """Classifier-free-guided velocity of a diffusers SD3 / SD3.5 transformer at the pipeline's timestep ``σ·1000``.
 
     Use ``StableDiffusion3Model.from_folder``. ``cond`` is a ``TextConditioning`` with ``embeddings
-    (B, 2, L, D)`` (CLIP-L ⊕ CLIP-G hidden states padded to the T5 width, then the T5 tokens) and ``pooled
+    (B, 2, L, D)`` (CLIP-L ⊕ CLIP-G hidden states padded to the T5 width, then the T5 tokens along L) and ``pooled
     (B, 2, P)``, index 0 the negative prompt, index 1 the prompt. With ``guidance_scale > 1`` one call runs
     the transformer once on ``[x; x]`` against ``[negatives; prompts]`` and returns ``v_u + s (v_c − v_u)``,
     exactly as ``StableDiffusion3Pipeline`` does; otherwise the conditional velocity (the pipeline's rule).
@@ -203,7 +203,8 @@ class StableDiffusion3Model(DiffusionModel):
     def encode_prompts(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None) -> TextConditioning:
         """``embeddings (B, 2, L, D)`` and ``pooled (B, 2, P)``, ``[:, 0]`` negative (default empty), ``[:, 1]`` the prompt.
 
-        ``L`` = 2 × CLIP's ``model_max_length`` + ``max_sequence_length``. Each distinct string goes through
+        ``L`` = CLIP's ``model_max_length`` + ``max_sequence_length`` (CLIP-L ⊕ CLIP-G features, zero-padded to
+        the T5 width, then the T5 tokens). Each distinct string goes through
         the pipeline's ``encode_prompt`` once (negatives are encoded exactly as prompts are: the pipeline
         runs the same CLIP and T5 code on both).
         """
