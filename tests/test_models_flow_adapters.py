@@ -87,8 +87,12 @@ def test_sd3_denoiser_equals_the_pipelines_guided_transformer(folders, sd3):
     for t in (1000.0, 637.5, 3.0):
         timestep = torch.full((3,), t)
         with torch.no_grad():
-            unconditional = pipe.transformer(x, encoder_hidden_states=negative, pooled_projections=negative_pooled, timestep=timestep).sample
-            conditional = pipe.transformer(x, encoder_hidden_states=positive, pooled_projections=pooled, timestep=timestep).sample
+            unconditional = pipe.transformer(
+                x, encoder_hidden_states=negative, pooled_projections=negative_pooled, timestep=timestep
+            ).sample
+            conditional = pipe.transformer(
+                x, encoder_hidden_states=positive, pooled_projections=pooled, timestep=timestep
+            ).sample
         torch.testing.assert_close(sd3(x, t, cond), unconditional + 5.0 * (conditional - unconditional), **TOLERANCE)
     torch.testing.assert_close(sd3(x[1:], 500.0, cond[1:]), sd3(x, 500.0, cond)[1:], **TOLERANCE)
 
@@ -123,6 +127,23 @@ def test_sd3_without_t5_gets_the_pipelines_zero_tokens(folders):
         PROMPTS[:2], num_inference_steps=2, guidance_scale=4.0, latents=x_T.clone(), output_type="latent"
     ).images
     torch.testing.assert_close(final_state(model, x_T, cond, 2), expected, **TOLERANCE)
+
+
+def test_sd3_with_dynamic_shifting_takes_the_pipelines_mu(folders, tmp_path):
+    folder = shutil.copytree(folders["sd3"], tmp_path / "dynamic")
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    del config["max_shift"]  # the scheduler's default (1.15) applies, not calculate_shift's (1.16)
+    config_path.write_text(json.dumps({**config, "use_dynamic_shifting": True}))
+    model = StableDiffusion3Model.from_folder(folder, device="cpu", guidance_scale=3.0, max_sequence_length=T5_TOKENS)
+    assert model.mu == pytest.approx(calculate_shift(16, 256, 4096, 0.5, 1.15))
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder)
+    x_T = model.initial_noise([3, 4])
+    expected = pipe(
+        PROMPTS[:2], num_inference_steps=3, guidance_scale=3.0, latents=x_T.clone(), max_sequence_length=T5_TOKENS,
+        output_type="latent",
+    ).images
+    torch.testing.assert_close(final_state(model, x_T, model.encode_prompts(PROMPTS[:2]), 3), expected, **TOLERANCE)
 
 
 # ----------------------------------------------------------------------------------------------- Flux

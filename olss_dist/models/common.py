@@ -72,7 +72,7 @@ def check_prompt_lists(prompts: Sequence[str], negative_prompts: Sequence[str] |
 
 
 def vae_scale_factor(folder: Path) -> int:
-    """``2 ** (len(vae block_out_channels) - 1)`` from ``vae/config.json``, as diffusers pipelines compute it; 8 without a VAE."""
+    """``2 ** (len(block_out_channels) - 1)`` of ``vae/config.json``, as diffusers pipelines compute it; 8 without a VAE."""
     config = folder / "vae" / "config.json"
     if not config.is_file():
         return 8  # what StableDiffusion3Pipeline and FluxPipeline assume without a VAE
@@ -177,7 +177,9 @@ def index_has_component(index: dict[str, Any], name: str) -> bool:
     return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] is not None
 
 
-def check_components(folder: Path, index: dict[str, Any], required: Sequence[str], optional: Sequence[str], family: str) -> None:
+def check_components(
+    folder: Path, index: dict[str, Any], required: Sequence[str], optional: Sequence[str], family: str
+) -> None:
     """``ModelLoadError`` unless ``folder`` has each required component, and each optional one it names.
 
     An optional component (the T5 encoder of SD3) may be saved as null in ``model_index.json``; one that

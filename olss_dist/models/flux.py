@@ -101,7 +101,9 @@ class FluxModel(DiffusionModel):
         self.device = self.transformer.device
         self.dtype = self.transformer.dtype
         self.vae_scale = int(vae_scale)
-        self.resolution = parse_resolution(resolution, 2 * self.vae_scale, f"{folder} (Flux, VAE scale {vae_scale}, 2x2 packing)")
+        self.resolution = parse_resolution(
+            resolution, 2 * self.vae_scale, f"{folder} (Flux, VAE scale {vae_scale}, 2x2 packing)"
+        )
         # FluxPipeline.prepare_latents: VAE latent of H/s x W/s, packed into (H/2s)(W/2s) patches of 4 channels each.
         self.latent_size = tuple(2 * (side // (2 * self.vae_scale)) for side in self.resolution)
         channels = int(self.transformer.config.in_channels) // 4
@@ -164,7 +166,9 @@ class FluxModel(DiffusionModel):
                 "transformer": FluxTransformer2DModel.from_pretrained(
                     folder, subfolder="transformer", torch_dtype=dtype, use_safetensors=True
                 ),
-                "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype, use_safetensors=True),
+                "text_encoder": CLIPTextModel.from_pretrained(
+                    folder, subfolder="text_encoder", dtype=dtype, use_safetensors=True
+                ),
                 "text_encoder_2": T5EncoderModel.from_pretrained(
                     folder, subfolder="text_encoder_2", dtype=dtype, use_safetensors=True
                 ),
@@ -216,7 +220,7 @@ class FluxModel(DiffusionModel):
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: float, cond: TextConditioning) -> torch.Tensor:
-        """Velocity for packed ``x (B, seq_len, channels)`` at the pipeline's timestep ``t = σ·1000``; same shape, dtype, device."""
+        """Velocity for packed ``x (B, seq_len, channels)`` at the pipeline's timestep ``t = σ·1000``; shape, dtype, device of x."""
         t = float(t)
         if not 0.0 <= t <= self.num_train_timesteps:
             raise ValueError(f"timestep {t} outside [0, {self.num_train_timesteps}]")
@@ -253,7 +257,7 @@ class FluxModel(DiffusionModel):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 16) -> np.ndarray:
-        """``(B, H, W, 3)`` uint8 images of packed ``latents``: unpacked, ``z / scaling_factor + shift_factor``, the VAE (fp32)."""
+        """``(B, H, W, 3)`` uint8 images of packed ``latents``: unpacked, ``z / scaling_factor + shift_factor``, decoded (fp32)."""
         if self.vae is None:
             self.vae = load_vae(self.folder, self.device)
         return decode_latents(self.vae, self.unpack(latents), batch_size)

@@ -103,7 +103,9 @@ class StableDiffusion3Model(DiffusionModel):
         self.device = self.transformer.device
         self.dtype = self.transformer.dtype
         patch = int(self.transformer.config.patch_size)
-        self.resolution = parse_resolution(resolution, vae_scale * patch, f"{folder} (SD3, VAE scale {vae_scale}, patch {patch})")
+        self.resolution = parse_resolution(
+            resolution, vae_scale * patch, f"{folder} (SD3, VAE scale {vae_scale}, patch {patch})"
+        )
         height, width = (side // vae_scale for side in self.resolution)
         self.latent_shape = (int(self.transformer.config.in_channels), height, width)
         scheduler = pipeline.scheduler.config  # with diffusers' defaults filled in, as the pipeline reads them
@@ -174,7 +176,8 @@ class StableDiffusion3Model(DiffusionModel):
                 if index_has_component(index, "text_encoder_3") else None
             )
             tokenizers["tokenizer_3"] = (
-                T5TokenizerFast.from_pretrained(folder, subfolder="tokenizer_3") if index_has_component(index, "tokenizer_3") else None
+                T5TokenizerFast.from_pretrained(folder, subfolder="tokenizer_3")
+                if index_has_component(index, "tokenizer_3") else None
             )
         except (OSError, ValueError, KeyError) as error:
             raise ModelLoadError(f"cannot load the diffusers model in {folder}: {error}") from error
@@ -244,14 +247,15 @@ class StableDiffusion3Model(DiffusionModel):
         return self.guided_velocity(x, t, cond).to(x.device, x.dtype)
 
     def guided_velocity(self, x: torch.Tensor, t: float, cond: TextConditioning) -> torch.Tensor:
-        """``v_u + s (v_c − v_u)`` in float32 on ``self.device`` (one transformer call on ``[x; x]``), or ``v_c`` for ``s ≤ 1``."""
+        """``v_u + s (v_c − v_u)`` in float32 on ``self.device`` from one transformer call on ``[x; x]``; ``v_c`` for ``s ≤ 1``."""
         sample = x.to(self.device, self.dtype)
         embeddings = cond.embeddings.to(self.device, self.dtype)
         pooled = cond.pooled.to(self.device, self.dtype)
         if self.guidance_scale <= 1.0:  # StableDiffusion3Pipeline.do_classifier_free_guidance is guidance_scale > 1
             return self.velocity(sample, t, embeddings[:, 1], pooled[:, 1]).float()
         both = self.velocity(
-            torch.cat([sample, sample]), t, torch.cat([embeddings[:, 0], embeddings[:, 1]]), torch.cat([pooled[:, 0], pooled[:, 1]])
+            torch.cat([sample, sample]), t,
+            torch.cat([embeddings[:, 0], embeddings[:, 1]]), torch.cat([pooled[:, 0], pooled[:, 1]]),
         ).float()
         unconditional, conditional = both.chunk(2)
         return unconditional + self.guidance_scale * (conditional - unconditional)
@@ -266,7 +270,7 @@ class StableDiffusion3Model(DiffusionModel):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 16) -> np.ndarray:
-        """``(B, H, W, 3)`` uint8 images of ``latents (B, *latent_shape)``: ``z / scaling_factor + shift_factor`` through the VAE (fp32)."""
+        """``(B, H, W, 3)`` uint8 images of ``latents (B, *latent_shape)``, ``z / scaling_factor + shift_factor`` decoded (fp32)."""
         if self.vae is None:
             self.vae = load_vae(self.folder, self.device)
         return decode_latents(self.vae, latents, batch_size)
