@@ -193,6 +193,28 @@ def test_flux_teacher_equals_the_pipeline_and_decodes_as_it_does(folders, flux):
     assert np.abs(decoded.astype(float) - pipeline_pixels(images)).max() <= 1
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_non_square_resolution_equals_the_pipeline(folders, family):
+    height, width = RESOLUTION, 2 * RESOLUTION
+    adapter, pipeline = (StableDiffusion3Model, StableDiffusion3Pipeline) if family == "sd3" else (FluxModel, FluxPipeline)
+    model = adapter.from_folder(
+        folders[family], device="cpu", guidance_scale=3.0, resolution=(height, width), max_sequence_length=T5_TOKENS
+    )
+    assert model.latent_shape == ((4, 8, 16) if family == "sd3" else (32, 16))
+    pipe = pipeline.from_pretrained(folders[family])
+    run = {"num_inference_steps": 2, "guidance_scale": 3.0, "height": height, "width": width, "max_sequence_length": T5_TOKENS}
+    if family == "flux":
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        run["sigmas"] = np.linspace(scheduler.sigma_max, scheduler.sigma_min, 2)
+    x_T = model.initial_noise([7])
+    last = final_state(model, x_T, model.encode_prompts(PROMPTS[:1]), 2)
+    torch.testing.assert_close(last, pipe(PROMPTS[:1], latents=x_T.clone(), output_type="latent", **run).images, **TOLERANCE)
+    images = pipe(PROMPTS[:1], latents=x_T.clone(), output_type="np", **run).images
+    decoded = model.decode(last)
+    assert decoded.shape == (1, height, width, 3)
+    assert np.abs(decoded.astype(float) - pipeline_pixels(images)).max() <= 1
+
+
 def test_flux_default_schedule_matches_the_teacher_at_1000_steps(flux):
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(flux.scheduler_config)
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 1000, 1000), mu=flux.mu)  # what FluxPipeline passes
