@@ -125,7 +125,7 @@ def method_on_ray(tmp_path, keep_states, backend_class=RayRolloutBackend, resour
             planned_steps=STEPS, planner_parallelism=2,
         )
         model = load_model("analytic", guidance_scale=GUIDANCE)
-        plans, _ = run_method(backend, trailing_timesteps(TEACHER_STEPS), model.alphas_cumprod, STEPS, **FAST_METHOD)
+        plans, _ = run_method(backend, model.noise_process, TEACHER_STEPS, STEPS, **FAST_METHOD)
         backend.clear_states()
         return plans, backend
     finally:

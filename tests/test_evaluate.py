@@ -146,7 +146,7 @@ def publish_calibrated_run(model, spec: str, root: Path, prompt_file: Path, num_
     fit, validation = split_validation(read_prompts(str(prompt_file)), 0.25)
     encode = lambda records: (model.initial_noise([r.seed for r in records]), model.encode_prompts([r.prompt for r in records]))
     backend = InProcessBackend(model, *encode(fit), *encode(validation))
-    plans, calibration = run_method(backend, trailing_timesteps(teacher_steps), model.alphas_cumprod, planned)
+    plans, calibration = run_method(backend, model.noise_process, teacher_steps, planned)
     with tempfile.TemporaryDirectory() as directory:
         OLSSScheduler.from_plans(list(plans.values())).save_pretrained(directory)
         scheduler_config = (Path(directory) / "scheduler_config.json").read_bytes()

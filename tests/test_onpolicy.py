@@ -10,6 +10,7 @@ from olss_dist import calibrate, fit_on_policy, trailing_timesteps
 from olss_dist.core.builtin import builtin_plan, builtin_scheduler, scheduler_coefficients
 from olss_dist.method.run import builtin_config
 from olss_dist.core.onpolicy import rollout
+from olss_dist.core.teacher import ddim_schedule
 from olss_dist.method.rollouts import InProcessBackend
 from olss_dist.method.run import Candidate, fit_candidate
 
@@ -39,7 +40,7 @@ def test_merged_per_step_pieces_equal_single_batch_fit():
     results = []
     for batch_size in (None, 5):
         backend = InProcessBackend(model, states[:, 0], cond, states[:3, 0], cond[:3], batch_size=batch_size)
-        backend.record_teacher(timesteps, model.alphas_cumprod)
+        backend.record_teacher(ddim_schedule(timesteps, model.alphas_cumprod))
         results.append(fit_candidate(backend, candidate, timesteps))
     for whole, chunked in zip(*results):
         np.testing.assert_allclose(chunked, whole, rtol=1e-9, atol=1e-14)

@@ -1,15 +1,19 @@
 """Diffusers' built-in solvers: the one registry, the one way to build them, and their exact OLSS form.
 
-``BUILTIN_SOLVERS`` lists every solver the project uses: the evaluation compares all of them, and
-the calibration method offers the linear ones as candidate plans. ``builtin_scheduler`` builds any of
-them from a model's scheduler config and a spacing (``"config"``: the model's own, as users get it
-from ``Class.from_config``; ``"trailing"``: trailing timesteps, last step to the clean sample).
+``BUILTIN_SOLVERS`` lists every solver the project uses, for each noise process family: VP models (DDIM,
+PNDM, DPM-Solver++ 2M, UniPC, Euler, DEIS) and flow-matching models (``FlowMatchEulerDiscreteScheduler``,
+and DPM-Solver++ 2M / UniPC with ``use_flow_sigmas=True, prediction_type="flow_prediction"`` and the
+model's shift as ``flow_shift``). The evaluation compares all of a model's family, and the calibration
+method offers the linear ones as candidate plans (``process_builtins``). ``builtin_scheduler`` builds any
+of them from a model's scheduler config and a spacing (``"config"``: the model's own, as users get it
+from ``Class.from_config``; ``"trailing"``: trailing timesteps, last step to the clean sample; VP only).
 
 A scheduler whose step is linear in ``(sample, model_output)`` with fixed timesteps (DDIM, DPM-Solver++
 multistep, UniPC, DEIS; epsilon prediction, no thresholding or clipping) produces states that are fixed
 linear combinations of ``x_T`` and the outputs so far. Running it on basis vectors reads those
 combinations off: ``x_T = (1, 0, ..., 0)`` and the output at step ``j`` the unit vector ``j+1`` of a
-``(K+1)``-dimensional space; the state after step ``i`` is row ``i`` of the coefficients.
+``(K+1)``-dimensional space; the state after step ``i`` is row ``i`` of the coefficients. Flow-matching
+Euler, DPM-Solver++ and UniPC (flow prediction) are linear the same way.
 """
 
 from __future__ import annotations
@@ -25,17 +29,23 @@ from diffusers import (
     DEISMultistepScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
 
+from olss_dist.core.noise_process import FlowMatchingProcess, NoiseProcess, VPProcess
 from olss_dist.core.plan import Plan
 
 SPACINGS: dict[str, dict[str, Any]] = {
     "config": {},
     "trailing": {"timestep_spacing": "trailing", "set_alpha_to_one": True},
 }
-"""Overrides of the model's scheduler config per spacing; a key a solver does not take is left out."""
+"""Overrides of the model's scheduler config per spacing; a key a solver does not take is left out.
+Flow solvers have only ``"config"``: their sigmas come from the shift, not from a timestep spacing."""
+
+FLOW_SETTINGS: dict[str, Any] = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
+"""What runs a VP-family multistep solver on a flow-matching model (with ``flow_shift`` = the model's shift)."""
 
 LINEAR_SETTINGS: dict[str, Any] = {"clip_sample": False, "thresholding": False}
 """What keeps a linear solver's step linear: no clipping or thresholding of the predicted clean sample."""
@@ -51,12 +61,19 @@ class BuiltinSolver:
         linear: its step is linear in ``(sample, output)`` once ``LINEAR_SETTINGS`` apply, with one model
             call per step on the state itself, so ``builtin_plan`` writes it exactly in OLSS form. PNDM
             (Runge-Kutta warm-up: more calls than steps) and Euler (model input rescaled by
-            ``scale_model_input``) are not.
+            ``scale_model_input``) are not; flow-matching Euler (no rescaling) is.
+        family: the noise process it runs on: ``"vp"`` or ``"flow"`` (``NoiseProcess.kind``).
     """
 
     scheduler_class: type
     settings: dict[str, Any] = field(default_factory=dict)
     linear: bool = False
+    family: str = "vp"
+
+    @property
+    def spacings(self) -> tuple[str, ...]:
+        """The spacings it is run in: every ``SPACINGS`` key for VP solvers, ``("config",)`` for flow ones."""
+        return tuple(SPACINGS) if self.family == "vp" else ("config",)
 
     def accepts(self, key: str) -> bool:
         """Whether the scheduler's ``__init__`` takes ``key``."""
@@ -65,10 +82,13 @@ class BuiltinSolver:
     def overrides(self, spacing: str, linear: bool = False) -> dict[str, Any]:
         """The settings over the model's config: the solver's own, the spacing's and (``linear``) ``LINEAR_SETTINGS``,
         each key only where the scheduler takes it; always epsilon prediction (model adapters return epsilon)."""
-        if spacing not in SPACINGS:
-            raise ValueError(f"unknown spacing {spacing!r}; choose from {sorted(SPACINGS)}")
+        if spacing not in self.spacings:
+            raise ValueError(f"unknown spacing {spacing!r} for a {self.family} solver; choose from {list(self.spacings)}")
         taken = {**SPACINGS[spacing], **(LINEAR_SETTINGS if linear else {})}
-        return {**self.settings, **{k: v for k, v in taken.items() if self.accepts(k)}, "prediction_type": "epsilon"}
+        overrides = {**self.settings, **{k: v for k, v in taken.items() if self.accepts(k)}}
+        if self.family == "flow":
+            return overrides
+        return {**overrides, "prediction_type": "epsilon"}
 
 
 BUILTIN_SOLVERS: dict[str, BuiltinSolver] = {
@@ -78,21 +98,42 @@ BUILTIN_SOLVERS: dict[str, BuiltinSolver] = {
     "unipc": BuiltinSolver(UniPCMultistepScheduler, linear=True),
     "euler": BuiltinSolver(EulerDiscreteScheduler),
     "deis": BuiltinSolver(DEISMultistepScheduler, linear=True),
+    "flow-euler": BuiltinSolver(FlowMatchEulerDiscreteScheduler, linear=True, family="flow"),
+    "flow-dpmsolver++": BuiltinSolver(
+        DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2, **FLOW_SETTINGS},
+        linear=True, family="flow",
+    ),
+    "flow-unipc": BuiltinSolver(UniPCMultistepScheduler, dict(FLOW_SETTINGS), linear=True, family="flow"),
 }
 """Every built-in solver, by the name reports and candidates use."""
 
-LINEAR_BUILTINS: tuple[str, ...] = tuple(name for name, solver in BUILTIN_SOLVERS.items() if solver.linear)
-"""The solvers with an exact OLSS form, in registry order: ``("ddim", "dpmsolver++", "unipc", "deis")``."""
+
+def family_builtins(family: str, linear: bool = False) -> tuple[str, ...]:
+    """The solvers of a noise process family (``"vp"`` or ``"flow"``) in registry order (``linear``: those with an OLSS form)."""
+    return tuple(name for name, s in BUILTIN_SOLVERS.items() if s.family == family and (s.linear or not linear))
 
 
-def check_builtins(names, linear: bool = False) -> None:
-    """ValueError naming the names not in ``BUILTIN_SOLVERS`` (with ``linear``: also those without an OLSS form)."""
+LINEAR_BUILTINS: tuple[str, ...] = family_builtins("vp", linear=True)
+"""The VP solvers with an exact OLSS form, in registry order: ``("ddim", "dpmsolver++", "unipc", "deis")``."""
+
+FLOW_LINEAR_BUILTINS: tuple[str, ...] = family_builtins("flow", linear=True)
+"""The flow-matching solvers with an exact OLSS form: ``("flow-euler", "flow-dpmsolver++", "flow-unipc")``."""
+
+
+def check_builtins(names, linear: bool = False, family: str | None = None) -> None:
+    """ValueError naming the names not in ``BUILTIN_SOLVERS`` (with ``linear``: also those without an OLSS
+    form; with ``family``: also those of another noise process family)."""
     unknown = [name for name in names if name not in BUILTIN_SOLVERS]
     if unknown:
         raise ValueError(f"unknown built-in solvers {unknown}; choose from {sorted(BUILTIN_SOLVERS)}")
+    if family is not None:
+        foreign = [name for name in names if BUILTIN_SOLVERS[name].family != family]
+        if foreign:
+            raise ValueError(f"built-in solvers {foreign} do not run on {family} models; choose from {list(family_builtins(family))}")
     nonlinear = [name for name in names if linear and not BUILTIN_SOLVERS[name].linear]
     if nonlinear:
-        raise ValueError(f"built-in solvers {nonlinear} have no OLSS form; choose from {list(LINEAR_BUILTINS)}")
+        choices = family_builtins(family or BUILTIN_SOLVERS[nonlinear[0]].family, linear=True)
+        raise ValueError(f"built-in solvers {nonlinear} have no OLSS form; choose from {list(choices)}")
 
 
 def builtin_scheduler(name: str, model_scheduler_config: dict[str, Any], spacing: str = "config", linear: bool = False):
@@ -106,13 +147,26 @@ def builtin_scheduler(name: str, model_scheduler_config: dict[str, Any], spacing
     """
     check_builtins([name], linear)
     solver = BUILTIN_SOLVERS[name]
-    return solver.scheduler_class.from_config(dict(model_scheduler_config), **solver.overrides(spacing, linear))
+    overrides = solver.overrides(spacing, linear)
+    if solver.family == "flow" and solver.accepts("flow_shift"):
+        # The model's (static) shift; with dynamic shifting set_timesteps(mu=...) replaces it by exp(mu).
+        overrides["flow_shift"] = float(model_scheduler_config.get("shift", 1.0))
+    config = dict(model_scheduler_config)
+    if solver.family == "flow":  # the flow-matching keys a multistep solver does not take would only warn
+        config = {k: v for k, v in config.items() if k.startswith("_") or solver.accepts(k)}
+    return solver.scheduler_class.from_config(config, **overrides)
 
 
-def scheduler_coefficients(scheduler, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(timesteps (K,), coefficients (K, K+1))`` of a linear diffusers scheduler run for ``num_steps``."""
-    scheduler.set_timesteps(num_steps)
-    timesteps = scheduler.timesteps.numpy().astype(np.int64)
+def scheduler_coefficients(scheduler, num_steps: int, mu: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(timesteps (K,), coefficients (K, K+1))`` of a linear diffusers scheduler run for ``num_steps``.
+
+    ``timesteps`` are what the scheduler calls the model at: int64 for VP solvers (and flow DPM-Solver /
+    UniPC, whose timesteps diffusers rounds to integers), float64 for flow-matching Euler (``sigma * 1000``).
+    ``mu``: the dynamic shift of a flow model, passed to ``set_timesteps`` as pipelines do.
+    """
+    scheduler.set_timesteps(num_steps, **({} if mu is None else {"mu": float(mu)}))
+    raw = scheduler.timesteps
+    timesteps = raw.numpy().astype(np.int64) if not raw.is_floating_point() else raw.double().numpy()
     calls = len(timesteps)
     basis = torch.eye(calls + 1, dtype=torch.float64)[:, None, :]
     sample = basis[0]
@@ -123,28 +177,52 @@ def scheduler_coefficients(scheduler, num_steps: int) -> tuple[np.ndarray, np.nd
     return timesteps, torch.stack(rows).numpy()
 
 
+def nearest_nodes(timesteps: np.ndarray, teacher_timesteps: np.ndarray) -> list[int]:
+    """The nearest teacher index of each timestep, made strictly increasing (informative nodes of off-grid plans)."""
+    teacher = np.asarray(teacher_timesteps, dtype=np.float64)
+    nodes: list[int] = []
+    for t in np.asarray(timesteps, dtype=np.float64):
+        node = int(np.argmin(np.abs(teacher - t)))
+        nodes.append(max(node, nodes[-1] + 1) if nodes else 0)
+    if nodes[-1] >= len(teacher):
+        raise ValueError(f"{len(nodes)} steps do not fit on a {len(teacher)}-step teacher")
+    return nodes
+
+
 def builtin_plan(
-    name: str, num_steps: int, model_scheduler_config: dict[str, Any], teacher_timesteps: np.ndarray, spacing: str = "trailing"
+    name: str,
+    num_steps: int,
+    model_scheduler_config: dict[str, Any],
+    teacher_timesteps: np.ndarray,
+    spacing: str = "trailing",
+    mu: float | None = None,
 ) -> Plan:
-    """The built-in solver ``name`` (one of ``LINEAR_BUILTINS``) at ``num_steps`` steps as a Plan (``fit == "builtin:<name>"``).
+    """The built-in solver ``name`` (a linear one) at ``num_steps`` steps as a Plan (``fit == "builtin:<name>"``).
 
     Args:
-        model_scheduler_config: the model's scheduler config (``method.run.builtin_config`` builds one from
-            ``alphas_cumprod``).
+        model_scheduler_config: the model's scheduler config (``exact_vp_config`` builds one from
+            ``alphas_cumprod``; a flow model's own config).
         teacher_timesteps: ``(N,)`` the teacher the plan's nodes index into.
-        spacing: a key of ``SPACINGS``.
+        spacing: one of the solver's ``spacings``.
+        mu: a flow model's dynamic shift (``set_timesteps(mu=...)``).
 
     Raises:
-        ValueError: a timestep of the solver is not on the teacher's grid (no node index for it).
+        ValueError: a VP solver's timestep is not on the teacher's grid (no node index for it). Flow
+            solvers' timesteps generally are not: their nodes are the nearest teacher indices (``Plan``).
     """
     scheduler = builtin_scheduler(name, model_scheduler_config, spacing, linear=True)
-    timesteps, coefficients = scheduler_coefficients(scheduler, num_steps)
-    position = {int(t): n for n, t in enumerate(teacher_timesteps)}
-    missing = [int(t) for t in timesteps if int(t) not in position]
-    if missing:
-        raise ValueError(f"{name} timesteps {missing} are not teacher timesteps")
+    timesteps, coefficients = scheduler_coefficients(scheduler, num_steps, mu)
+    if BUILTIN_SOLVERS[name].family == "flow":
+        nodes = nearest_nodes(timesteps, teacher_timesteps)
+        timesteps = timesteps.astype(np.float64)
+    else:
+        position = {int(t): n for n, t in enumerate(teacher_timesteps)}
+        missing = [int(t) for t in timesteps if int(t) not in position]
+        if missing:
+            raise ValueError(f"{name} timesteps {missing} are not teacher timesteps")
+        nodes = [position[int(t)] for t in timesteps]
     return Plan(
-        nodes=[position[int(t)] for t in timesteps],
+        nodes=nodes,
         timesteps=timesteps,
         coefficients=coefficients,
         step_errors=np.full(len(timesteps), np.nan),
@@ -153,3 +231,45 @@ def builtin_plan(
         spacing=spacing,
         num_teacher_steps=len(teacher_timesteps),
     )
+
+
+def exact_vp_config(alphas_cumprod: np.ndarray) -> dict[str, Any]:
+    """A diffusers scheduler config with exactly the model's noise schedule (as trained betas)."""
+    alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
+    betas = 1.0 - alphas_cumprod / np.concatenate([[1.0], alphas_cumprod[:-1]])
+    return {"num_train_timesteps": len(alphas_cumprod), "trained_betas": betas.tolist()}
+
+
+@dataclass(frozen=True)
+class ProcessBuiltins:
+    """How a noise process's built-in candidates are built (``process_builtins``).
+
+    Attributes:
+        names: its linear solvers, in registry order.
+        config: the scheduler config they are built from: VP: ``exact_vp_config`` of its ``alphas_cumprod``;
+            flow: the model's own config (shift, dynamic shifting).
+        spacing: ``"trailing"`` (VP: last step to the clean sample, as the teacher) or ``"config"`` (flow).
+        mu: a flow model's dynamic shift, else None.
+    """
+
+    names: tuple[str, ...]
+    config: dict[str, Any]
+    spacing: str
+    mu: float | None = None
+
+    def plan(self, name: str, num_steps: int, teacher_timesteps: np.ndarray) -> Plan:
+        """``builtin_plan`` of solver ``name`` for this process."""
+        return builtin_plan(name, num_steps, self.config, teacher_timesteps, self.spacing, self.mu)
+
+
+def process_builtins(process: NoiseProcess) -> ProcessBuiltins:
+    """The built-in candidates of a noise process: VP as DDIM, DPM-Solver++ 2M, UniPC, DEIS (trailing);
+    flow matching as FlowMatch Euler, DPM-Solver++ 2M and UniPC with flow sigmas and the model's shift."""
+    if isinstance(process, VPProcess):
+        return ProcessBuiltins(LINEAR_BUILTINS, exact_vp_config(process.alphas_cumprod), "trailing")
+    if isinstance(process, FlowMatchingProcess):
+        config = process.scheduler_config()
+        if process.mu is not None and config.get("time_shift_type", "exponential") != "exponential":
+            raise ValueError("scheduler_config: flow built-ins take mu only with time_shift_type 'exponential'")
+        return ProcessBuiltins(FLOW_LINEAR_BUILTINS, config, "config", process.mu)
+    raise ValueError(f"process: no built-in solvers for a {type(process).__name__}")

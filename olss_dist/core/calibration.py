@@ -15,7 +15,7 @@ from safetensors.numpy import load as load_safetensors
 from olss_dist.core.lstsq import solve_from_r
 from olss_dist.core.plan import Plan
 from olss_dist.core.path_search import SearchErrors, check_nodes, even_nodes, output_column, search_nodes, state_column
-from olss_dist.core.teacher import validate_timesteps
+from olss_dist.core.teacher import check_model_timesteps
 from olss_dist.core.tsqr import DEFAULT_CHUNK_ROWS, merge_r_factors, trajectory_r_factor
 
 FORMAT = "olss_dist.core.calibration"
@@ -57,11 +57,12 @@ class Calibration:
             are latent elements of samples and whose columns are ``s_0, e_0, s_1, ..., e_{N-1}, s_N``.
         num_samples: trajectories behind ``r_factor``.
         num_rows: rows behind ``r_factor`` (samples x latent elements).
-        timesteps: ``(N,)`` strictly decreasing train timesteps of the teacher.
+        timesteps: ``(N,)`` strictly decreasing model timesteps of the teacher: int64 train timesteps (VP)
+            or float64 ``sigma * 1000`` (flow matching), kept in the dtype given (``check_model_timesteps``).
     """
 
     def __init__(self, r_factor: np.ndarray, num_samples: int, num_rows: int, timesteps: Any):
-        self.timesteps = validate_timesteps(timesteps)
+        self.timesteps = check_model_timesteps(timesteps)
         self.r_factor = np.ascontiguousarray(r_factor, dtype=np.float64)
         size = 2 * len(self.timesteps) + 1
         if self.r_factor.shape != (size, size):
@@ -87,7 +88,7 @@ class Calibration:
             chunk_rows: rows per chunk; beside the trajectories the reduction holds R and one chunk,
                 ``(2N+1 + max(chunk_rows, D)) * (2N+1)`` float64, whatever the sample count.
         """
-        timesteps = validate_timesteps(timesteps)
+        timesteps = check_model_timesteps(timesteps)
         states, noise_preds = as_tensor(states), as_tensor(noise_preds)
         check_trajectories(states, noise_preds, len(timesteps))
         r = trajectory_r_factor(states, noise_preds, chunk_rows)
@@ -166,7 +167,8 @@ class Calibration:
         return self.plan_for_nodes(nodes, spacing)
 
     def to_bytes(self) -> bytes:
-        """safetensors bytes: tensors ``r_factor`` and ``timesteps``, counts in the JSON metadata."""
+        """safetensors bytes: tensors ``r_factor`` and ``timesteps`` (int64 VP / float64 flow: the dtype
+        says which, so files written before flow support load unchanged), counts in the JSON metadata."""
         metadata = {
             "format": FORMAT,
             "format_version": str(FORMAT_VERSION),

@@ -17,7 +17,7 @@ import torch
 from olss_dist.core.calibration import as_tensor
 from olss_dist.core.path_search import check_nodes
 from olss_dist.core.plan import Plan
-from olss_dist.core.teacher import Denoiser, trailing_timesteps, validate_timesteps
+from olss_dist.core.teacher import Denoiser, check_model_timesteps, model_timestep, trailing_timesteps
 from olss_dist.core.tsqr import r_factor
 
 DEFAULT_RIDGE = 1e-6
@@ -67,18 +67,18 @@ def apply_step(weights: Sequence[float], x_T: torch.Tensor, outputs: Sequence[to
 
 
 def rollout(
-    coefficients: np.ndarray, denoiser: Denoiser, x_T: torch.Tensor, cond: Any, timesteps: Sequence[int]
+    coefficients: np.ndarray, denoiser: Denoiser, x_T: torch.Tensor, cond: Any, timesteps: Sequence[int | float]
 ) -> torch.Tensor:
     """Run a K-step OLSS sampler with its own model calls; returns the final state ``(B, *shape)``.
 
     Args:
         coefficients: ``(K, K+1)`` plan coefficients.
-        timesteps: ``(K,)`` train timesteps of the steps.
+        timesteps: ``(K,)`` model timesteps of the steps (``Plan.timesteps``).
     """
     outputs: list[torch.Tensor] = []
     x = x_T
     for i, t in enumerate(timesteps):
-        outputs.append(denoiser(x, int(t), cond))
+        outputs.append(denoiser(x, model_timestep(t), cond))
         x = apply_step(coefficients[i, : i + 2], x_T, outputs)
     return x
 
@@ -98,7 +98,8 @@ def fit_on_policy(
         denoiser: ``denoiser(x, t, cond) -> eps``.
         states: ``(B, N+1, *shape)`` teacher states (numpy or torch); ``x_T = states[:, 0]``.
         cond: conditioning for the B samples.
-        timesteps: ``(N,)`` teacher timesteps; default ``trailing_timesteps(N)`` of a 1000-step model.
+        timesteps: ``(N,)`` teacher model timesteps (int VP, float flow); default ``trailing_timesteps(N)`` of a
+            1000-step VP model.
         ridge: relative ridge weight (see ``solve_step``).
 
     Returns:
@@ -106,7 +107,7 @@ def fit_on_policy(
     """
     states = as_tensor(states)
     num_teacher_steps = states.shape[1] - 1
-    timesteps = trailing_timesteps(num_teacher_steps) if timesteps is None else validate_timesteps(timesteps)
+    timesteps = trailing_timesteps(num_teacher_steps) if timesteps is None else check_model_timesteps(timesteps)
     if len(timesteps) != num_teacher_steps:
         raise ValueError(f"{len(timesteps)} timesteps for states with {num_teacher_steps} teacher steps")
     if not torch.isfinite(states).all():
@@ -129,7 +130,7 @@ def fit_on_policy(
 
 
 def fit_on_policy_targets(
-    step_timesteps: Sequence[int],
+    step_timesteps: Sequence[int | float],
     denoiser: Denoiser,
     x_T: torch.Tensor,
     targets: Sequence[torch.Tensor],
@@ -139,7 +140,7 @@ def fit_on_policy_targets(
     """The K on-policy rounds over one batch.
 
     Args:
-        step_timesteps: ``(K,)`` train timesteps of the nodes.
+        step_timesteps: ``(K,)`` model timesteps of the nodes.
         x_T: ``(B, *shape)`` initial noise.
         targets: K tensors ``(B, *shape)``: teacher states at ``nodes[1:]`` and the final state.
 
@@ -152,7 +153,7 @@ def fit_on_policy_targets(
     outputs: list[torch.Tensor] = []
     x = x_T
     for i in range(steps):
-        outputs.append(denoiser(x, int(step_timesteps[i]), cond))
+        outputs.append(denoiser(x, model_timestep(step_timesteps[i]), cond))
         statistics = step_statistics(x_T, outputs, targets[i])
         weights, step_errors[i] = solve_step(statistics, targets[i].numel(), ridge)
         coefficients[i, : i + 2] = weights

@@ -13,11 +13,18 @@ class Plan:
     """A K-step sampler in OLSS form.
 
     Step ``i`` computes ``x_{i+1} = c[i, 0] * x_T + sum_{j <= i} c[i, j+1] * eps_j`` where ``eps_j`` is the
-    model's guided output at step ``j`` (train timestep ``timesteps[j]``).
+    model's guided output at step ``j``, called at model timestep ``timesteps[j]`` (through
+    ``core.teacher.model_timestep``). The plan's own ``timesteps`` are what a sampler runs; ``nodes`` say
+    where they sit on the teacher.
 
     Attributes:
-        nodes: K strictly increasing teacher indices, ``nodes[0] == 0``.
-        timesteps: ``(K,)`` int64 train timesteps of the nodes.
+        nodes: K strictly increasing teacher indices, ``nodes[0] == 0``. For fitted plans and VP built-ins
+            ``timesteps == teacher_timesteps[nodes]``. Flow built-ins' K-step timesteps are generally not
+            on the teacher's grid: their nodes are the nearest teacher indices (made strictly increasing),
+            informative only (search errors, reports); nothing samples or validates at them.
+        timesteps: ``(K,)`` model timesteps of the steps: int64 train timesteps in ``[0, T)`` (VP) or
+            float64 ``sigma * 1000`` in ``[0, T]`` (flow matching). Integer input stays int64, float input
+            float64 (``core.teacher.check_model_timesteps``'s rule, without its checks).
         coefficients: ``(K, K+1)`` float64, zeros right of the diagonal ``j = i + 1``.
         step_errors: ``(K,)`` float64 mean squared error per element of each fitted step.
         search_errors: ``(K,)`` float64 local errors of the path search (NaN where not searched).
@@ -39,7 +46,9 @@ class Plan:
 
     def __post_init__(self):
         self.nodes = [int(n) for n in self.nodes]
-        self.timesteps = np.asarray(self.timesteps, dtype=np.int64)
+        timesteps = np.asarray(self.timesteps)
+        integer = np.issubdtype(timesteps.dtype, np.integer) or timesteps.size == 0
+        self.timesteps = timesteps.astype(np.int64 if integer else np.float64)
         self.coefficients = np.asarray(self.coefficients, dtype=np.float64)
         self.step_errors = np.asarray(self.step_errors, dtype=np.float64)
         self.search_errors = np.asarray(self.search_errors, dtype=np.float64)

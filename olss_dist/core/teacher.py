@@ -53,9 +53,62 @@ class TeacherSchedule:
         return len(self.timesteps)
 
     def model_timestep(self, n: int) -> int | float:
-        """What the denoiser is called with at step ``n``."""
+        """What the denoiser is called with at step ``n``: an int (VP) or a float (flow), as ``model_timestep``
+        gives for ``stored_timesteps()[n]``."""
         t = self.timesteps[n]
         return int(t) if self.integer_timesteps else float(t)
+
+    def stored_timesteps(self) -> np.ndarray:
+        """``(N,)`` the timesteps as plans and calibrations keep them: int64 (VP) or float64 (flow)."""
+        return self.timesteps.astype(np.int64) if self.integer_timesteps else self.timesteps.astype(np.float64)
+
+
+def model_timestep(t: Any) -> int | float:
+    """The timestep a denoiser is called with: a Python int for an integer timestep (VP train timesteps:
+    Python / numpy ints, integer tensors, int64 plan and calibration timesteps), a Python float for a
+    floating one (flow matching's ``sigma * 1000``: float64 plan timesteps, float scheduler timesteps),
+    even where its value is whole (1000.0 at sigma 1), so a flow model always sees floats.
+
+    Every model call of the teacher, the on-policy rounds, the rollouts, the workers and the evaluation
+    goes through this (or ``TeacherSchedule.model_timestep``, the same rule), so one timestep reaches the
+    model in one form wherever it is called from.
+    """
+    if isinstance(t, torch.Tensor):
+        if t.numel() != 1:
+            raise ValueError(f"a timestep must be a scalar, got shape {tuple(t.shape)}")
+        return float(t) if t.is_floating_point() else int(t)
+    if isinstance(t, (bool, np.bool_)):
+        raise ValueError(f"a timestep must be a number, got {t!r}")
+    if isinstance(t, (int, np.integer)):
+        return int(t)
+    value = float(t)
+    if not np.isfinite(value):
+        raise ValueError(f"a timestep must be finite, got {value}")
+    return value
+
+
+def check_model_timesteps(timesteps: Any, num_train_timesteps: int | None = None) -> np.ndarray:
+    """Model timesteps as plans and calibrations keep them: int64 when given as integers (VP train timesteps,
+    in ``[0, T)``), float64 when given as floats (flow matching's ``sigma * 1000``, in ``[0, T]``).
+
+    Raises:
+        ValueError: not a non-empty 1-D strictly decreasing finite sequence within range.
+    """
+    array = np.asarray(timesteps)
+    if array.ndim != 1 or array.size == 0:
+        raise ValueError(f"timesteps must be a non-empty 1-D sequence, got shape {array.shape}")
+    if np.issubdtype(array.dtype, np.integer):
+        return validate_timesteps(array, num_train_timesteps)
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"timesteps must be integers or floats, got dtype {array.dtype}")
+    array = array.astype(np.float64)
+    if not np.isfinite(array).all():
+        raise ValueError("timesteps must be finite")
+    if np.any(np.diff(array) >= 0):
+        raise ValueError("timesteps must be strictly decreasing (e.g. 1000.0, 997.0, ..., 3.0)")
+    if array[-1] < 0 or (num_train_timesteps is not None and array[0] > num_train_timesteps):
+        raise ValueError(f"flow timesteps must lie in [0, {num_train_timesteps}], got {array[0]} ... {array[-1]}")
+    return array
 
 
 def ddim_schedule(timesteps: Any, alphas_cumprod: Any) -> TeacherSchedule:
@@ -155,6 +208,43 @@ def ddim_teacher(
     return linear_teacher(denoiser, x_T, cond, ddim_schedule(timesteps, alphas_cumprod))
 
 
+def schedule_trajectories(
+    denoiser: Denoiser,
+    x_T: torch.Tensor,
+    cond: Any,
+    schedule: TeacherSchedule,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``record_trajectories`` for any ``TeacherSchedule`` (a noise process's teacher): states ``(B, N+1, *shape)``
+    and guided outputs ``(B, N, *shape)``."""
+    num_steps = schedule.num_steps
+    states = x_T.new_empty((x_T.shape[0], num_steps + 1, *x_T.shape[1:]))
+    outputs = x_T.new_empty((x_T.shape[0], num_steps, *x_T.shape[1:]))
+    for n, (state, output) in enumerate(linear_teacher(denoiser, x_T, cond, schedule)):
+        states[:, n] = state
+        if output is not None:
+            outputs[:, n] = output
+        if n > 0 and progress is not None:
+            progress(n)
+    return states, outputs
+
+
+def schedule_states(
+    denoiser: Denoiser, x_T: torch.Tensor, cond: Any, schedule: TeacherSchedule, keep: Sequence[int]
+) -> torch.Tensor:
+    """``record_states`` for any ``TeacherSchedule``: ``(B, len(keep), *shape)``, the states at indices ``keep``."""
+    num_steps = schedule.num_steps
+    keep = [int(n) for n in keep]
+    if any(not 0 <= n <= num_steps for n in keep):
+        raise ValueError(f"teacher state indices must lie in [0, {num_steps}], got {keep}")
+    kept = x_T.new_empty((x_T.shape[0], len(keep), *x_T.shape[1:]))
+    for n, (state, _) in enumerate(linear_teacher(denoiser, x_T, cond, schedule)):
+        for position, index in enumerate(keep):
+            if index == n:
+                kept[:, position] = state
+    return kept
+
+
 def record_trajectories(
     denoiser: Denoiser,
     x_T: torch.Tensor,
@@ -177,16 +267,8 @@ def record_trajectories(
         states: ``(B, N+1, *shape)`` with ``states[:, 0] == x_T`` and ``states[:, N]`` the clean sample.
         noise_preds: ``(B, N, *shape)``, the guided output at each state.
     """
-    num_steps = len(validate_timesteps(timesteps))
-    states = x_T.new_empty((x_T.shape[0], num_steps + 1, *x_T.shape[1:]))
-    noise_preds = x_T.new_empty((x_T.shape[0], num_steps, *x_T.shape[1:]))
-    for n, (state, eps) in enumerate(ddim_teacher(denoiser, x_T, cond, timesteps, alphas_cumprod)):
-        states[:, n] = state
-        if eps is not None:
-            noise_preds[:, n] = eps
-        if n > 0 and progress is not None:
-            progress(n)
-    return states, noise_preds
+    validate_timesteps(timesteps)
+    return schedule_trajectories(denoiser, x_T, cond, ddim_schedule(timesteps, alphas_cumprod), progress)
 
 
 def record_states(
@@ -200,13 +282,5 @@ def record_states(
     Returns:
         ``(B, len(keep), *shape)`` in the dtype of ``x_T``, equal to ``record_trajectories``'s states there.
     """
-    num_steps = len(validate_timesteps(timesteps))
-    keep = [int(n) for n in keep]
-    if any(not 0 <= n <= num_steps for n in keep):
-        raise ValueError(f"teacher state indices must lie in [0, {num_steps}], got {keep}")
-    kept = x_T.new_empty((x_T.shape[0], len(keep), *x_T.shape[1:]))
-    for n, (state, _) in enumerate(ddim_teacher(denoiser, x_T, cond, timesteps, alphas_cumprod)):
-        for position, index in enumerate(keep):
-            if index == n:
-                kept[:, position] = state
-    return kept
+    validate_timesteps(timesteps)
+    return schedule_states(denoiser, x_T, cond, ddim_schedule(timesteps, alphas_cumprod), keep)

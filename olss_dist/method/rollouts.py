@@ -17,7 +17,7 @@ import torch
 
 from olss_dist.core.calibration import Calibration
 from olss_dist.core.onpolicy import apply_step, step_statistics
-from olss_dist.core.teacher import Denoiser, record_states, record_trajectories
+from olss_dist.core.teacher import Denoiser, TeacherSchedule, schedule_states, schedule_trajectories
 
 TRAIN = "train"
 VALIDATION = "validation"
@@ -37,23 +37,25 @@ class RolloutBackend(ABC):
         """Train samples times latent elements."""
 
     @abstractmethod
-    def record_teacher(self, timesteps: np.ndarray, alphas_cumprod: np.ndarray) -> Calibration:
-        """Run the teacher on both splits; keep train states and validation final states; return the train calibration."""
+    def record_teacher(self, schedule: TeacherSchedule) -> Calibration:
+        """Run the teacher ``schedule`` (a noise process's ``teacher_schedule(N)``) on both splits; keep train
+        states and validation final states; return the train calibration (timesteps ``schedule.stored_timesteps()``)."""
 
     @abstractmethod
     def keep_train_states(self, nodes: Iterable[int]) -> None:
         """Drop the teacher train states except at ``nodes`` (and the final state)."""
 
     @abstractmethod
-    def start(self, split: str, timestep: int) -> int:
-        """Begin a rollout of ``split`` from ``x_T``, with the model called at ``timestep``; returns its handle."""
+    def start(self, split: str, timestep: int | float) -> int:
+        """Begin a rollout of ``split`` from ``x_T``, with the model called at ``timestep`` (``teacher.model_timestep``
+        form: int VP train timestep, float flow ``sigma * 1000``); returns its handle."""
 
     @abstractmethod
     def statistics(self, handle: int, target_node: int) -> list[torch.Tensor]:
         """R factors (one per shard, in shard order) of ``[x_T, ê_0..ê_i, s_target_node]`` of a train rollout."""
 
     @abstractmethod
-    def advance(self, handle: int, weights: np.ndarray, next_timestep: int | None) -> None:
+    def advance(self, handle: int, weights: np.ndarray, next_timestep: int | float | None) -> None:
         """``x̂ = weights · [x_T, ê_0..ê_i]``; then call the model at ``next_timestep`` unless it is None."""
 
     @abstractmethod
@@ -122,11 +124,12 @@ class InProcessBackend(RolloutBackend):
     def num_train_rows(self) -> int:
         return self.splits[TRAIN][0].numel()
 
-    def record_teacher(self, timesteps: np.ndarray, alphas_cumprod: np.ndarray) -> Calibration:
+    def record_teacher(self, schedule: TeacherSchedule) -> Calibration:
         noise, cond = self.splits[TRAIN]
+        timesteps = schedule.stored_timesteps()
         calibrations, states = [], []
         for rows in batch_slices(len(noise), self.batch_size):
-            batch_states, batch_preds = record_trajectories(self.denoiser, noise[rows], select(cond, rows), timesteps, alphas_cumprod)
+            batch_states, batch_preds = schedule_trajectories(self.denoiser, noise[rows], select(cond, rows), schedule)
             calibrations.append(Calibration.from_trajectories(batch_states, batch_preds, timesteps))
             states.append(batch_states)
         all_states = torch.cat(states)
@@ -137,23 +140,23 @@ class InProcessBackend(RolloutBackend):
         noise, cond = self.splits[VALIDATION]
         final = [len(timesteps)]
         self.validation_final = torch.cat([
-            record_states(self.denoiser, noise[rows], select(cond, rows), timesteps, alphas_cumprod, final)[:, 0]
+            schedule_states(self.denoiser, noise[rows], select(cond, rows), schedule, final)[:, 0]
             for rows in batch_slices(len(noise), self.batch_size)
         ])
         self.progress(f"teacher: {len(noise)} validation trajectories")
         return Calibration.merge(calibrations)
 
-    def record_train_states(self, timesteps: np.ndarray, alphas_cumprod: np.ndarray, keep: Iterable[int]) -> None:
+    def record_train_states(self, schedule: TeacherSchedule, keep: Iterable[int]) -> None:
         """Run the teacher on the train split keeping its states at ``keep`` and the final one, without
         calibration statistics: all that on-policy fits of given nodes need (``method.run.fit_candidate``).
 
         Args:
-            timesteps: ``(N,)`` teacher timesteps; ``keep`` indexes its states ``0..N``.
+            schedule: the N-step teacher; ``keep`` indexes its states ``0..N``.
         """
         noise, cond = self.splits[TRAIN]
-        keep = sorted(set(keep) | {len(timesteps)})
+        keep = sorted(set(keep) | {schedule.num_steps})
         states = torch.cat([
-            record_states(self.denoiser, noise[rows], select(cond, rows), timesteps, alphas_cumprod, keep)
+            schedule_states(self.denoiser, noise[rows], select(cond, rows), schedule, keep)
             for rows in batch_slices(len(noise), self.batch_size)
         ])
         self.train_states = {n: states[:, i] for i, n in enumerate(keep)}
@@ -163,7 +166,7 @@ class InProcessBackend(RolloutBackend):
         keep = set(nodes) | {max(self.train_states)}
         self.train_states = {n: s.clone() for n, s in self.train_states.items() if n in keep}
 
-    def start(self, split: str, timestep: int) -> int:
+    def start(self, split: str, timestep: int | float) -> int:
         if split not in self.splits:
             raise ValueError(f"no {split} split: this backend was built without one")
         noise, cond = self.splits[split]
@@ -186,7 +189,7 @@ class InProcessBackend(RolloutBackend):
             start = stop
         return factors
 
-    def advance(self, handle: int, weights: np.ndarray, next_timestep: int | None) -> None:
+    def advance(self, handle: int, weights: np.ndarray, next_timestep: int | float | None) -> None:
         for batch in self.rollouts[handle][1]:
             batch.state = apply_step(weights, batch.x_T, batch.outputs)
             if next_timestep is not None:

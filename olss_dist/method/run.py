@@ -4,10 +4,15 @@ For each step count K the candidates are the minimax path of the planner, evenly
 quadratically spaced nodes (dense at high noise), each fitted on-policy with two small ridge weights
 (unregularised fits on nearly collinear outputs reach coefficients of 1e9 and blow up on new
 samples; 1e-6 and 1e-5 relative to the feature norms keep them near the DDIM scale), the paper's
-teacher-forced fit on the minimax path, and the built-in linear solvers (DDIM, DPM-Solver++ 2M,
-UniPC, DEIS with "trailing" spacing) in OLSS form. Every candidate is scored by the
-on-policy error of its final state against the teacher's on held-out validation samples; the best
-one ships, and every score is kept in ``Plan.candidates``.
+teacher-forced fit on the minimax path, and the noise process's built-in linear solvers in OLSS form
+(``core.builtin.process_builtins``: VP: DDIM, DPM-Solver++ 2M, UniPC, DEIS with "trailing" spacing;
+flow matching: FlowMatch Euler, DPM-Solver++ 2M and UniPC with flow sigmas). Every candidate is scored
+by the on-policy error of its final state against the teacher's on held-out validation samples, run at
+the candidate's own timesteps (a flow built-in's are generally off the teacher's grid); the best one
+ships, and every score is kept in ``Plan.candidates``.
+
+The method is the same for every noise process: the teacher is ``process.teacher_schedule(N)`` (or a
+given ``TeacherSchedule``), and only the built-in candidates depend on the family.
 """
 
 from __future__ import annotations
@@ -19,25 +24,31 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from olss_dist.core.builtin import LINEAR_BUILTINS, builtin_plan
+from olss_dist.core.builtin import LINEAR_BUILTINS, ProcessBuiltins, exact_vp_config, process_builtins
 from olss_dist.core.calibration import Calibration, as_tensor
+from olss_dist.core.noise_process import NoiseProcess, VPProcess, noise_process_from_config
 from olss_dist.core.onpolicy import DEFAULT_RIDGE, solve_step
 from olss_dist.core.plan import Plan
 from olss_dist.core.path_search import check_num_steps, even_nodes
 from olss_dist.method.rollouts import TRAIN, VALIDATION, InProcessBackend, RolloutBackend, error_summary
-from olss_dist.core.teacher import Denoiser, validate_timesteps
+from olss_dist.core.teacher import Denoiser, TeacherSchedule, ddim_schedule, model_timestep, validate_timesteps
 from olss_dist.core.tsqr import merge_r_factors
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_STEPS = (5, 10, 20)
-DEFAULT_BUILTINS = LINEAR_BUILTINS  # every built-in solver with an exact OLSS form
+DEFAULT_BUILTINS = LINEAR_BUILTINS  # every VP built-in solver with an exact OLSS form (flow: the process's)
+DEFAULT_TEACHER_STEPS = 1000
 DEFAULT_RIDGES = (DEFAULT_RIDGE, 10 * DEFAULT_RIDGE)
 
 
 @dataclass
 class Candidate:
-    """A path to score: fixed coefficients (``coefficients`` given) or to be fitted on-policy."""
+    """A path to score: fixed coefficients (``coefficients`` given) or to be fitted on-policy.
+
+    ``timesteps``: ``(K,)`` the model timesteps it samples at; None: the teacher's at ``nodes``
+    (every fitted candidate). Built-ins carry their own (a flow built-in's are off the teacher's grid).
+    """
 
     name: str
     nodes: list[int]
@@ -46,6 +57,11 @@ class Candidate:
     ridge: float | None = None
     coefficients: np.ndarray | None = None
     step_errors: np.ndarray | None = None
+    timesteps: np.ndarray | None = None
+
+    def step_timesteps(self, teacher_timesteps: np.ndarray) -> np.ndarray:
+        """``(K,)`` the model timesteps of its steps."""
+        return teacher_timesteps[self.nodes] if self.timesteps is None else self.timesteps
 
 
 def quadratic_nodes(num_teacher_steps: int, num_steps: int) -> list[int]:
@@ -59,21 +75,23 @@ def quadratic_nodes(num_teacher_steps: int, num_steps: int) -> list[int]:
     return nodes if overflow <= 0 else even_nodes(num_teacher_steps, num_steps)
 
 
-def builtin_config(alphas_cumprod: np.ndarray) -> dict[str, Any]:
-    """A diffusers scheduler config with exactly the model's noise schedule (as trained betas)."""
-    alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
-    betas = 1.0 - alphas_cumprod / np.concatenate([[1.0], alphas_cumprod[:-1]])
-    return {"num_train_timesteps": len(alphas_cumprod), "trained_betas": betas.tolist()}
+builtin_config = exact_vp_config
+"""A diffusers scheduler config with exactly a VP model's noise schedule (``core.builtin.exact_vp_config``)."""
 
 
 def candidates_for(
     calibration: Calibration,
     num_steps: int,
-    alphas_cumprod: np.ndarray,
-    builtins: Sequence[str] = DEFAULT_BUILTINS,
+    process_solvers: ProcessBuiltins,
+    builtins: Sequence[str] | None = None,
     ridges: Sequence[float] = DEFAULT_RIDGES,
 ) -> list[Candidate]:
-    """Every candidate for ``num_steps`` steps, in a fixed order (ties go to the earlier one)."""
+    """Every candidate for ``num_steps`` steps, in a fixed order (ties go to the earlier one).
+
+    Args:
+        process_solvers: how the noise process's built-ins are built (``core.builtin.process_builtins``).
+        builtins: the built-in solvers to include; None: the process's (``process_solvers.names``).
+    """
     n = calibration.num_teacher_steps
     minimax = calibration.plan(num_steps)
     paths = {"minimax": minimax.nodes}
@@ -89,14 +107,14 @@ def candidates_for(
         Candidate("teacher_forced/minimax", minimax.nodes, "minimax", "teacher_forced",
                   coefficients=minimax.coefficients, step_errors=minimax.step_errors)
     )
-    config = builtin_config(alphas_cumprod)
-    for name in builtins:
+    for name in process_solvers.names if builtins is None else builtins:
         try:
-            plan = builtin_plan(name, num_steps, config, calibration.timesteps)
+            plan = process_solvers.plan(name, num_steps, calibration.timesteps)
         except ValueError as error:
             logger.warning("built-in %s skipped at %d steps: %s", name, num_steps, error)
             continue
-        candidates.append(Candidate(f"builtin/{name}", plan.nodes, "trailing", plan.fit, coefficients=plan.coefficients))
+        candidates.append(Candidate(f"builtin/{name}", plan.nodes, plan.spacing, plan.fit,
+                                    coefficients=plan.coefficients, timesteps=plan.timesteps))
     return candidates
 
 
@@ -106,25 +124,26 @@ def fit_candidate(backend: RolloutBackend, candidate: Candidate, timesteps: np.n
     targets = nodes[1:] + [len(timesteps)]
     coefficients = np.zeros((len(nodes), len(nodes) + 1))
     step_errors = np.zeros(len(nodes))
-    handle = backend.start(TRAIN, int(timesteps[nodes[0]]))
+    handle = backend.start(TRAIN, model_timestep(timesteps[nodes[0]]))
     try:
         for i, target in enumerate(targets):
             statistics = merge_r_factors([f.cpu() for f in backend.statistics(handle, target)])
             weights, step_errors[i] = solve_step(statistics, backend.num_train_rows, candidate.ridge or 0.0)
             coefficients[i, : i + 2] = weights
-            next_timestep = int(timesteps[nodes[i + 1]]) if i + 1 < len(nodes) else None
+            next_timestep = model_timestep(timesteps[nodes[i + 1]]) if i + 1 < len(nodes) else None
             backend.advance(handle, weights, next_timestep)
     finally:
         backend.close(handle)
     return coefficients, step_errors
 
 
-def validation_errors(backend: RolloutBackend, coefficients: np.ndarray, step_timesteps: Sequence[int]) -> np.ndarray:
-    """``(V,)`` per-sample mean squared error of the sampler's final state on the validation split."""
-    handle = backend.start(VALIDATION, int(step_timesteps[0]))
+def validation_errors(backend: RolloutBackend, coefficients: np.ndarray, step_timesteps: Sequence[int | float]) -> np.ndarray:
+    """``(V,)`` per-sample mean squared error of the sampler's final state on the validation split, the
+    sampler calling the model at ``step_timesteps (K,)``."""
+    handle = backend.start(VALIDATION, model_timestep(step_timesteps[0]))
     try:
         for i in range(len(step_timesteps)):
-            next_timestep = int(step_timesteps[i + 1]) if i + 1 < len(step_timesteps) else None
+            next_timestep = model_timestep(step_timesteps[i + 1]) if i + 1 < len(step_timesteps) else None
             backend.advance(handle, coefficients[i, : i + 2], next_timestep)
         return backend.final_errors(handle)
     finally:
@@ -147,21 +166,33 @@ def candidate_record(candidate: Candidate, coefficients: np.ndarray, scores: dic
 
 def run_method(
     backend: RolloutBackend,
-    timesteps: Any,
-    alphas_cumprod: Any,
+    process: NoiseProcess,
+    teacher: int | TeacherSchedule = DEFAULT_TEACHER_STEPS,
     steps: Sequence[int] = DEFAULT_STEPS,
-    builtins: Sequence[str] = DEFAULT_BUILTINS,
+    builtins: Sequence[str] | None = None,
     ridges: Sequence[float] = DEFAULT_RIDGES,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[dict[int, Plan], Calibration]:
-    """The method on any backend: returns the validated best plan per step count and the calibration."""
+    """The method on any backend: returns the validated best plan per step count and the calibration.
+
+    Args:
+        backend: where the samples live.
+        process: the model's noise process (VP or flow matching): its teacher and built-in candidates.
+        teacher: N (the teacher is ``process.teacher_schedule(N)``) or a given schedule (e.g. DDIM over
+            chosen train timesteps).
+        steps: step counts K to plan.
+        builtins: built-in solvers to include as candidates; None: the process's linear ones.
+        ridges: relative ridge weights of the on-policy fits.
+        progress: called with a line per scored candidate.
+    """
     progress = progress or (lambda message: None)
-    timesteps = validate_timesteps(timesteps, len(alphas_cumprod))
+    schedule = process.teacher_schedule(int(teacher)) if not isinstance(teacher, TeacherSchedule) else teacher
+    timesteps = schedule.stored_timesteps()
     for k in steps:
         check_num_steps(len(timesteps), k)
-    alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
-    calibration = backend.record_teacher(timesteps, alphas_cumprod)
-    candidates = {k: candidates_for(calibration, k, alphas_cumprod, builtins, ridges) for k in steps}
+    calibration = backend.record_teacher(schedule)
+    solvers = process_builtins(process)
+    candidates = {k: candidates_for(calibration, k, solvers, builtins, ridges) for k in steps}
     backend.keep_train_states({n for group in candidates.values() for c in group for n in c.nodes})
     plans = {}
     for k, group in candidates.items():
@@ -169,14 +200,14 @@ def run_method(
         for candidate in group:
             if candidate.coefficients is None:
                 candidate.coefficients, candidate.step_errors = fit_candidate(backend, candidate, timesteps)
-            scores = error_summary(validation_errors(backend, candidate.coefficients, timesteps[candidate.nodes]))
+            scores = error_summary(validation_errors(backend, candidate.coefficients, candidate.step_timesteps(timesteps)))
             scored.append(candidate_record(candidate, candidate.coefficients, scores))
             progress(f"{k} steps: {candidate.name} validation RMSE {scores['rmse']:.4g}")
         best_index = int(np.argmin([s["rmse"] for s in scored]))
         best = group[best_index]
         plans[k] = Plan(
             nodes=best.nodes,
-            timesteps=timesteps[best.nodes],
+            timesteps=best.step_timesteps(timesteps),
             coefficients=best.coefficients,
             step_errors=best.step_errors if best.step_errors is not None else np.full(k, np.nan),
             search_errors=calibration.search_errors(best.nodes),
@@ -203,36 +234,68 @@ def calibrate(
     denoiser: Denoiser,
     noise: Any,
     cond: Any,
-    timesteps: Any,
-    alphas_cumprod: Any,
+    timesteps: Any = None,
+    alphas_cumprod: Any = None,
     steps: Sequence[int] = DEFAULT_STEPS,
     validation_noise: Any = None,
     validation_cond: Any = None,
-    builtins: Sequence[str] = DEFAULT_BUILTINS,
+    builtins: Sequence[str] | None = None,
     ridges: Sequence[float] = DEFAULT_RIDGES,
     batch_size: int | None = None,
     progress: Callable[[str], None] | None = None,
+    scheduler_config: dict[str, Any] | None = None,
+    mu: float | None = None,
+    num_teacher_steps: int = DEFAULT_TEACHER_STEPS,
 ) -> dict[int, Plan]:
     """OLSS calibration in one process: the reference the distributed job reproduces.
 
+    The teacher is named one of two ways: ``scheduler_config`` (any diffusers scheduler config of the
+    model: a ``FlowMatchEulerDiscreteScheduler`` config for flow matching, whose own ``num_teacher_steps``
+    schedule is the teacher, or a VP model's config: trailing DDIM), or ``timesteps`` with
+    ``alphas_cumprod`` (DDIM over those train timesteps of a VP model).
+
     Args:
-        denoiser: ``denoiser(x, t, cond) -> guided eps``.
+        denoiser: ``denoiser(x, t, cond) -> guided output`` (epsilon for VP, the velocity for flow matching)
+            at model timestep ``t`` (``core.teacher.Denoiser``).
         noise: ``(B, *shape)`` train initial noise; ``cond`` its conditioning (indexable along B).
-        timesteps: ``(N,)`` strictly decreasing teacher timesteps.
-        alphas_cumprod: ``(num_train_timesteps,)`` the model's cumulative alphas.
+        timesteps: ``(N,)`` strictly decreasing teacher train timesteps (VP, with ``alphas_cumprod``).
+        alphas_cumprod: ``(num_train_timesteps,)`` the VP model's cumulative alphas.
         steps: step counts to plan.
         validation_noise, validation_cond: held-out samples that choose among candidates.
-        builtins: built-in solvers to include as candidates.
+        builtins: built-in solvers to include as candidates; None: the noise process's linear ones.
         ridges: relative ridge weights of the on-policy fits.
         batch_size: samples per model call.
         progress: called with a line per finished stage.
+        scheduler_config: the model's diffusers scheduler config (names the noise process).
+        mu: the dynamic shift of a flow config with ``use_dynamic_shifting`` (Flux: from the image size).
+        num_teacher_steps: N of the ``scheduler_config`` teacher.
 
     Returns:
         ``{K: Plan}``, the validated best plan per step count.
     """
     if validation_noise is None or validation_cond is None:
         raise ValueError("calibrate needs validation_noise and validation_cond (held-out samples choose the plan)")
+    process, teacher = calibration_teacher(timesteps, alphas_cumprod, scheduler_config, mu, num_teacher_steps)
     noise = check_split(noise, cond, "noise")
     validation_noise = check_split(validation_noise, validation_cond, "validation_noise")
     backend = InProcessBackend(denoiser, noise, cond, validation_noise, validation_cond, batch_size, progress)
-    return run_method(backend, timesteps, alphas_cumprod, steps, builtins, ridges, progress)[0]
+    return run_method(backend, process, teacher, steps, builtins, ridges, progress)[0]
+
+
+def calibration_teacher(
+    timesteps: Any, alphas_cumprod: Any, scheduler_config: dict[str, Any] | None, mu: float | None, num_teacher_steps: int
+) -> tuple[NoiseProcess, int | TeacherSchedule]:
+    """``(process, teacher)`` of ``calibrate``'s two forms (see there); ValueError naming a wrong combination."""
+    if scheduler_config is not None:
+        if timesteps is not None or alphas_cumprod is not None:
+            raise ValueError("scheduler_config: give it alone, or timesteps with alphas_cumprod, not both")
+        if isinstance(num_teacher_steps, bool) or not isinstance(num_teacher_steps, (int, np.integer)) or num_teacher_steps < 1:
+            raise ValueError(f"num_teacher_steps must be a positive integer, got {num_teacher_steps!r}")
+        return noise_process_from_config(dict(scheduler_config), mu=mu), int(num_teacher_steps)
+    if timesteps is None or alphas_cumprod is None:
+        raise ValueError("calibrate needs scheduler_config, or timesteps with alphas_cumprod (the teacher)")
+    if mu is not None:
+        raise ValueError("mu: only a flow-matching scheduler_config takes a dynamic shift")
+    alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
+    timesteps = validate_timesteps(timesteps, len(alphas_cumprod))
+    return VPProcess(alphas_cumprod), ddim_schedule(timesteps, alphas_cumprod)
