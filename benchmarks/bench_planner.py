@@ -20,8 +20,8 @@ for ours and the original; memory is the first call's peak resident set above it
 counted). The exhaustive scan is timed once. ``worst error`` is each path's largest local error on R, original / ours (>= 1: ours is
 the minimax path).
 
-    python benchmarks/bench_planner.py            # N = 1000, K = 5/10/20, 8/64/512 samples (~5 min)
-    python benchmarks/bench_planner.py --quick    # N = 250, K = 5/10, 8/64 samples (~15 s)
+    python benchmarks/bench_planner.py            # N = 1000, K = 5/10/20, 8/64/512 samples (~2 min)
+    python benchmarks/bench_planner.py --quick    # N = 250, K = 5/10, 8/64 samples (~5 s)
 """
 
 from __future__ import annotations

@@ -112,9 +112,8 @@ class SearchErrors:
         """``(N - n_i,)`` errors of the steps from ``prefix`` evaluated so far, NaN for the others (the
         memo itself: read, don't write)."""
         errors = self._cache.get(prefix)
-        if errors is None:
-            errors = np.full(self.num_teacher_steps - prefix[-1], np.nan)
-            self._cache[prefix] = errors
+        if errors is None:  # setdefault: threads sharing the memo all get the one array
+            errors = self._cache.setdefault(prefix, np.full(self.num_teacher_steps - prefix[-1], np.nan))
         return errors
 
     def evaluate_group(self, prefix: tuple[int, ...], group: int) -> None:
