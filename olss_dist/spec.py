@@ -66,6 +66,25 @@ def parse_steps(value: Any, argument: str = "steps") -> tuple[int, ...]:
     return steps
 
 
+def parse_resolution(value: Any, argument: str = "resolution") -> tuple[int, int] | None:
+    """``(height, width)`` pixels from ``"1024"``, ``"768x1344"``, an int or a pair; ``None`` stays ``None``
+    (the model's own resolution). Positive integers only; whether the model takes it, its adapter says."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        parts = value.lower().replace(" ", "").split("x")
+        if len(parts) not in (1, 2) or not all(part.isdigit() for part in parts):
+            raise SpecError(argument, f"expected pixels like 1024 or 768x1344 (height x width), got {value!r}")
+        value = tuple(int(part) for part in parts)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
+    if not isinstance(value, (tuple, list)) or len(value) not in (1, 2):
+        raise SpecError(argument, f"expected an int or a (height, width) pair, got {value!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+        raise SpecError(argument, f"must be positive integers, got {value!r}")
+    return (value[0], value[-1])
+
+
 def _check_int(value: Any, argument: str, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise SpecError(argument, f"must be an integer, got {value!r}")
@@ -107,6 +126,9 @@ class CalibrationSpec:
         guidance_scale: classifier-free guidance scale (finite).
         validation_fraction: share of prompts held out of the fit to choose each plan, in (0, 1).
         seed: base seed of every derived per-prompt seed.
+        resolution: ``(height, width)`` pixels the model is calibrated (and the plans served) at; ``None``:
+            the model's own. Image-size-dependent models (SD3, Flux: the latent shape, Flux's shift) need it
+            stated; the artifact records it.
     """
 
     model: str = "embedded"
@@ -116,9 +138,11 @@ class CalibrationSpec:
     guidance_scale: float = 7.5
     validation_fraction: float = 0.2
     seed: int = 0
+    resolution: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         _check_text(self.model, "model", optional=False)
+        object.__setattr__(self, "resolution", parse_resolution(self.resolution))
         _check_text(self.prompts, "prompts", optional=True)
         object.__setattr__(self, "steps", parse_steps(self.steps))
         _check_int(self.teacher_steps, "teacher_steps", 1)
@@ -142,6 +166,8 @@ class CalibrationSpec:
         values = dict(values)
         if "steps" in values:
             values["steps"] = parse_steps(values["steps"])
+        if "resolution" in values:
+            values["resolution"] = parse_resolution(values["resolution"])
         return replace(base or cls(), **values)
 
     def identity(self, prompts_digest: str | None) -> dict[str, Any]:
@@ -149,8 +175,10 @@ class CalibrationSpec:
 
         ``prompts_digest`` is the digest of the prompt file's records (``None`` with the model's
         default prompts, which the model digest identifies, so no model has to be loaded to know it).
+        ``resolution`` is a key only when stated, so a run at the model's own resolution keeps the
+        identity it had before the field existed.
         """
-        return {
+        identity = {
             "model": self.model,
             "prompts": self.prompts,
             "prompts_digest": prompts_digest,
@@ -160,6 +188,9 @@ class CalibrationSpec:
             "validation_fraction": self.validation_fraction,
             "seed": self.seed,
         }
+        if self.resolution is not None:
+            identity["resolution"] = list(self.resolution)
+        return identity
 
     def digest(self, prompts_digest: str | None) -> str:
         """sha256 of ``identity(prompts_digest)``: with the model digest, the name of a calibration."""
@@ -179,6 +210,8 @@ class CalibrationSpec:
         ]  # fmt: skip
         if self.prompts:
             arguments += ["--prompts", self.prompts]
+        if self.resolution is not None:
+            arguments += ["--resolution", f"{self.resolution[0]}x{self.resolution[1]}"]
         return arguments
 
 

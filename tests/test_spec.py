@@ -233,3 +233,19 @@ def _environment(first_on_path: Path) -> dict[str, str]:
     """This process's environment with ``first_on_path`` ahead of everything on the module search path."""
     path = os.pathsep.join(part for part in (str(first_on_path), os.environ.get("PYTHONPATH")) if part)
     return {**os.environ, "PYTHONPATH": path}
+
+
+def test_resolution_is_part_of_the_identity_only_when_stated():
+    from olss_dist.spec import parse_resolution
+
+    plain = CalibrationSpec()
+    assert "resolution" not in plain.identity(None)  # runs published before the field keep their digest
+    square, tall = CalibrationSpec(resolution="1024"), CalibrationSpec(resolution="768x1344")
+    assert square.resolution == (1024, 1024) and tall.resolution == (768, 1344)
+    assert tall.identity(None)["resolution"] == [768, 1344]
+    assert len({plain.digest(None), square.digest(None), tall.digest(None)}) == 3
+    assert parse_resolution(512) == (512, 512) and parse_resolution([64, 32]) == (64, 32)
+    for bad in ("0", "12x", "axb", "1x2x3", -4, (0, 8), 3.5):
+        with pytest.raises(SpecError, match="^resolution: "):
+            CalibrationSpec(resolution=bad)
+    assert "--resolution" in tall.to_arguments() and "--resolution" not in plain.to_arguments()

@@ -218,6 +218,7 @@ CALIBRATION_HELP = {
     "guidance_scale": "classifier-free guidance scale",
     "validation_fraction": "share of prompts held out of the fit to choose each plan",
     "seed": "base seed of the per-prompt seeds",
+    "resolution": "pixels to calibrate at, e.g. 1024 or 768x1344 (height x width); default: the model's own",
     "output": "registry root the run is published under: a path or fsspec URI (s3://...)",
     "device": f"worker device: {', '.join(DEVICES)} (auto: GPUs when the cluster has any)",
     "num_workers": "actors (default: one per GPU, or CPUs minus one)",
@@ -241,6 +242,7 @@ def calibration_config(
     guidance_scale: float,
     validation_fraction: float,
     seed: int,
+    resolution: str | None,
     output: str,
     device: str,
     num_workers: int | None,
@@ -258,7 +260,7 @@ def calibration_config(
     """``olss-dist calibrate``'s options as the job's spec, execution config and ``quiet``; SpecError otherwise."""
     spec = CalibrationSpec(
         model=model, prompts=prompts, steps=parse_steps(steps), teacher_steps=teacher_steps, guidance_scale=guidance_scale,
-        validation_fraction=validation_fraction, seed=seed,
+        validation_fraction=validation_fraction, seed=seed, resolution=resolution,
     )  # fmt: skip
     execution = ExecutionConfig(
         output=output, device=device, num_workers=num_workers, shard_size=shard_size, wait_for_gpus_s=wait_for_gpus,
@@ -286,6 +288,7 @@ def calibrate(
     guidance_scale: Annotated[float, typer.Option(help=CALIBRATION_HELP["guidance_scale"])] = SPEC.guidance_scale,
     validation_fraction: Annotated[float, typer.Option(help=CALIBRATION_HELP["validation_fraction"])] = SPEC.validation_fraction,
     seed: Annotated[int, typer.Option(help=CALIBRATION_HELP["seed"])] = SPEC.seed,
+    resolution: Annotated[Optional[str], typer.Option(help=CALIBRATION_HELP["resolution"])] = SPEC.resolution,
     output: Annotated[str, typer.Option(help=CALIBRATION_HELP["output"])] = EXECUTION.output,
     device: Annotated[str, typer.Option(help=CALIBRATION_HELP["device"])] = EXECUTION.device,
     num_workers: Annotated[Optional[int], typer.Option(help=CALIBRATION_HELP["num_workers"])] = EXECUTION.num_workers,
@@ -339,6 +342,7 @@ def refit(
     guidance_scale: Annotated[float, typer.Option(help=refit_help("guidance_scale"))] = SPEC.guidance_scale,
     validation_fraction: Annotated[float, typer.Option(help=refit_help("validation_fraction"))] = SPEC.validation_fraction,
     seed: Annotated[int, typer.Option(help=refit_help("seed"))] = SPEC.seed,
+    resolution: Annotated[Optional[str], typer.Option(help=refit_help("resolution"))] = SPEC.resolution,
     device: Annotated[str, typer.Option(help=f"every job's {CALIBRATION_HELP['device']}")] = EXECUTION.device,
     num_workers: Annotated[Optional[int], typer.Option(help=f"every job's {CALIBRATION_HELP['num_workers']}")] = EXECUTION.num_workers,
     shard_size: Annotated[int, typer.Option(help=f"every job's {CALIBRATION_HELP['shard_size']}")] = EXECUTION.shard_size,
@@ -374,7 +378,7 @@ def refit(
     )  # fmt: skip
     defaults = CalibrationSpec(
         prompts=prompts, steps=parse_steps(steps), teacher_steps=teacher_steps, guidance_scale=guidance_scale,
-        validation_fraction=validation_fraction, seed=seed,
+        validation_fraction=validation_fraction, seed=seed, resolution=resolution,
     )  # fmt: skip
     cycle, failed = 0, False
     while True:
