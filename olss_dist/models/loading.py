@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from olss_dist.models.base import DiffusionModel
+from olss_dist.spec import CalibrationSpec
 from olss_dist.models.common import ModelLoadError, parse_resolution, read_json, vae_scale_factor
 
 # What a Stable Diffusion (1.x/2.x) folder needs, as hub allow-patterns and as remote-copy prefixes.
@@ -122,7 +123,7 @@ def pipeline_class(index: dict[str, Any], where: str) -> str:
 def load_model(
     spec: str = "embedded",
     *,
-    guidance_scale: float = 7.5,
+    guidance_scale: float = CalibrationSpec.guidance_scale,
     device: str | torch.device | None = None,
     torch_dtype: torch.dtype | None = None,
     storage_options: dict[str, Any] | None = None,

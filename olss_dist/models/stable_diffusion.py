@@ -26,6 +26,7 @@ from olss_dist.models.common import (
 )
 from olss_dist.models.digest import content_digest
 
+DEFAULT_GUIDANCE_SCALE = 7.5  # StableDiffusionPipeline's default
 REQUIRED_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -75,7 +76,7 @@ class StableDiffusionModel(DiffusionModel):
         *,
         model_id: str,
         digest: str,
-        guidance_scale: float = 7.5,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         prompts: Sequence[str] | None = None,
     ):
         prediction_type = scheduler_config.get("prediction_type", "epsilon")
@@ -108,7 +109,7 @@ class StableDiffusionModel(DiffusionModel):
         folder: str | Path,
         *,
         model_id: str | None = None,
-        guidance_scale: float = 7.5,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         device: str | torch.device | None = None,
         torch_dtype: torch.dtype | None = None,
         prompts: Sequence[str] | None = None,
