@@ -32,7 +32,7 @@ import torch
 
 from olss_dist.core.calibration import Calibration
 from olss_dist.core.plan import Plan
-from olss_dist.core.teacher import trailing_timesteps
+from olss_dist.core.teacher import TeacherSchedule, model_timestep
 from olss_dist.distributed.checkpoints import ShardCheckpoints
 from olss_dist.distributed.failure import WORKER_LOST_ERRORS
 from olss_dist.distributed.merge import MergeTree
@@ -70,8 +70,8 @@ class RolloutHistory:
     """What rebuilds a rollout on another worker: its split, start timestep and every broadcast so far."""
 
     split: str
-    timestep: int
-    advances: list[tuple[np.ndarray, int | None]] = field(default_factory=list)
+    timestep: int | float
+    advances: list[tuple[np.ndarray, int | float | None]] = field(default_factory=list)
 
 
 class RayRolloutBackend(RolloutBackend):
@@ -124,10 +124,13 @@ class RayRolloutBackend(RolloutBackend):
 
     # ------------------------------------------------------------------------------------ teacher pass
 
-    def record_teacher(self, timesteps: np.ndarray, alphas_cumprod: np.ndarray) -> Calibration:
-        """Train shards -> streamed R merge (checkpointed), validation final states, parallel path search."""
-        _check_timesteps(timesteps, alphas_cumprod)
+    def record_teacher(self, schedule: TeacherSchedule) -> Calibration:
+        """Train shards -> streamed R merge (checkpointed), validation final states, parallel path search.
+
+        The workers run their model's own teacher (``model.noise_process``); ``schedule`` must be that one.
+        """
         calibration = self.teacher.merge_train_statistics()
+        _check_timesteps(schedule, calibration)
         self.teacher.record_validation_targets()
         self._num_train_rows = calibration.num_rows
         planner = ParallelPlanner(calibration, self.planner_parallelism)
@@ -140,11 +143,12 @@ class RayRolloutBackend(RolloutBackend):
 
     # ------------------------------------------------------------------------------- on-policy rounds
 
-    def start(self, split: str, timestep: int) -> int:
+    def start(self, split: str, timestep: int | float) -> int:
         handle = self.next_handle
         self.next_handle += 1
+        timestep = model_timestep(timestep)
         self._on_owners(split, lambda actor, shards: actor.start_rollout.remote(handle, shards, timestep))
-        self.history[handle] = RolloutHistory(split, int(timestep))
+        self.history[handle] = RolloutHistory(split, timestep)
         return handle
 
     def statistics(self, handle: int, target_node: int) -> list[torch.Tensor]:
@@ -156,7 +160,7 @@ class RayRolloutBackend(RolloutBackend):
         )
         return [factors[shard.shard_id] for shard in self.shards[split]]
 
-    def advance(self, handle: int, weights: np.ndarray, next_timestep: int | None) -> None:
+    def advance(self, handle: int, weights: np.ndarray, next_timestep: int | float | None) -> None:
         history = self.history[handle]
         weights = np.array(weights, dtype=np.float64)
         self._on_owners(
@@ -210,10 +214,10 @@ class RayRolloutBackend(RolloutBackend):
         self.summary.recoveries += 1
 
 
-def _check_timesteps(timesteps: np.ndarray, alphas_cumprod: np.ndarray) -> None:
-    expected = trailing_timesteps(len(timesteps), len(alphas_cumprod))
-    if not np.array_equal(timesteps, expected):
-        raise ValueError("timesteps: the Ray backend runs the trailing teacher timesteps of its workers only")
+def _check_timesteps(schedule: TeacherSchedule, calibration: Calibration) -> None:
+    expected = schedule.stored_timesteps()
+    if expected.dtype != calibration.timesteps.dtype or not np.array_equal(expected, calibration.timesteps):
+        raise ValueError("schedule: the Ray backend runs its workers' own teacher (the model's noise process) only")
 
 
 def _merged_by_shard(results: list[dict[int, Any]]) -> dict[int, Any]:

@@ -21,8 +21,8 @@ import ray
 from olss_dist.artifacts import ArtifactError, config_digest, publish_run, staging_uri
 from olss_dist.artifacts.layout import CALIBRATION_FILE, PLANS_FILE, REPORT_FILE, SCHEDULER_CONFIG_FILE
 from olss_dist.core.calibration import Calibration
+from olss_dist.core.noise_process import NoiseProcess, VPProcess, noise_process_from_config
 from olss_dist.core.plan import Plan
-from olss_dist.core.teacher import trailing_timesteps
 from olss_dist.distributed.backend import RayRolloutBackend, TeacherSummary
 from olss_dist.distributed.checkpoints import ShardCheckpoints, check_writable
 from olss_dist.distributed.cluster import cluster_cpus, cluster_gpus, connect, wait_for_gpus
@@ -88,7 +88,7 @@ def statistics_config(
     spec: CalibrationSpec, execution: ExecutionConfig, device: str, model: dict[str, Any], fit: list[PromptRecord]
 ) -> dict[str, Any]:
     """What a shard's statistics depend on, besides its own records: the key of the shard checkpoints."""
-    return {
+    config = {
         "model_id": model["model_id"],
         "model_digest": model["model_digest"],
         "device": device,
@@ -97,13 +97,40 @@ def statistics_config(
         "shard_size": execution.shard_size,
         "fit_prompts": [[r.index, r.prompt, r.negative_prompt, r.seed] for r in fit],
     }
+    if model.get("mu") is not None:  # a dynamic shift changes the teacher (VP keys stay as they were)
+        config["mu"] = model["mu"]
+    return config
 
 
-def scheduler_config_bytes(plans: list[Plan], alphas_cumprod: np.ndarray, prediction_type: str) -> bytes:
-    """``scheduler_config.json`` of an ``OLSSScheduler`` serving ``plans`` in the model's own pipeline: its
-    UNet's ``prediction_type`` and its exact noise schedule ``alphas_cumprod (T,)`` (as trained betas)."""
-    scheduler = OLSSScheduler.from_plans(plans, **builtin_config(alphas_cumprod), prediction_type=prediction_type)
+def model_process(model: dict[str, Any]) -> NoiseProcess:
+    """The noise process of the workers' model (``CalibrationWorker.describe``): VP from its exact
+    ``alphas_cumprod``, flow matching from its scheduler config and ``mu``."""
+    if model.get("noise_process", "vp") == "vp":
+        return VPProcess(np.asarray(model["alphas_cumprod"], dtype=np.float64), model.get("scheduler_config"))
+    return noise_process_from_config(model["scheduler_config"], mu=model.get("mu"))
+
+
+def scheduler_config_bytes(
+    plans: list[Plan], alphas_cumprod: np.ndarray | None, prediction_type: str, scheduler_config: dict[str, Any] | None = None
+) -> bytes:
+    """``scheduler_config.json`` of an ``OLSSScheduler`` serving ``plans`` in the model's own pipeline.
+
+    VP (``scheduler_config`` None): the UNet's ``prediction_type`` and its exact noise schedule
+    ``alphas_cumprod (T,)`` (as trained betas). Flow matching: the model's own ``scheduler_config`` (its noise
+    process: shift, dynamic shifting), which ``OLSSScheduler.from_plans(..., scheduler_config=...)`` carries.
+    """
+    if scheduler_config is None:
+        scheduler = OLSSScheduler.from_plans(plans, **builtin_config(alphas_cumprod), prediction_type=prediction_type)
+    else:
+        scheduler = OLSSScheduler.from_plans(plans, scheduler_config=dict(scheduler_config))
     return scheduler.to_json_string().encode()
+
+
+def model_scheduler_config_bytes(plans: list[Plan], model: dict[str, Any]) -> bytes:
+    """``scheduler_config_bytes`` for the workers' model (``CalibrationWorker.describe``)."""
+    if model.get("noise_process", "vp") == "vp":
+        return scheduler_config_bytes(plans, np.asarray(model["alphas_cumprod"], dtype=np.float64), model["prediction_type"])
+    return scheduler_config_bytes(plans, None, model["prediction_type"], model["scheduler_config"])
 
 
 def run_job(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = False) -> JobResult:
@@ -157,9 +184,8 @@ def run_job(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = 
             planned_steps=spec.steps,
             planner_parallelism=max(1, cluster_cpus() - num_workers),
         )
-        alphas_cumprod = np.asarray(model["alphas_cumprod"], dtype=np.float64)
-        timesteps = trailing_timesteps(spec.teacher_steps, len(alphas_cumprod))
-        plans_by_steps, calibration = run_method(backend, timesteps, alphas_cumprod, spec.steps, progress=progress.log)
+        process = model_process(model)
+        plans_by_steps, calibration = run_method(backend, process, spec.teacher_steps, spec.steps, progress=progress.log)
         plans = [plans_by_steps[k] for k in spec.steps]
         report = job_report(spec, model, workers, run_config, backend, calibration, plans, validation, started)
         published = publish_run(
@@ -168,12 +194,13 @@ def run_job(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = 
             model_digest=model["model_digest"],
             config=run_config,
             files={
-                SCHEDULER_CONFIG_FILE: scheduler_config_bytes(plans, alphas_cumprod, model["prediction_type"]),
+                SCHEDULER_CONFIG_FILE: model_scheduler_config_bytes(plans, model),
                 CALIBRATION_FILE: calibration.to_bytes(),
                 PLANS_FILE: json.dumps([p.to_dict() for p in plans], indent=1).encode(),
                 REPORT_FILE: json.dumps(report, indent=1).encode(),
             },
             extra_manifest={
+                **process_manifest(process),
                 "teacher_steps": spec.teacher_steps,
                 "planned_step_counts": list(spec.steps),
                 "execution": {
@@ -191,6 +218,14 @@ def run_job(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = 
     finally:
         pool.shutdown()
     return JobResult(published.uri, published.run_id, plans, calibration, report, backend.summary)
+
+
+def process_manifest(process: NoiseProcess) -> dict[str, Any]:
+    """What the manifest says about a flow model's noise process (its kind and the mu it calibrated at);
+    nothing for VP models, whose manifests stay as they were."""
+    if process.kind == "vp":
+        return {}
+    return {"noise_process": {"kind": process.kind, "mu": getattr(process, "mu", None)}}
 
 
 JOB_ERRORS = (ValueError, ArtifactError, WorkerError, WorkersLostError, OSError)

@@ -28,7 +28,7 @@ from olss_dist.distributed.state_store import TeacherStateStore
 from olss_dist.core.onpolicy import apply_step, step_statistics
 from olss_dist.prompts import Shard
 from olss_dist.method.rollouts import TRAIN, Rollout, per_sample_mse
-from olss_dist.core.teacher import record_trajectories, trailing_timesteps
+from olss_dist.core.teacher import schedule_trajectories
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,10 @@ class CalibrationWorker:
         state_dir: str | None = None,
     ):
         self.model = model_spec.load()
-        self.timesteps = trailing_timesteps(num_teacher_steps, self.model.num_train_timesteps)
+        # The model's own noise process names the teacher: trailing DDIM (VP) or its flow-matching Euler
+        # schedule (at the model's mu, fixed by its spec and calibration resolution).
+        self.schedule = self.model.noise_process.teacher_schedule(num_teacher_steps)
+        self.timesteps = self.schedule.stored_timesteps()
         self.final_node = num_teacher_steps
         self.states = TeacherStateStore(keep_states, teacher_key(self.model, model_spec, num_teacher_steps), state_dir)
         self.rollouts: dict[int, dict[int, Rollout]] = {}
@@ -111,12 +114,19 @@ class CalibrationWorker:
     def describe(self) -> dict[str, Any]:
         """Identity of the loaded model and of this worker: for the report, digests and placement checks."""
         context = ray.get_runtime_context()
+        alphas_cumprod = self.model.alphas_cumprod
         return {
             "model_id": self.model.model_id,
             "model_digest": self.model.digest,
             "latent_shape": list(self.model.latent_shape),
-            "alphas_cumprod": np.asarray(self.model.alphas_cumprod, dtype=np.float64).tolist(),
+            "alphas_cumprod": None if alphas_cumprod is None else np.asarray(alphas_cumprod, dtype=np.float64).tolist(),
             "prediction_type": self.model.prediction_type,
+            "noise_process": self.model.noise_process.kind,
+            "scheduler_config": {
+                k: v for k, v in dict(self.model.scheduler_config).items() if not k.startswith("_") or k == "_class_name"
+            },
+            "mu": self.model.mu,
+            "teacher_timesteps": self.timesteps.tolist(),
             "default_prompts": default_prompts(self.model),
             "device": str(self.model.device),
             "worker": worker_name(),
@@ -171,7 +181,7 @@ class CalibrationWorker:
         """Teacher trajectories of the shard: states ``(B, N+1, *shape)`` and outputs ``(B, N, *shape)``."""
         x_T, cond = self.inputs(shard)
         with torch.inference_mode():
-            return record_trajectories(self.model, x_T, cond, self.timesteps, self.model.alphas_cumprod)
+            return schedule_trajectories(self.model, x_T, cond, self.schedule)
 
     def inputs(self, shard: Shard) -> tuple[torch.Tensor, Any]:
         """Initial noise ``(B, *shape)`` on this device and the prompts' conditioning."""
@@ -180,7 +190,7 @@ class CalibrationWorker:
 
     # ------------------------------------------------------------------------------- on-policy rounds
 
-    def start_rollout(self, handle: int, shards: Sequence[Shard], timestep: int) -> None:
+    def start_rollout(self, handle: int, shards: Sequence[Shard], timestep: int | float) -> None:
         """Begin rollout ``handle`` on ``shards``: the model's output at each ``x_T``."""
         batches = self.rollouts.setdefault(handle, {})
         with torch.inference_mode():
@@ -199,7 +209,9 @@ class CalibrationWorker:
             factors[shard.shard_id] = step_statistics(batch.x_T, batch.outputs, target).cpu()
         return factors
 
-    def advance_rollout(self, handle: int, shards: Sequence[Shard], weights: np.ndarray, next_timestep: int | None) -> None:
+    def advance_rollout(
+        self, handle: int, shards: Sequence[Shard], weights: np.ndarray, next_timestep: int | float | None
+    ) -> None:
         """``x̂ = weights · [x_T, ê_0..ê_i]`` for each shard, then the model at ``next_timestep`` (if any)."""
         batches = [self._batch(handle, shard) for shard in shards]
         with torch.inference_mode():
@@ -226,7 +238,8 @@ class CalibrationWorker:
         self.states.clear()
 
     def replay_rollout(
-        self, handle: int, shards: Sequence[Shard], timestep: int, advances: Sequence[tuple[np.ndarray, int | None]]
+        self, handle: int, shards: Sequence[Shard], timestep: int | float,
+        advances: Sequence[tuple[np.ndarray, int | float | None]],
     ) -> None:
         """Rebuild rollout ``handle`` on ``shards`` from its start and the advances made so far."""
         self.start_rollout(handle, shards, timestep)

@@ -7,8 +7,9 @@ model calls::
     for t in scheduler.timesteps:
         x = scheduler.step(model(scheduler.scale_model_input(x, t), t, cond), t, x).prev_sample
 
-and its final latent is compared with the N-step DDIM teacher's final latent from the same ``x_T``
-(held-out samples: ``samples``).
+and its final latent is compared with the N-step teacher's final latent from the same ``x_T``
+(held-out samples: ``samples``): the model's noise process's teacher (DDIM for VP models, the model's own
+flow-matching Euler schedule for flow models), whose built-in solvers are compared.
 
 Metrics (per sample, over latent elements): RMSE against the teacher's final latent, and PSNR on latents,
 ``20 log10(peak_to_peak / rmse)`` with ``peak_to_peak`` the range of all teacher final latents of the set.
@@ -33,9 +34,10 @@ from olss_dist.apps.evaluate.samplers import (
     paper_plans,
     shipped_sampler,
 )
-from olss_dist.core.builtin import BUILTIN_SOLVERS, check_builtins
+from olss_dist.core.builtin import check_builtins, family_builtins
 from olss_dist.core.path_search import check_num_steps, even_nodes
-from olss_dist.core.teacher import Denoiser, record_states, trailing_timesteps
+from olss_dist.core.teacher import Denoiser, TeacherSchedule, ddim_schedule, schedule_states, trailing_timesteps
+from olss_dist.core.teacher import model_timestep as flow_timestep
 from olss_dist.method.rollouts import batch_slices, error_summary, per_sample_mse, select
 
 GRID_SAMPLES = 8
@@ -52,30 +54,49 @@ def teacher_states(
 ) -> torch.Tensor:
     """``teacher.record_states`` over batches of ``batch_size`` samples (None: all at once).
 
+    Args:
+        timesteps: ``(N,)`` VP train timesteps (DDIM over ``alphas_cumprod``), or a ``TeacherSchedule``
+            (any noise process's teacher; ``alphas_cumprod`` unused, None).
+
     Returns:
-        ``(B, len(keep), *shape)`` in the dtype of ``x_T``: the N-step DDIM teacher's states at ``keep``.
+        ``(B, len(keep), *shape)`` in the dtype of ``x_T``: the N-step teacher's states at ``keep``.
     """
+    schedule = timesteps if isinstance(timesteps, TeacherSchedule) else ddim_schedule(timesteps, alphas_cumprod)
     return torch.cat([
-        record_states(denoiser, x_T[rows], select(cond, rows), timesteps, alphas_cumprod, keep)
+        schedule_states(denoiser, x_T[rows], select(cond, rows), schedule, keep)
         for rows in batch_slices(len(x_T), batch_size)
     ])
 
 
 def model_timestep(t: torch.Tensor | int | float) -> int:
-    """A scheduler timestep as the integer train timestep the denoiser protocol takes."""
+    """A scheduler timestep as the integer train timestep a VP denoiser takes (ValueError when it is none)."""
     value = float(t)
     if not value.is_integer():
         raise ValueError(f"timestep {value} is not an integer train timestep")
     return int(value)
 
 
+def is_flow(denoiser: Denoiser) -> bool:
+    """Whether ``denoiser`` is a flow-matching model (its ``noise_process``); plain callables count as VP."""
+    process = getattr(denoiser, "noise_process", None)
+    return process is not None and process.kind == "flow"
+
+
 def run_sampler(scheduler, denoiser: Denoiser, x_T: torch.Tensor, cond: Any, num_steps: int) -> tuple[torch.Tensor, int]:
-    """The generic diffusers sampling loop; returns the final latent ``(B, *shape)`` and model calls per sample."""
-    scheduler.set_timesteps(num_steps)
+    """The generic diffusers sampling loop; returns the final latent ``(B, *shape)`` and model calls per sample.
+
+    VP models get integer train timesteps (``model_timestep``); flow models the scheduler's own timesteps
+    as ``core.teacher.model_timestep`` gives them (floats ``sigma * 1000``), and their ``mu`` in
+    ``set_timesteps`` as flow pipelines pass it.
+    """
+    flow = is_flow(denoiser)
+    mu = getattr(denoiser, "mu", None) if flow else None
+    scheduler.set_timesteps(num_steps, **({} if mu is None else {"mu": mu}))
+    timestep = flow_timestep if flow else model_timestep
     x = x_T * scheduler.init_noise_sigma
     calls = 0
     for t in scheduler.timesteps:
-        output = denoiser(scheduler.scale_model_input(x, t), model_timestep(t), cond)
+        output = denoiser(scheduler.scale_model_input(x, t), timestep(t), cond)
         calls += 1
         x = scheduler.step(output, t, x).prev_sample
     return x, calls
@@ -117,7 +138,7 @@ def sample_set(sampler: Sampler, denoiser: Denoiser, samples: EvaluationSet, num
         scheduler = sampler.new_scheduler()
         final, calls = run_sampler(scheduler, denoiser, samples.x_T[rows], select(samples.cond, rows), num_steps)
         finals.append(final)
-    return torch.cat(finals), calls, model_timestep(scheduler.timesteps[0])
+    return torch.cat(finals), calls, (flow_timestep if is_flow(denoiser) else model_timestep)(scheduler.timesteps[0])
 
 
 def evaluate(
@@ -173,7 +194,7 @@ def run_evaluation(
     seed_offset: int = 0,
     teacher_steps: int | None = None,
     uniform_fit_samples: int = 0,
-    builtins: Sequence[str] = tuple(BUILTIN_SOLVERS),
+    builtins: Sequence[str] | None = None,
     batch_size: int | None = None,
     device: str | None = None,
     storage_options: dict[str, Any] | None = None,
@@ -190,7 +211,9 @@ def run_evaluation(
         seed_offset: selects an independent set of evaluation seeds.
         teacher_steps: N of the reference teacher (default: the run's teacher).
         uniform_fit_samples: fresh samples for the on-policy fit on evenly spaced nodes (0: skip that sampler).
-        builtins: built-in solvers to compare (keys of ``core.builtin.BUILTIN_SOLVERS``).
+        builtins: built-in solvers to compare (keys of ``core.builtin.BUILTIN_SOLVERS`` of the model's family);
+            None: every solver of the model's family (VP: DDIM ... DEIS; flow: FlowMatch Euler, DPM-Solver++
+            and UniPC with flow sigmas).
         batch_size: samples per model call (None: all at once).
         device: where the model runs (default: the adapter's choice).
         storage_options: fsspec options for the artifact and prompt locations.
@@ -208,7 +231,8 @@ def run_evaluation(
         raise ValueError(f"--num-samples must be at least 1, got {num_samples}")
     if uniform_fit_samples < 0:
         raise ValueError(f"--uniform-fit-samples must be at least 0, got {uniform_fit_samples}")
-    check_builtins(builtins)
+    if builtins is not None:
+        check_builtins(builtins)
     run = load_calibrated_run(artifact, storage_options)
     steps = list(steps) if steps else run.planned_steps
     unplanned = [k for k in steps if k not in run.plans]
@@ -221,9 +245,24 @@ def run_evaluation(
             f"the run was calibrated for {run.manifest['model']['id']} (digest {run.manifest['model']['digest'][:12]}), "
             f"but --model {model_spec} is {model.model_id} (digest {model.digest[:12]})"
         )
-    fit_timesteps = run.calibration.timesteps if run.calibration is not None else trailing_timesteps(
-        int(run.manifest["teacher_steps"]), model.num_train_timesteps)
-    reference_timesteps = fit_timesteps if teacher_steps is None else trailing_timesteps(teacher_steps, model.num_train_timesteps)
+    process = model.noise_process
+    flow = process.kind == "flow"
+    builtins = family_builtins(process.kind) if builtins is None else tuple(builtins)
+    check_builtins(builtins, family=process.kind)
+    if flow:  # the process's own teacher; the run's calibration (if any) was made on it
+        fit_teacher = process.teacher_schedule(
+            run.calibration.num_teacher_steps if run.calibration is not None else int(run.manifest["teacher_steps"]))
+        if run.calibration is not None and not np.array_equal(fit_teacher.stored_timesteps(), run.calibration.timesteps):
+            raise ValueError("the run's calibration timesteps are not this model's flow teacher (another shift or mu?)")
+        reference_teacher = fit_teacher if teacher_steps is None else process.teacher_schedule(teacher_steps)
+        fit_timesteps = fit_teacher.stored_timesteps()
+        reference_timesteps = reference_teacher.stored_timesteps()
+    else:
+        fit_timesteps = run.calibration.timesteps if run.calibration is not None else trailing_timesteps(
+            int(run.manifest["teacher_steps"]), model.num_train_timesteps)
+        reference_timesteps = fit_timesteps if teacher_steps is None else trailing_timesteps(teacher_steps, model.num_train_timesteps)
+        fit_teacher = ddim_schedule(fit_timesteps, model.alphas_cumprod)
+        reference_teacher = ddim_schedule(reference_timesteps, model.alphas_cumprod)
     for k in steps:
         check_num_steps(len(fit_timesteps), k)
 
@@ -233,23 +272,24 @@ def run_evaluation(
         model, num_samples, [r.prompt for r in records] if records else None,
         [r.negative_prompt for r in records] if records else None, seed_offset, known_seeds or (),
     )
-    progress(f"teacher: {len(reference_timesteps)} DDIM steps on {num_samples} held-out samples")
-    teacher_final = teacher_states(model, samples.x_T, samples.cond, reference_timesteps, model.alphas_cumprod,
+    progress(f"teacher: {len(reference_timesteps)} {'Euler' if flow else 'DDIM'} steps on {num_samples} held-out samples")
+    teacher_final = teacher_states(model, samples.x_T, samples.cond, reference_teacher, None,
                                    [len(reference_timesteps)], batch_size)[:, 0]
 
-    samplers = [shipped_sampler(run)]
+    own_config = dict(model.scheduler_config) if flow else None
+    samplers = [shipped_sampler(run, flow)]
     if run.calibration is not None:
         n = run.calibration.num_teacher_steps
         samplers.append(olss_sampler("olss-paper", "same nodes", paper_plans(
-            run.calibration, {k: run.plans[k].nodes for k in steps}, "shipped nodes"), model.num_train_timesteps))
+            run.calibration, {k: run.plans[k].nodes for k in steps}, "shipped nodes"), model.num_train_timesteps, own_config))
         samplers.append(olss_sampler("olss-paper", "uniform", paper_plans(
-            run.calibration, {k: even_nodes(n, k) for k in steps}, "uniform"), model.num_train_timesteps))
+            run.calibration, {k: even_nodes(n, k) for k in steps}, "uniform"), model.num_train_timesteps, own_config))
     if uniform_fit_samples:
         fit_samples = evaluation_set(model, uniform_fit_samples, samples.prompts, samples.negative_prompts,
                                      seed_offset, [*(known_seeds or ()), *samples.seeds])
         progress(f"on-policy fit on uniform nodes: {uniform_fit_samples} fresh samples")
         samplers.append(olss_sampler("olss-onpolicy", "uniform", fit_uniform_on_policy(
-            model, fit_samples, fit_timesteps, steps, batch_size), model.num_train_timesteps))
+            model, fit_samples, fit_teacher, steps, batch_size), model.num_train_timesteps, own_config))
     samplers += builtin_samplers(model.scheduler_config, builtins)
 
     grid = grid_indices(num_samples, GRID_SAMPLES)

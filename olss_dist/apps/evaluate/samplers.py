@@ -4,8 +4,8 @@
 - ``paper_plans``: the paper's teacher-forced fit from the run's calibration statistics, on given nodes.
 - ``fit_uniform_on_policy``: the method's on-policy fit (``method.run.fit_candidate`` on an
   ``InProcessBackend``) on evenly spaced nodes, from fresh fit samples.
-- ``builtin_samplers``: every solver of ``core.builtin.BUILTIN_SOLVERS`` in every spacing, built by
-  ``core.builtin.builtin_scheduler``.
+- ``builtin_samplers``: the solvers of ``core.builtin.BUILTIN_SOLVERS`` in each of their spacings, built
+  by ``core.builtin.builtin_scheduler`` (a flow model compares the flow ones: ``family_builtins``).
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from olss_dist.core.builtin import BUILTIN_SOLVERS, SPACINGS, builtin_scheduler
+from olss_dist.core.builtin import BUILTIN_SOLVERS, SPACINGS, builtin_scheduler, family_builtins
 from olss_dist.core.calibration import Calibration
 from olss_dist.core.onpolicy import DEFAULT_RIDGE
 from olss_dist.core.path_search import even_nodes
 from olss_dist.core.plan import Plan
+from olss_dist.core.teacher import TeacherSchedule, ddim_schedule
 from olss_dist.method.rollouts import InProcessBackend
 from olss_dist.method.run import Candidate, fit_candidate
 from olss_dist.scheduler import OLSSScheduler
@@ -50,25 +51,35 @@ class Sampler:
 
 def builtin_samplers(
     model_scheduler_config: dict[str, Any],
-    names: Sequence[str] = tuple(BUILTIN_SOLVERS),
+    names: Sequence[str] = family_builtins("vp"),
     spacings: Sequence[str] = tuple(SPACINGS),
 ) -> list[Sampler]:
-    """Every built-in solver in every spacing variant, solver-major."""
+    """Every built-in solver in every spacing variant it has (flow solvers: ``"config"`` only), solver-major."""
     return [
         Sampler(name, spacing, lambda name=name, spacing=spacing: builtin_scheduler(name, model_scheduler_config, spacing))
         for name in names
         for spacing in spacings
+        if spacing in BUILTIN_SOLVERS[name].spacings
     ]
 
 
-def olss_sampler(name: str, variant: str, plans: Sequence[Plan], num_train_timesteps: int) -> Sampler:
-    """An ``OLSSScheduler`` serving ``plans`` (one per step count)."""
-    config = OLSSScheduler.from_plans(plans, num_train_timesteps=num_train_timesteps).config
+def olss_sampler(
+    name: str, variant: str, plans: Sequence[Plan], num_train_timesteps: int, scheduler_config: dict[str, Any] | None = None
+) -> Sampler:
+    """An ``OLSSScheduler`` serving ``plans`` (one per step count); ``scheduler_config``: a flow model's own
+    config (its noise process), None for VP models."""
+    if scheduler_config is None:
+        config = OLSSScheduler.from_plans(plans, num_train_timesteps=num_train_timesteps).config
+    else:
+        config = OLSSScheduler.from_plans(plans, scheduler_config=dict(scheduler_config)).config
     return Sampler(name, variant, lambda: OLSSScheduler.from_config(config))
 
 
-def shipped_sampler(run: CalibratedRun) -> Sampler:
-    """The run's ``scheduler_config.json`` loaded as users load it (epsilon outputs, as adapters return)."""
+def shipped_sampler(run: CalibratedRun, flow: bool = False) -> Sampler:
+    """The run's ``scheduler_config.json`` loaded as users load it (VP: epsilon outputs, as adapters return;
+    flow: as published, velocity outputs)."""
+    if flow:
+        return Sampler("olss", "shipped", lambda: OLSSScheduler.from_config(run.scheduler_config))
     return Sampler("olss", "shipped", lambda: OLSSScheduler.from_config(run.scheduler_config, prediction_type="epsilon"))
 
 
@@ -80,7 +91,7 @@ def paper_plans(calibration: Calibration, nodes_by_steps: dict[int, Sequence[int
 def fit_uniform_on_policy(
     model,
     fit_samples: EvaluationSet,
-    teacher_timesteps: np.ndarray,
+    teacher: np.ndarray | TeacherSchedule,
     steps: Sequence[int],
     batch_size: int | None = None,
     ridge: float = DEFAULT_RIDGE,
@@ -88,9 +99,10 @@ def fit_uniform_on_policy(
     """The method's on-policy fits on evenly spaced teacher nodes, from fresh fit samples (one teacher run for all K).
 
     Args:
-        model: a ``DiffusionModel`` (``denoiser(x, t, cond) -> eps``, ``alphas_cumprod``).
+        model: a ``DiffusionModel`` (``denoiser(x, t, cond) -> guided output``).
         fit_samples: samples to fit on (disjoint from the evaluation set).
-        teacher_timesteps: ``(N,)`` the teacher the nodes index into.
+        teacher: the teacher the nodes index into: a ``TeacherSchedule`` (the model's noise process's), or
+            ``(N,)`` VP train timesteps (DDIM over ``model.alphas_cumprod``).
         steps: step counts K.
         batch_size: samples per model call (None: all at once).
         ridge: relative ridge weight (``core.onpolicy.solve_step``).
@@ -98,12 +110,14 @@ def fit_uniform_on_policy(
     Returns:
         one Plan per K (``fit="on_policy"``, ``spacing="uniform"``).
     """
+    schedule = teacher if isinstance(teacher, TeacherSchedule) else ddim_schedule(teacher, model.alphas_cumprod)
+    teacher_timesteps = schedule.stored_timesteps()
     n = len(teacher_timesteps)
     candidates = [
         Candidate(f"on_policy/uniform/ridge={ridge:g}", even_nodes(n, k), "uniform", "on_policy", ridge=ridge) for k in steps
     ]
     backend = InProcessBackend(model, fit_samples.x_T, fit_samples.cond, batch_size=batch_size)
-    backend.record_train_states(teacher_timesteps, model.alphas_cumprod, {node for c in candidates for node in c.nodes[1:]})
+    backend.record_train_states(schedule, {node for c in candidates for node in c.nodes[1:]})
     plans = []
     for candidate in candidates:
         coefficients, step_errors = fit_candidate(backend, candidate, teacher_timesteps)

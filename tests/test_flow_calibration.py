@@ -1,0 +1,119 @@
+"""Flow-matching models through the calibration: float model timesteps, the flow built-ins in OLSS form,
+``calibrate(..., scheduler_config=...)``, and the Ray method equal to the in-process one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+from olss_dist import Calibration, calibrate
+from olss_dist.core.builtin import FLOW_LINEAR_BUILTINS, LINEAR_BUILTINS, builtin_scheduler, process_builtins
+from olss_dist.core.onpolicy import rollout
+from olss_dist.core.teacher import check_model_timesteps, model_timestep, trailing_timesteps
+from olss_dist.models.analytic import GaussianMixtureFlowModel
+
+TEACHER_STEPS = 60
+
+
+def flow_model(guidance_scale: float = 4.0) -> GaussianMixtureFlowModel:
+    return GaussianMixtureFlowModel(guidance_scale=guidance_scale)
+
+
+def samples(model, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(count, *model.latent_shape, generator=generator, dtype=torch.float64), torch.arange(count) % 10
+
+
+def test_model_timestep_is_an_int_for_integer_timesteps_and_a_float_for_flow_ones():
+    assert type(model_timestep(np.int64(999))) is int and type(model_timestep(torch.tensor(999))) is int
+    assert type(model_timestep(np.float64(1000.0))) is float and model_timestep(torch.tensor(937.5)) == 937.5
+    assert check_model_timesteps(np.array([1000.0, 937.7, 0.5])).dtype == np.float64
+    assert check_model_timesteps([999, 500, 0]).dtype == np.int64
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        check_model_timesteps(np.array([1000.0, 1000.0]))
+    with pytest.raises(ValueError, match=r"lie in \[0, 1000\]"):
+        check_model_timesteps(np.array([1000.5, 3.0]), 1000)
+
+
+@pytest.mark.parametrize("name,scheduler_class", [
+    ("flow-euler", FlowMatchEulerDiscreteScheduler),
+    ("flow-dpmsolver++", DPMSolverMultistepScheduler),
+    ("flow-unipc", UniPCMultistepScheduler),
+])
+def test_flow_builtin_in_olss_form_reproduces_the_diffusers_scheduler(name, scheduler_class):
+    model = flow_model()
+    x_T, cond = samples(model, 6, 0)
+    scheduler = builtin_scheduler(name, model.scheduler_config)
+    assert isinstance(scheduler, scheduler_class)
+    if name != "flow-euler":
+        assert scheduler.config.use_flow_sigmas and scheduler.config.prediction_type == "flow_prediction"
+        assert scheduler.config.flow_shift == 3.0
+    scheduler.set_timesteps(7)
+    x = x_T.float()
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(x, model_timestep(t), cond), t, x).prev_sample
+    plan = process_builtins(model.noise_process).plan(name, 7, model.noise_process.teacher_schedule(1000).stored_timesteps())
+    assert plan.fit == f"builtin:{name}" and plan.timesteps.dtype == np.float64
+    np.testing.assert_array_equal(plan.timesteps, scheduler.timesteps.double().numpy())
+    assert plan.nodes[0] == 0 and all(b > a for a, b in zip(plan.nodes, plan.nodes[1:]))
+    torch.testing.assert_close(rollout(plan.coefficients, model, x_T, cond, plan.timesteps), x.double(), rtol=1e-4, atol=1e-4)
+
+
+def test_process_builtins_name_the_family():
+    assert process_builtins(flow_model().noise_process).names == FLOW_LINEAR_BUILTINS
+    from olss_dist.models.analytic import GaussianMixtureModel
+
+    vp = process_builtins(GaussianMixtureModel().noise_process)
+    assert vp.names == LINEAR_BUILTINS and vp.spacing == "trailing"
+
+
+@pytest.fixture(scope="module")
+def flow_run():
+    model = flow_model()
+    noise, cond = samples(model, 24, 1)
+    validation, validation_cond = samples(model, 24, 2)
+    config = FlowMatchEulerDiscreteScheduler(shift=3.0).config
+    plans = calibrate(model, noise, cond, scheduler_config=config, steps=(5, 10), validation_noise=validation,
+                      validation_cond=validation_cond, num_teacher_steps=TEACHER_STEPS)
+    return model, config, plans
+
+
+def test_calibrate_a_flow_model_from_its_scheduler_config(flow_run):
+    model, _, plans = flow_run
+    teacher = model.noise_process.teacher_schedule(TEACHER_STEPS).stored_timesteps()
+    for k, plan in plans.items():
+        assert plan.num_steps == k and plan.num_teacher_steps == TEACHER_STEPS
+        assert plan.timesteps.dtype == np.float64 and plan.timesteps[0] == 1000.0
+        errors = {c["name"]: c["rmse"] for c in plan.candidates}
+        assert {f"builtin/{name}" for name in FLOW_LINEAR_BUILTINS} <= set(errors)
+        assert min(errors.values()) <= min(errors[f"builtin/{name}"] for name in FLOW_LINEAR_BUILTINS)
+        if not plan.fit.startswith("builtin:"):
+            np.testing.assert_array_equal(plan.timesteps, teacher[plan.nodes])
+        assert np.isfinite(plan.coefficients).all()
+
+
+def test_flow_calibration_round_trips_and_old_vp_files_still_load(flow_run, tmp_path):
+    model, _, _ = flow_run
+    schedule = model.noise_process.teacher_schedule(8)
+    states = torch.randn(3, 9, 4)
+    calibration = Calibration.from_trajectories(states, torch.randn(3, 8, 4), schedule.stored_timesteps())
+    again = Calibration.from_bytes(calibration.to_bytes())
+    assert again.timesteps.dtype == np.float64
+    np.testing.assert_array_equal(again.timesteps, schedule.stored_timesteps())
+    vp = Calibration.from_trajectories(states, torch.randn(3, 8, 4), trailing_timesteps(8))
+    assert Calibration.from_bytes(vp.to_bytes()).timesteps.dtype == np.int64
+
+
+def test_calibrate_refuses_mixed_or_missing_teacher_arguments():
+    model = flow_model()
+    noise, cond = samples(model, 4, 3)
+    config = FlowMatchEulerDiscreteScheduler(shift=3.0).config
+    common = dict(validation_noise=noise, validation_cond=cond)
+    with pytest.raises(ValueError, match="scheduler_config: give it alone"):
+        calibrate(model, noise, cond, trailing_timesteps(10), np.linspace(0.99, 0.01, 1000), scheduler_config=config, **common)
+    with pytest.raises(ValueError, match="needs scheduler_config, or timesteps"):
+        calibrate(model, noise, cond, **common)
+    with pytest.raises(ValueError, match="mu"):
+        calibrate(model, noise, cond, scheduler_config=config, mu=0.5, **common)
