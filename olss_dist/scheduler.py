@@ -385,6 +385,15 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
             return alpha**0.5 * model_output + (1 - alpha) ** 0.5 * sample
         return (sample - alpha**0.5 * model_output) / (1 - alpha) ** 0.5
 
+    def vp_original(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, epsilon: torch.Tensor) -> torch.Tensor:
+        """The clean sample a VP output predicts; from v directly, so it stays finite at zero terminal SNR (alpha 0)."""
+        alpha = float(self.alphas_cumprod[timestep])
+        if self.config.prediction_type == "v_prediction":
+            return alpha**0.5 * sample - (1 - alpha) ** 0.5 * model_output
+        if self.config.prediction_type == "sample":
+            return model_output
+        return (sample - (1 - alpha) ** 0.5 * epsilon) / alpha**0.5
+
     def checked_timestep(self, i: int, timestep: int | float | torch.Tensor) -> int | float:
         """``timestep`` as the plan's ``timesteps[i]`` (int for VP, float for flow), or ValueError if it is another."""
         expected = self.plan_timesteps[i]
@@ -434,8 +443,7 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
             pred_original = current - (t / self.config.num_train_timesteps) * output
         else:
             output = self.epsilon(model_output.to(work), t, current)
-            alpha = float(self.alphas_cumprod[t])
-            pred_original = (current - (1 - alpha) ** 0.5 * output) / alpha**0.5
+            pred_original = self.vp_original(model_output.to(work), t, current, output)
         self.outputs.append(output)
         prev = apply_step(self.coefficients[i, : i + 2].tolist(), self.initial_noise, self.outputs)
         self.step_index = i + 1

@@ -107,6 +107,12 @@ def test_vp_process_is_taken_from_a_vp_config():
     np.testing.assert_array_equal(scheduler.alphas_cumprod.numpy(), alphas_cumprod_from_config(config))
     scheduler.set_timesteps(2)
     assert scheduler.timesteps.dtype == torch.long and scheduler.timesteps.tolist() == [999, 500]
+    # zero terminal SNR: alpha_999 = 0, x_T is pure noise; v = -x0 there, and the step stays finite
+    assert scheduler.alphas_cumprod[999] == 0.0
+    x_T, x0 = torch.randn(2, 4), torch.randn(2, 4)
+    out = scheduler.step(-x0, 999, x_T)
+    torch.testing.assert_close(out.pred_original_sample, x0)
+    torch.testing.assert_close(out.prev_sample, 0.5 * x_T + 0.1 * x_T)  # epsilon = v at alpha 0 is x_T
 
 
 @pytest.mark.parametrize(
