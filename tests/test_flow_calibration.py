@@ -117,3 +117,66 @@ def test_calibrate_refuses_mixed_or_missing_teacher_arguments():
         calibrate(model, noise, cond, **common)
     with pytest.raises(ValueError, match="mu"):
         calibrate(model, noise, cond, scheduler_config=config, mu=0.5, **common)
+
+
+# ------------------------------------------------------------------------------------------ on Ray
+
+RAY_TEACHER_STEPS = 30
+RAY_SHARD_SIZE = 3
+
+
+def test_flow_job_plans_equal_in_process_calibrate_and_publish_the_flow_process(local_ray, tmp_path):
+    import json
+    import os
+
+    from olss_dist.distributed.job import run_job
+    from olss_dist.models import load_model
+    from olss_dist.prompts import read_prompts, split_validation
+    from olss_dist.spec import CalibrationSpec, ExecutionConfig
+
+    prompts_path = tmp_path / "prompts.txt"
+    prompts_path.write_text("\n".join(f"a sample of class {i % 10}, style {i}" for i in range(16)))
+    spec = CalibrationSpec(model="analytic-flow", prompts=str(prompts_path), steps=(3, 5), teacher_steps=RAY_TEACHER_STEPS,
+                           guidance_scale=4.0, validation_fraction=0.25)
+    execution = ExecutionConfig(output=str(tmp_path / "registry"), shard_size=RAY_SHARD_SIZE, keep_states="memory")
+    result = run_job(spec, execution, quiet=True)
+
+    model = load_model("analytic-flow", guidance_scale=4.0)
+    fit, validation = split_validation(read_prompts(str(prompts_path)), 0.25)
+    expected = calibrate(
+        model, model.initial_noise([r.seed for r in fit]), model.encode_prompts([r.prompt for r in fit]),
+        scheduler_config=model.scheduler_config, steps=(3, 5),
+        validation_noise=model.initial_noise([r.seed for r in validation]),
+        validation_cond=model.encode_prompts([r.prompt for r in validation]),
+        batch_size=RAY_SHARD_SIZE, num_teacher_steps=RAY_TEACHER_STEPS,
+    )
+    for plan in result.plans:
+        reference = expected[plan.num_steps]
+        assert plan.nodes == reference.nodes and (plan.fit, plan.spacing) == (reference.fit, reference.spacing)
+        np.testing.assert_array_equal(plan.timesteps, reference.timesteps)
+        np.testing.assert_allclose(plan.coefficients, reference.coefficients, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose([c["rmse"] for c in plan.candidates], [c["rmse"] for c in reference.candidates], rtol=1e-6)
+    assert result.calibration.timesteps.dtype == np.float64
+    manifest = json.loads(open(os.path.join(result.uri, "manifest.json")).read())
+    assert manifest["noise_process"] == {"kind": "flow", "mu": None}
+    published = json.loads(open(os.path.join(result.uri, "scheduler_config.json")).read())
+    assert published["prediction_type"] == "flow_prediction" and published["shift"] == 3.0
+    assert not published["use_dynamic_shifting"] and published["mu"] is None
+    from olss_dist.scheduler import OLSSScheduler
+
+    scheduler = OLSSScheduler.from_pretrained(result.uri)
+    assert scheduler.available_steps == [3, 5]
+    scheduler.set_timesteps(5)
+    np.testing.assert_allclose(scheduler.timesteps.double().numpy(), result.plans[1].timesteps, rtol=1e-6)
+
+    from olss_dist.apps.evaluate import run_evaluation
+
+    evaluation = run_evaluation("analytic-flow", result.uri, num_samples=8, seed_offset=7)
+    rows = {(r.name, r.variant, r.num_steps): r for r in evaluation.results}
+    assert {name for name, _, _ in rows} == {"olss", "olss-paper", *FLOW_LINEAR_BUILTINS}
+    assert all(variant in ("shipped", "same nodes", "uniform", "config") for _, variant, _ in rows)
+    assert evaluation.info["teacher_steps"] == RAY_TEACHER_STEPS
+    for k in (3, 5):
+        shipped = rows[("olss", "shipped", k)]
+        assert shipped.model_calls == k and np.isfinite(shipped.metrics["rmse"]), shipped.note
+        assert all(np.isfinite(rows[(name, "config", k)].metrics["rmse"]) for name in FLOW_LINEAR_BUILTINS)

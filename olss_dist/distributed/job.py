@@ -111,18 +111,23 @@ def model_process(model: dict[str, Any]) -> NoiseProcess:
 
 
 def scheduler_config_bytes(
-    plans: list[Plan], alphas_cumprod: np.ndarray | None, prediction_type: str, scheduler_config: dict[str, Any] | None = None
+    plans: list[Plan],
+    alphas_cumprod: np.ndarray | None,
+    prediction_type: str,
+    scheduler_config: dict[str, Any] | None = None,
+    mu: float | None = None,
 ) -> bytes:
     """``scheduler_config.json`` of an ``OLSSScheduler`` serving ``plans`` in the model's own pipeline.
 
     VP (``scheduler_config`` None): the UNet's ``prediction_type`` and its exact noise schedule
     ``alphas_cumprod (T,)`` (as trained betas). Flow matching: the model's own ``scheduler_config`` (its noise
-    process: shift, dynamic shifting), which ``OLSSScheduler.from_plans(..., scheduler_config=...)`` carries.
+    process: shift, dynamic shifting) and the ``mu`` it was calibrated at, which
+    ``OLSSScheduler.from_plans(..., scheduler_config=..., mu=...)`` carries.
     """
     if scheduler_config is None:
         scheduler = OLSSScheduler.from_plans(plans, **builtin_config(alphas_cumprod), prediction_type=prediction_type)
     else:
-        scheduler = OLSSScheduler.from_plans(plans, scheduler_config=dict(scheduler_config))
+        scheduler = OLSSScheduler.from_plans(plans, scheduler_config=dict(scheduler_config), mu=mu)
     return scheduler.to_json_string().encode()
 
 
@@ -130,7 +135,7 @@ def model_scheduler_config_bytes(plans: list[Plan], model: dict[str, Any]) -> by
     """``scheduler_config_bytes`` for the workers' model (``CalibrationWorker.describe``)."""
     if model.get("noise_process", "vp") == "vp":
         return scheduler_config_bytes(plans, np.asarray(model["alphas_cumprod"], dtype=np.float64), model["prediction_type"])
-    return scheduler_config_bytes(plans, None, model["prediction_type"], model["scheduler_config"])
+    return scheduler_config_bytes(plans, None, model["prediction_type"], model["scheduler_config"], model.get("mu"))
 
 
 def run_job(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = False) -> JobResult:

@@ -93,10 +93,12 @@ def run_sampler(scheduler, denoiser: Denoiser, x_T: torch.Tensor, cond: Any, num
     mu = getattr(denoiser, "mu", None) if flow else None
     scheduler.set_timesteps(num_steps, **({} if mu is None else {"mu": mu}))
     timestep = flow_timestep if flow else model_timestep
-    x = x_T * scheduler.init_noise_sigma
+    # FlowMatchEulerDiscreteScheduler has neither: flow pipelines start at the noise and feed the state as is.
+    x = x_T * getattr(scheduler, "init_noise_sigma", 1.0)
+    scale = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
     calls = 0
     for t in scheduler.timesteps:
-        output = denoiser(scheduler.scale_model_input(x, t), timestep(t), cond)
+        output = denoiser(scale(x, t), timestep(t), cond)
         calls += 1
         x = scheduler.step(output, t, x).prev_sample
     return x, calls
@@ -281,15 +283,15 @@ def run_evaluation(
     if run.calibration is not None:
         n = run.calibration.num_teacher_steps
         samplers.append(olss_sampler("olss-paper", "same nodes", paper_plans(
-            run.calibration, {k: run.plans[k].nodes for k in steps}, "shipped nodes"), model.num_train_timesteps, own_config))
+            run.calibration, {k: run.plans[k].nodes for k in steps}, "shipped nodes"), model.num_train_timesteps, own_config, model.mu))
         samplers.append(olss_sampler("olss-paper", "uniform", paper_plans(
-            run.calibration, {k: even_nodes(n, k) for k in steps}, "uniform"), model.num_train_timesteps, own_config))
+            run.calibration, {k: even_nodes(n, k) for k in steps}, "uniform"), model.num_train_timesteps, own_config, model.mu))
     if uniform_fit_samples:
         fit_samples = evaluation_set(model, uniform_fit_samples, samples.prompts, samples.negative_prompts,
                                      seed_offset, [*(known_seeds or ()), *samples.seeds])
         progress(f"on-policy fit on uniform nodes: {uniform_fit_samples} fresh samples")
         samplers.append(olss_sampler("olss-onpolicy", "uniform", fit_uniform_on_policy(
-            model, fit_samples, fit_teacher, steps, batch_size), model.num_train_timesteps, own_config))
+            model, fit_samples, fit_teacher, steps, batch_size), model.num_train_timesteps, own_config, model.mu))
     samplers += builtin_samplers(model.scheduler_config, builtins)
 
     grid = grid_indices(num_samples, GRID_SAMPLES)

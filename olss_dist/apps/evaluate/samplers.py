@@ -64,14 +64,19 @@ def builtin_samplers(
 
 
 def olss_sampler(
-    name: str, variant: str, plans: Sequence[Plan], num_train_timesteps: int, scheduler_config: dict[str, Any] | None = None
+    name: str,
+    variant: str,
+    plans: Sequence[Plan],
+    num_train_timesteps: int,
+    scheduler_config: dict[str, Any] | None = None,
+    mu: float | None = None,
 ) -> Sampler:
-    """An ``OLSSScheduler`` serving ``plans`` (one per step count); ``scheduler_config``: a flow model's own
-    config (its noise process), None for VP models."""
+    """An ``OLSSScheduler`` serving ``plans`` (one per step count); ``scheduler_config`` and ``mu``: a flow
+    model's own config (its noise process) and dynamic shift, None for VP models."""
     if scheduler_config is None:
         config = OLSSScheduler.from_plans(plans, num_train_timesteps=num_train_timesteps).config
     else:
-        config = OLSSScheduler.from_plans(plans, scheduler_config=dict(scheduler_config)).config
+        config = OLSSScheduler.from_plans(plans, scheduler_config=dict(scheduler_config), mu=mu).config
     return Sampler(name, variant, lambda: OLSSScheduler.from_config(config))
 
 
