@@ -97,7 +97,9 @@ def statistics_config(
         "shard_size": execution.shard_size,
         "fit_prompts": [[r.index, r.prompt, r.negative_prompt, r.seed] for r in fit],
     }
-    if model.get("mu") is not None:  # a dynamic shift changes the teacher (VP keys stay as they were)
+    if spec.resolution is not None:  # the latent shape and a dynamic shift follow it (other keys stay as they were)
+        config["resolution"] = list(spec.resolution)
+    if model.get("mu") is not None:
         config["mu"] = model["mu"]
     return config
 
@@ -160,7 +162,7 @@ def run_job(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = 
     connect(execution.address, num_cpus=execution.local_cpus)
     device = resolve_device(execution)
     num_workers, resources = worker_layout(execution, device)
-    model_spec = ModelSpec(spec.model, spec.guidance_scale, device)
+    model_spec = ModelSpec(spec.model, spec.guidance_scale, device, spec.resolution)
     pool = WorkerPool(model_spec, num_workers, spec.teacher_steps, resources, execution.keep_states, execution.state_dir)
     try:
         workers = pool.describe()

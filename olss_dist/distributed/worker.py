@@ -39,16 +39,21 @@ class ModelSpec:
         spec: model spec for ``olss_dist.models.load_model`` (``"analytic"``, ``"embedded"``, a folder, a hub id, a URI).
         guidance_scale: classifier-free guidance scale.
         device: ``"cuda"`` (fp16 UNet on the actor's GPU) or ``"cpu"``.
+        resolution: ``(height, width)`` pixels an SD3 / Flux model calibrates at (``CalibrationSpec.resolution``);
+            None: the model's own. It fixes the latent shape and, with dynamic shifting, the teacher's ``mu``,
+            so every worker's teacher is the same.
     """
 
     spec: str
     guidance_scale: float
     device: str
+    resolution: tuple[int, int] | None = None
 
     def load(self):
         from olss_dist.models import load_model
 
-        return load_model(self.spec, guidance_scale=self.guidance_scale, device=self.device)
+        options = {} if self.resolution is None else {"resolution": tuple(self.resolution)}
+        return load_model(self.spec, guidance_scale=self.guidance_scale, device=self.device, **options)
 
 
 @dataclass
@@ -77,6 +82,8 @@ class ShardResult:
 def teacher_key(model, model_spec: ModelSpec, num_teacher_steps: int) -> str:
     """Digest of everything besides the samples that fixes a teacher trajectory: model, guidance, N, device."""
     identity = f"{model.digest}|{model_spec.guidance_scale!r}|{num_teacher_steps}|{model.device}|{model_spec.device}"
+    if model_spec.resolution is not None or model.mu is not None:  # VP keys stay as they were
+        identity += f"|{model_spec.resolution!r}|{model.mu!r}"
     return hashlib.sha256(identity.encode()).hexdigest()[:32]
 
 
