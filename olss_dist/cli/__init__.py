@@ -15,10 +15,9 @@ exit status 1; ``StorageOptionsFlag`` is the shared ``--storage-options JSON`` f
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
-from typing import Annotated, Any, Callable, NoReturn, Optional, Sequence, TypeVar
+from typing import Annotated, Optional, Sequence
 
 import typer
 from rich.console import Console
@@ -44,7 +43,8 @@ from olss_dist.cli.tables import (
     run_table,
     step_errors_table,
 )
-from olss_dist.spec import DEVICES, KEEP_STATES, CalibrationSpec, ExecutionConfig, SpecError, flag_name, parse_steps
+from olss_dist.cli.errors import StorageOptionsFlag, error_console, error_text, exit_with_error, parse_storage_options, reports_errors
+from olss_dist.spec import DEVICES, KEEP_STATES, CalibrationSpec, ExecutionConfig, parse_steps
 
 app = typer.Typer(
     name="olss-dist",
@@ -54,61 +54,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
-error_console = Console(stderr=True)
 
-StorageOptionsFlag = Annotated[
-    Optional[str],
-    typer.Option(
-        "--storage-options",
-        help='fsspec storage options as a JSON object, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'. '
-        "Without it, credentials and endpoint come from the environment (AWS_ENDPOINT_URL, AWS_PROFILE...).",
-    ),
-]
-
-Command = TypeVar("Command", bound=Callable[..., Any])
-
-
-def parse_storage_options(text: str | None) -> dict[str, Any] | None:
-    """The ``--storage-options`` JSON object as a dict (None when the flag is absent); ValueError otherwise."""
-    if text is None:
-        return None
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"--storage-options is not valid JSON: {error}") from error
-    if not isinstance(options, dict):
-        raise ValueError(f"--storage-options must be a JSON object, got {type(options).__name__}")
-    return options
-
-
-# Flags whose name is not ``flag_name`` of the argument they set.
-FLAGS = {"wait_for_gpus_s": "--wait-for-gpus"}
-
-
-def error_text(error: BaseException) -> str:
-    """An error as its user reads it: a ``SpecError`` names the flag of its argument (``--teacher-steps: ...``)."""
-    if isinstance(error, SpecError):
-        return f"{FLAGS.get(error.argument, flag_name(error.argument))}: {error.detail}"
-    return str(error)
-
-
-def exit_with_error(error: BaseException) -> NoReturn:
-    """Print ``error`` as one ``error:`` line on stderr and exit with status 1."""
-    error_console.print(f"[bold red]error:[/] {escape(error_text(error))}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=1) from error
-
-
-def reports_errors(command: Command) -> Command:
-    """Run ``command``; print a ValueError or ArtifactError as one ``error:`` line and exit with status 1."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except (ValueError, ArtifactError) as error:
-            exit_with_error(error)
-
-    return wrapper  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------------------------- commands
