@@ -17,8 +17,8 @@ from olss_dist.models.analytic import GaussianMixtureFlowModel
 TEACHER_STEPS = 60
 
 
-def flow_model(guidance_scale: float = 4.0) -> GaussianMixtureFlowModel:
-    return GaussianMixtureFlowModel(guidance_scale=guidance_scale)
+def flow_model(guidance_scale: float = 4.0, mu: float | None = None) -> GaussianMixtureFlowModel:
+    return GaussianMixtureFlowModel(guidance_scale=guidance_scale, mu=mu)
 
 
 def samples(model, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,20 +37,21 @@ def test_model_timestep_is_an_int_for_integer_timesteps_and_a_float_for_flow_one
         check_model_timesteps(np.array([1000.5, 3.0]), 1000)
 
 
+@pytest.mark.parametrize("mu", [None, 0.8])
 @pytest.mark.parametrize("name,scheduler_class", [
     ("flow-euler", FlowMatchEulerDiscreteScheduler),
     ("flow-dpmsolver++", DPMSolverMultistepScheduler),
     ("flow-unipc", UniPCMultistepScheduler),
 ])
-def test_flow_builtin_in_olss_form_reproduces_the_diffusers_scheduler(name, scheduler_class):
-    model = flow_model()
+def test_flow_builtin_in_olss_form_reproduces_the_diffusers_scheduler(name, scheduler_class, mu):
+    model = flow_model(mu=mu)
     x_T, cond = samples(model, 6, 0)
     scheduler = builtin_scheduler(name, model.scheduler_config)
     assert isinstance(scheduler, scheduler_class)
     if name != "flow-euler":
         assert scheduler.config.use_flow_sigmas and scheduler.config.prediction_type == "flow_prediction"
         assert scheduler.config.flow_shift == 3.0
-    scheduler.set_timesteps(7)
+    scheduler.set_timesteps(7, **({} if mu is None else {"mu": mu}))
     x = x_T.float()
     for t in scheduler.timesteps:
         x = scheduler.step(model(x, model_timestep(t), cond), t, x).prev_sample
@@ -59,6 +60,35 @@ def test_flow_builtin_in_olss_form_reproduces_the_diffusers_scheduler(name, sche
     np.testing.assert_array_equal(plan.timesteps, scheduler.timesteps.double().numpy())
     assert plan.nodes[0] == 0 and all(b > a for a, b in zip(plan.nodes, plan.nodes[1:]))
     torch.testing.assert_close(rollout(plan.coefficients, model, x_T, cond, plan.timesteps), x.double(), rtol=1e-4, atol=1e-4)
+
+
+def test_calibrate_with_a_vp_scheduler_config_equals_the_timesteps_form():
+    from olss_dist.models.analytic import GaussianMixtureModel
+
+    model = GaussianMixtureModel(guidance_scale=3.0)
+    noise, cond = samples(model, 12, 4)
+    validation, validation_cond = samples(model, 8, 5)
+    common = dict(steps=(4,), validation_noise=validation, validation_cond=validation_cond, ridges=(1e-6,))
+    by_config = calibrate(model, noise, cond, scheduler_config=model.scheduler_config, num_teacher_steps=50, **common)
+    by_timesteps = calibrate(model, noise, cond, trailing_timesteps(50), model.alphas_cumprod, **common)
+    assert by_config[4].nodes == by_timesteps[4].nodes and by_config[4].timesteps.dtype == np.int64
+    np.testing.assert_array_equal(by_config[4].coefficients, by_timesteps[4].coefficients)
+    assert by_config[4].candidates == by_timesteps[4].candidates
+
+
+def test_calibrate_a_dynamically_shifted_flow_model_at_its_mu():
+    model = flow_model(mu=0.8)
+    noise, cond = samples(model, 8, 6)
+    config = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).config
+    plans = calibrate(model, noise, cond, scheduler_config=config, mu=0.8, steps=(4,), validation_noise=noise,
+                      validation_cond=cond, num_teacher_steps=40, ridges=(1e-6,))
+    teacher = model.noise_process.teacher_schedule(40).stored_timesteps()
+    names = [c["name"] for c in plans[4].candidates]
+    assert {f"builtin/{name}" for name in FLOW_LINEAR_BUILTINS} <= set(names)
+    if not plans[4].fit.startswith("builtin:"):
+        np.testing.assert_array_equal(plans[4].timesteps, teacher[plans[4].nodes])
+    with pytest.raises(ValueError, match="mu"):
+        calibrate(model, noise, cond, scheduler_config=config, steps=(4,), validation_noise=noise, validation_cond=cond)
 
 
 def test_process_builtins_name_the_family():

@@ -135,16 +135,22 @@ class GaussianMixtureFlowModel(GaussianMixtureModel):
     """Exact guided velocity of a class-conditional Gaussian mixture under rectified flow.
 
     ``x_σ = (1 - σ) x_0 + σ noise`` with ``σ = t / 1000`` (the pipeline's timestep); the noise process is a
-    ``FlowMatchEulerDiscreteScheduler`` with ``shift`` (default 3.0, as SD3). Other arguments as
-    ``GaussianMixtureModel``; the default guidance scale is 4 (flow models are guided less than SD 1.x).
+    ``FlowMatchEulerDiscreteScheduler`` with ``shift`` (default 3.0, as SD3), or, given ``mu``, with dynamic
+    shifting at that ``mu`` (as Flux at one resolution; its sigmas are shifted by ``exp(mu)``). Other
+    arguments as ``GaussianMixtureModel``; the default guidance scale is 4 (flow models are guided less than SD 1.x).
     """
 
-    def __init__(self, *args, guidance_scale: float = 4.0, shift: float = 3.0, **kwargs):
+    def __init__(self, *args, guidance_scale: float = 4.0, shift: float = 3.0, mu: float | None = None, **kwargs):
         super().__init__(*args, guidance_scale=guidance_scale, **kwargs)
         self.prediction_type = "flow_prediction"
         self.scheduler_config = {**FLOW_SCHEDULER_CONFIG, "shift": float(shift)}
+        if mu is not None:
+            self.scheduler_config["use_dynamic_shifting"] = True
+        self.mu = None if mu is None else float(mu)
         self.alphas_cumprod = None
         self.model_id = self.model_id.replace("analytic:gaussian-mixture:", "analytic:flow-gaussian-mixture:") + f"-shift{shift:g}"
+        if mu is not None:
+            self.model_id += f"-mu{mu:g}"
         self.digest = hashlib.sha256(self.model_id.encode()).hexdigest()
 
     @property
