@@ -1,7 +1,8 @@
 """On-policy evaluation of a published OLSS run against diffusers' built-in solvers on held-out samples.
 
 Samplers, each run by the same generic diffusers loop from the same ``x_T`` and scored against the
-N-step DDIM teacher's final latent (``run``):
+N-step teacher's final latent (``run``): the model's noise process's teacher, DDIM for VP models and the
+model's own flow-matching Euler schedule for flow models:
 
 - ``olss (shipped)``: the run's ``scheduler_config.json`` as users load it (``OLSSScheduler``).
 - ``olss-paper (same nodes)`` / ``olss-paper (uniform)``: the paper's teacher-forced fit from the run's
@@ -13,6 +14,9 @@ N-step DDIM teacher's final latent (``run``):
   ``(trailing)`` with ``timestep_spacing="trailing"`` and, where the solver has it, ``set_alpha_to_one=True``
   (the last step reaches the clean sample, as the teacher's does). Both use ``prediction_type="epsilon"``:
   model adapters return epsilon.
+- flow models instead: ``flow-euler`` (``FlowMatchEulerDiscreteScheduler``), ``flow-dpmsolver++`` (2M) and
+  ``flow-unipc`` (``use_flow_sigmas=True, prediction_type="flow_prediction"``, ``flow_shift`` = the model's
+  shift), each ``(config)`` only, run at the model's ``mu`` where it shifts dynamically.
 
 Modules: ``samples`` (held-out seeds and samples), ``samplers`` (the samplers above), ``published``
 (reading the run), ``run`` (teacher, sampling loop, metrics, ``run_evaluation``), ``results`` (what it
