@@ -210,3 +210,16 @@ def test_flow_job_plans_equal_in_process_calibrate_and_publish_the_flow_process(
         shipped = rows[("olss", "shipped", k)]
         assert shipped.model_calls == k and np.isfinite(shipped.metrics["rmse"]), shipped.note
         assert all(np.isfinite(rows[(name, "config", k)].metrics["rmse"]) for name in FLOW_LINEAR_BUILTINS)
+
+
+def test_a_calibration_file_in_the_format_written_before_flow_support_loads_as_vp():
+    from safetensors.numpy import save
+
+    n = 6
+    r = np.triu(np.random.default_rng(0).standard_normal((2 * n + 1, 2 * n + 1))) + 5 * np.eye(2 * n + 1)
+    old = save({"r_factor": r, "timesteps": trailing_timesteps(n)},
+               metadata={"format": "olss_dist.core.calibration", "format_version": "1", "num_samples": "3", "num_rows": "12"})
+    calibration = Calibration.from_bytes(old)
+    assert calibration.timesteps.dtype == np.int64 and calibration.timesteps.tolist() == trailing_timesteps(n).tolist()
+    plan = calibration.plan(3)
+    assert plan.timesteps.dtype == np.int64 and plan.timesteps.tolist() == trailing_timesteps(n)[plan.nodes].tolist()
