@@ -208,6 +208,7 @@ def run_job(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = 
             },
             extra_manifest={
                 **process_manifest(process),
+                **resolution_manifest(model),
                 "teacher_steps": spec.teacher_steps,
                 "planned_step_counts": list(spec.steps),
                 "execution": {
@@ -233,6 +234,12 @@ def process_manifest(process: NoiseProcess) -> dict[str, Any]:
     if process.kind == "vp":
         return {}
     return {"noise_process": {"kind": process.kind, "mu": getattr(process, "mu", None)}}
+
+
+def resolution_manifest(model: dict[str, Any]) -> dict[str, Any]:
+    """``{"resolution": [height, width]}``: the pixels an image model was calibrated at (stated or its own);
+    nothing for models without images (analytic)."""
+    return {} if model.get("resolution") is None else {"resolution": list(model["resolution"])}
 
 
 JOB_ERRORS = (ValueError, ArtifactError, WorkerError, WorkersLostError, OSError)
@@ -264,7 +271,9 @@ def job_report(
     """``report.json``: model identity, config, statistics counts, workers and per-step errors of each plan."""
     summary = backend.summary
     return {
-        "model": {"id": model["model_id"], "digest": model["model_digest"], "spec": spec.model},
+        "model": {
+            "id": model["model_id"], "digest": model["model_digest"], "spec": spec.model, **resolution_manifest(model)
+        },
         "config": run_config,
         "statistics": {
             "num_samples": calibration.num_samples,

@@ -126,6 +126,7 @@ class CalibrationWorker:
             "model_id": self.model.model_id,
             "model_digest": self.model.digest,
             "latent_shape": list(self.model.latent_shape),
+            "resolution": None if self.model.resolution is None else list(self.model.resolution),
             "alphas_cumprod": None if alphas_cumprod is None else np.asarray(alphas_cumprod, dtype=np.float64).tolist(),
             "prediction_type": self.model.prediction_type,
             "noise_process": self.model.noise_process.kind,

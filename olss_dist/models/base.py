@@ -28,6 +28,8 @@ class DiffusionModel(ABC):
             (Flux: from the image sequence length); ``None`` otherwise.
         guidance_scale: classifier-free guidance scale used by ``__call__``.
         device: where ``__call__`` runs.
+        resolution: ``(height, width)`` pixels of the images it samples (the latent shape follows it); ``None``
+            for models without images (analytic).
     """
 
     model_id: str
@@ -39,6 +41,7 @@ class DiffusionModel(ABC):
     guidance_scale: float
     device: torch.device
     mu: float | None = None
+    resolution: tuple[int, int] | None = None
 
     @property
     def noise_process(self) -> NoiseProcess:

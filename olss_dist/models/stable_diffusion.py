@@ -23,6 +23,7 @@ from olss_dist.models.common import (
     default_dtype,
     load_vae,
     read_json,
+    vae_scale_factor,
 )
 from olss_dist.models.digest import content_digest
 
@@ -100,6 +101,8 @@ class StableDiffusionModel(DiffusionModel):
         size = unet.config.sample_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         self.latent_shape = (int(unet.config.in_channels), int(height), int(width))
+        scale = vae_scale_factor(self.folder)
+        self.resolution = (int(height) * scale, int(width) * scale)  # the UNet's own; the only one it calibrates at
         self.prompts = list(prompts) if prompts is not None else list(GENERIC_PROMPTS)
         self.vae = None
 

@@ -241,7 +241,11 @@ def run_evaluation(
     if unplanned:
         raise ValueError(f"the run has no plan for {unplanned} steps; it planned {run.planned_steps} (see --steps)")
     config = run.manifest.get("config", {})
-    model = load_model(model_spec, guidance_scale=float(config.get("guidance_scale", 7.5)), device=device)
+    # The pixels the run was calibrated at (stated in its config, else recorded by the job): the latent
+    # shape and a Flux-like model's mu follow them.
+    resolution = config.get("resolution") or run.manifest.get("resolution")
+    model = load_model(model_spec, guidance_scale=float(config.get("guidance_scale", 7.5)), device=device,
+                       **({} if resolution is None else {"resolution": tuple(int(v) for v in resolution)}))
     if model.digest != run.manifest["model"]["digest"]:
         raise ValueError(
             f"the run was calibrated for {run.manifest['model']['id']} (digest {run.manifest['model']['digest'][:12]}), "
@@ -297,7 +301,8 @@ def run_evaluation(
     grid = grid_indices(num_samples, GRID_SAMPLES)
     results, kept = evaluate(model, samplers, steps, samples, teacher_final, batch_size, grid, progress)
     info = {
-        "model": {"spec": model_spec, "id": model.model_id, "digest": model.digest, "guidance_scale": model.guidance_scale},
+        "model": {"spec": model_spec, "id": model.model_id, "digest": model.digest, "guidance_scale": model.guidance_scale,
+                  "resolution": None if model.resolution is None else list(model.resolution)},
         "artifact": {"uri": run.uri, "run_id": run.manifest.get("run_id"), "shipped": {
             k: {"fit": p.fit, "spacing": p.spacing, "nodes": p.nodes} for k, p in run.plans.items() if k in steps}},
         "teacher_steps": len(reference_timesteps),
