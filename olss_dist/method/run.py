@@ -24,19 +24,41 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from olss_dist.core.builtin import LINEAR_BUILTINS, ProcessBuiltins, exact_vp_config, process_builtins
+from olss_dist.core.builtin import (
+    LINEAR_BUILTINS,
+    ProcessBuiltins,
+    exact_vp_config,
+    process_builtins,
+)
 from olss_dist.core.calibration import Calibration, as_tensor
-from olss_dist.core.noise_process import NoiseProcess, VPProcess, noise_process_from_config
+from olss_dist.core.noise_process import (
+    NoiseProcess,
+    VPProcess,
+    noise_process_from_config,
+)
 from olss_dist.core.onpolicy import DEFAULT_RIDGE, solve_step
-from olss_dist.core.plan import Plan
 from olss_dist.core.path_search import check_num_steps, even_nodes
-from olss_dist.method.rollouts import TRAIN, VALIDATION, InProcessBackend, RolloutBackend, error_summary
-from olss_dist.core.teacher import Denoiser, TeacherSchedule, ddim_schedule, model_timestep, validate_timesteps
+from olss_dist.core.plan import Plan
+from olss_dist.core.teacher import (
+    Denoiser,
+    TeacherSchedule,
+    ddim_schedule,
+    model_timestep,
+    validate_timesteps,
+)
 from olss_dist.core.tsqr import merge_r_factors
+from olss_dist.method.rollouts import (
+    TRAIN,
+    VALIDATION,
+    InProcessBackend,
+    RolloutBackend,
+    error_summary,
+)
+from olss_dist.spec import CalibrationSpec
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_STEPS = (5, 10, 20)
+DEFAULT_STEPS = CalibrationSpec.steps  # the one default step list
 DEFAULT_BUILTINS = LINEAR_BUILTINS  # every VP built-in solver with an exact OLSS form (flow: the process's)
 DEFAULT_TEACHER_STEPS = 1000
 DEFAULT_RIDGES = (DEFAULT_RIDGE, 10 * DEFAULT_RIDGE)
