@@ -60,7 +60,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_STEPS = CalibrationSpec.steps  # the one default step list
 DEFAULT_BUILTINS = LINEAR_BUILTINS  # every VP built-in solver with an exact OLSS form (flow: the process's)
-DEFAULT_TEACHER_STEPS = 1000
+DEFAULT_TEACHER_STEPS = CalibrationSpec.teacher_steps
 DEFAULT_RIDGES = (DEFAULT_RIDGE, 10 * DEFAULT_RIDGE)
 
 
