@@ -36,13 +36,13 @@ def job_env() -> dict[str, str]:
     return env
 
 
-def calibrate(output: Path, model: Path | str, *options: str, timeout: float = JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
+def calibrate(output: Path, model: Path | str, *options: str) -> subprocess.CompletedProcess:
     """``python jobs/calibrate.py`` at N=40, K in {4, 6}, shards of 4, on a 2-CPU local Ray."""
     command = [
         sys.executable, "jobs/calibrate.py", "--output", str(output), "--model", str(model), "--teacher-steps", "40",
         "--steps", "4,6", "--shard-size", "4", "--device", "cpu", "--local-cpus", "2", "--quiet", *options,
     ]
-    return subprocess.run(command, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
 
 
 def published_runs(root: Path) -> list[Path]:
@@ -182,7 +182,8 @@ def test_a_resolution_the_model_cannot_take_is_one_error_line(sd3_folder, tmp_pa
 def test_a_folder_of_an_unsupported_family_is_one_error_line(tmp_path):
     folder = tmp_path / "kandinsky"
     folder.mkdir()
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
+    index = {"_class_name": "KandinskyPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}
+    (folder / "model_index.json").write_text(json.dumps(index))
     output = tmp_path / "registry"
     result = calibrate(output, folder)
     assert_one_error_line(result, "KandinskyPipeline", output)
