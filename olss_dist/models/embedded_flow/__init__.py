@@ -20,7 +20,9 @@ __all__ = [
 EMBEDDED_FLOW_MODEL_PATH = Path(__file__).resolve().parent
 
 GUIDANCE_SCALE = 4.0
-"""Classifier-free guidance scale the 28-step samples look best at (chosen from the trainer's sweep)."""
+"""Classifier-free guidance scale the 28-step samples look best at. In the trainer's sweep (100 samples, 10 per
+digit) an SVM on 8×8 digits reads the prompted digit in 89 / 99 / 100 / 100 / 100 / 100 % of them at guidance
+1 / 2 / 3 / 4 / 5 / 7 (98 % on held-out real digits); from 5 on, strokes thicken and thin ones break up."""
 
 LOAD_KWARGS = {"text_encoder_3": None, "tokenizer_3": None}
 """``StableDiffusion3Pipeline.from_pretrained(EMBEDDED_FLOW_MODEL_PATH, **LOAD_KWARGS)``: the folder has no T5
