@@ -255,7 +255,7 @@ def test_cli_writes_outputs(run_uri, tmp_path, monkeypatch):
     (["--artifact", "{root}/nothing-here"], "not found"),
     (["--steps", "5"], "no plan for [5] steps; it planned [4, 8]"),
     (["--steps", "4,x"], "--steps: expected comma-separated positive integers"),
-    (["--num-samples", "0"], "--num-samples must be at least 1"),
+    (["--num-samples", "0"], "--num-samples: must be at least 1"),
     (["--model", "nonexistent-model-folder"], "nonexistent-model-folder"),
 ])
 def test_cli_errors_are_one_line_and_exit_1(run_uri, tmp_path, monkeypatch, arguments, message):

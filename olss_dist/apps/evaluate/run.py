@@ -34,6 +34,7 @@ from olss_dist.apps.evaluate.samplers import (
     paper_plans,
     shipped_sampler,
 )
+from olss_dist.spec import CalibrationSpec, SpecError
 from olss_dist.core.builtin import check_builtins, family_builtins
 from olss_dist.core.path_search import check_num_steps, even_nodes
 from olss_dist.core.teacher import Denoiser, TeacherSchedule, ddim_schedule, schedule_states, trailing_timesteps
@@ -230,26 +231,26 @@ def run_evaluation(
 
     progress = progress or (lambda message: None)
     if num_samples < 1:
-        raise ValueError(f"--num-samples must be at least 1, got {num_samples}")
+        raise SpecError("num_samples", f"must be at least 1, got {num_samples}")
     if uniform_fit_samples < 0:
-        raise ValueError(f"--uniform-fit-samples must be at least 0, got {uniform_fit_samples}")
+        raise SpecError("uniform_fit_samples", f"must be at least 0, got {uniform_fit_samples}")
     if builtins is not None:
         check_builtins(builtins)
     run = load_calibrated_run(artifact, storage_options)
     steps = list(steps) if steps else run.planned_steps
     unplanned = [k for k in steps if k not in run.plans]
     if unplanned:
-        raise ValueError(f"the run has no plan for {unplanned} steps; it planned {run.planned_steps} (see --steps)")
+        raise SpecError("steps", f"the run has no plan for {unplanned} steps; it planned {run.planned_steps}")
     config = run.manifest.get("config", {})
     # The pixels the run was calibrated at (stated in its config, else recorded by the job): the latent
     # shape and a Flux-like model's mu follow them.
     resolution = config.get("resolution") or run.manifest.get("resolution")
-    model = load_model(model_spec, guidance_scale=float(config.get("guidance_scale", 7.5)), device=device,
+    model = load_model(model_spec, guidance_scale=float(config.get("guidance_scale", CalibrationSpec.guidance_scale)), device=device,
                        **({} if resolution is None else {"resolution": tuple(int(v) for v in resolution)}))
     if model.digest != run.manifest["model"]["digest"]:
         raise ValueError(
             f"the run was calibrated for {run.manifest['model']['id']} (digest {run.manifest['model']['digest'][:12]}), "
-            f"but --model {model_spec} is {model.model_id} (digest {model.digest[:12]})"
+            f"but model {model_spec} is {model.model_id} (digest {model.digest[:12]})"
         )
     process = model.noise_process
     flow = process.kind == "flow"
