@@ -1,11 +1,13 @@
-"""What the diffusers adapters share: devices and dtypes, config reading, prompts, text conditioning, decoding."""
+"""What the diffusers adapters share: devices and dtypes, config reading, folder loading, prompts, text
+conditioning, decoding."""
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -58,6 +60,80 @@ def read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"cannot read {path}: {error}") from error
+
+
+def read_model_index(folder: Path) -> dict[str, Any]:
+    """The folder's ``model_index.json``; ``ModelLoadError`` when the folder does not exist or the file is unreadable."""
+    if not folder.is_dir():
+        raise ModelLoadError(f"model folder {folder} does not exist")
+    return read_json(folder / "model_index.json")
+
+
+@dataclass(frozen=True)
+class FolderLoad:
+    """A checked local diffusers folder with what every adapter loads it with (see ``open_folder``).
+
+    Attributes:
+        folder: the folder, ``~`` expanded.
+        index: its ``model_index.json``.
+        device: where the modules go.
+        dtype: the weights' dtype.
+        scheduler_config: its ``scheduler/scheduler_config.json``, as saved (no diffusers defaults filled in).
+    """
+
+    folder: Path
+    index: dict[str, Any]
+    device: torch.device
+    dtype: torch.dtype
+    scheduler_config: dict[str, Any]
+
+    def diffusers_module(self, module_class: Any, subfolder: str) -> Any:
+        """``module_class.from_pretrained`` (a diffusers model) of ``subfolder`` in ``dtype``, safetensors only."""
+        return module_class.from_pretrained(self.folder, subfolder=subfolder, torch_dtype=self.dtype, use_safetensors=True)
+
+    def transformers_module(self, module_class: Any, subfolder: str) -> Any:
+        """``module_class.from_pretrained`` (a transformers model) of ``subfolder`` in ``dtype``, safetensors only."""
+        return module_class.from_pretrained(self.folder, subfolder=subfolder, dtype=self.dtype, use_safetensors=True)
+
+    def frozen(self, module: Any) -> Any:
+        """``module`` on ``device`` in eval mode without gradients."""
+        return module.to(self.device).eval().requires_grad_(False)
+
+    @contextmanager
+    def load_errors(self) -> Iterator[None]:
+        """Turns what ``from_pretrained`` raises on a broken folder (OSError, ValueError, KeyError) into a ModelLoadError."""
+        try:
+            yield
+        except (OSError, ValueError, KeyError) as error:
+            raise ModelLoadError(f"cannot load the diffusers model in {self.folder}: {error}") from error
+
+
+def open_folder(
+    folder: str | Path,
+    check: Callable[[Path, dict[str, Any]], None],
+    device: str | torch.device | None,
+    torch_dtype: torch.dtype | None,
+    dtype_for: Callable[[torch.device], torch.dtype] = default_dtype,
+) -> FolderLoad:
+    """The first steps of every adapter's ``from_folder``: the folder checked, its device, dtype and scheduler config.
+
+    Args:
+        folder: a local diffusers folder (``~`` expanded).
+        check: ``check(folder, index)`` raises ``ModelLoadError`` unless the folder is one the adapter loads.
+        device: where to load; default ``default_device()``.
+        torch_dtype: the weights' dtype; default ``dtype_for(device)``.
+        dtype_for: the adapter's default dtype on a device.
+
+    Raises:
+        ModelLoadError: the folder is missing, fails ``check``, or its index or scheduler config is unreadable.
+    """
+    folder = Path(folder).expanduser()
+    index = read_model_index(folder)
+    check(folder, index)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = torch_dtype or dtype_for(device)
+    scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
+    return FolderLoad(folder, index, device, dtype, scheduler_config)
 
 
 def check_prompt_lists(prompts: Sequence[str], negative_prompts: Sequence[str] | None) -> tuple[list[str], list[str]]:

@@ -20,23 +20,17 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from olss_dist.models.base import DiffusionModel
 from olss_dist.models.common import (
-    GENERIC_PROMPTS,
-    ModelLoadError,
     TextConditioning,
     check_components,
     check_prompt_lists,
     decode_latents,
-    default_device,
     encode_distinct,
-    load_vae,
+    open_folder,
     parse_resolution,
-    read_json,
     vae_scale_factor,
 )
-from olss_dist.models.digest import content_digest
-from olss_dist.models.sd3 import flow_scheduler
+from olss_dist.models.flow_common import FlowTransformerModel, dynamic_shift, flow_scheduler
 
 PIPELINE_CLASS = "FluxPipeline"
 REQUIRED_COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -50,7 +44,12 @@ def default_flux_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-class FluxModel(DiffusionModel):
+def check_flux_folder(folder: Path, index: dict[str, Any]) -> None:
+    """``ModelLoadError`` unless the folder has every Flux component."""
+    check_components(folder, index, REQUIRED_COMPONENTS, (), "Flux")
+
+
+class FluxModel(FlowTransformerModel):
     """Guidance-embedded velocity of a diffusers Flux transformer on packed latents, at the pipeline's timestep ``σ·1000``.
 
     Use ``FluxModel.from_folder``. ``x`` is ``(B, seq_len, channels)`` packed latents; ``cond`` is a
@@ -86,23 +85,19 @@ class FluxModel(DiffusionModel):
         max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
         vae_scale: int = 8,
     ):
+        super().__init__(
+            folder, pipeline, scheduler_config, resolution, model_id=model_id, digest=digest,
+            guidance_scale=guidance_scale, prompts=prompts, max_sequence_length=max_sequence_length, vae_scale=vae_scale,
+        )
+
+    def set_latent_layout(self, resolution: Any, vae_scale: int) -> float | None:
+        """``resolution`` a multiple of 2 × VAE scale; packed ``latent_shape (seq_len, channels)``, image ids, ``mu``."""
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-        self.folder = Path(folder)
-        self.pipeline = pipeline
-        self.transformer = pipeline.transformer
-        self.scheduler_config = dict(scheduler_config)
-        self.model_id = model_id
-        self.digest = digest
-        self.guidance_scale = float(guidance_scale)
-        self.prediction_type = "flow_prediction"
-        self.alphas_cumprod = None
-        self.max_sequence_length = int(max_sequence_length)
-        self.device = self.transformer.device
-        self.dtype = self.transformer.dtype
+        pipeline = self.pipeline
         self.vae_scale = int(vae_scale)
         self.resolution = parse_resolution(
-            resolution, 2 * self.vae_scale, f"{folder} (Flux, VAE scale {vae_scale}, 2x2 packing)"
+            resolution, 2 * self.vae_scale, f"{self.folder} (Flux, VAE scale {vae_scale}, 2x2 packing)"
         )
         # FluxPipeline.prepare_latents: VAE latent of H/s x W/s, packed into (H/2s)(W/2s) patches of 4 channels each.
         self.latent_size = tuple(2 * (side // (2 * self.vae_scale)) for side in self.resolution)
@@ -113,16 +108,8 @@ class FluxModel(DiffusionModel):
         )  # the pipeline builds them in the prompt embeddings' dtype
         scheduler = pipeline.scheduler.config  # with diffusers' defaults filled in, as the pipeline reads them
         # FluxPipeline always computes mu and passes it; the scheduler uses it only with dynamic shifting.
-        mu = calculate_shift(
-            self.latent_shape[0],
-            scheduler.get("base_image_seq_len", 256),
-            scheduler.get("max_image_seq_len", 4096),
-            scheduler.get("base_shift", 0.5),
-            scheduler.get("max_shift", 1.15),
-        )
-        self.mu = float(mu) if scheduler.get("use_dynamic_shifting", False) else None
-        self.prompts = list(prompts) if prompts is not None else list(GENERIC_PROMPTS)
-        self.vae = None
+        mu = dynamic_shift(scheduler, self.latent_shape[0], calculate_shift, max_shift=1.15)
+        return mu if scheduler.get("use_dynamic_shifting", False) else None
 
     @classmethod
     def from_folder(
@@ -149,51 +136,26 @@ class FluxModel(DiffusionModel):
         from diffusers import FluxPipeline, FluxTransformer2DModel
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-        folder = Path(folder).expanduser()
-        if not folder.is_dir():
-            raise ModelLoadError(f"model folder {folder} does not exist")
-        index = read_json(folder / "model_index.json")
-        check_components(folder, index, REQUIRED_COMPONENTS, (), "Flux")
-        device = torch.device(device) if device is not None else default_device()
-        dtype = torch_dtype or default_flux_dtype(device)
-        scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
-        scheduler = flow_scheduler(scheduler_config, folder)
+        load = open_folder(folder, check_flux_folder, device, torch_dtype, dtype_for=default_flux_dtype)
+        folder = load.folder
+        scheduler = flow_scheduler(load.scheduler_config, folder)
         vae_scale = vae_scale_factor(folder)
         if resolution is None:
             resolution = DEFAULT_SAMPLE_SIZE * vae_scale
-        try:
+        with load.load_errors():
             modules = {
-                "transformer": FluxTransformer2DModel.from_pretrained(
-                    folder, subfolder="transformer", torch_dtype=dtype, use_safetensors=True
-                ),
-                "text_encoder": CLIPTextModel.from_pretrained(
-                    folder, subfolder="text_encoder", dtype=dtype, use_safetensors=True
-                ),
-                "text_encoder_2": T5EncoderModel.from_pretrained(
-                    folder, subfolder="text_encoder_2", dtype=dtype, use_safetensors=True
-                ),
+                "transformer": load.diffusers_module(FluxTransformer2DModel, "transformer"),
+                "text_encoder": load.transformers_module(CLIPTextModel, "text_encoder"),
+                "text_encoder_2": load.transformers_module(T5EncoderModel, "text_encoder_2"),
             }
             tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
             tokenizer_2 = T5TokenizerFast.from_pretrained(folder, subfolder="tokenizer_2")
-        except (OSError, ValueError, KeyError) as error:
-            raise ModelLoadError(f"cannot load the diffusers model in {folder}: {error}") from error
-        modules = {name: module.to(device).eval().requires_grad_(False) for name, module in modules.items()}
+        modules = {name: load.frozen(module) for name, module in modules.items()}
         pipeline = FluxPipeline(scheduler=scheduler, vae=None, tokenizer=tokenizer, tokenizer_2=tokenizer_2, **modules)
-        return cls(
-            folder,
-            pipeline,
-            scheduler_config,
-            resolution,
-            model_id=model_id or str(folder),
-            digest=content_digest(folder),
-            guidance_scale=guidance_scale,
-            prompts=prompts,
-            max_sequence_length=max_sequence_length,
-            vae_scale=vae_scale,
+        return cls.from_pipeline(
+            load, pipeline, resolution, model_id=model_id, guidance_scale=guidance_scale, prompts=prompts,
+            max_sequence_length=max_sequence_length, vae_scale=vae_scale,
         )
-
-    def default_prompts(self) -> list[str]:
-        return list(self.prompts)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None) -> TextConditioning:
@@ -258,6 +220,4 @@ class FluxModel(DiffusionModel):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 16) -> np.ndarray:
         """``(B, H, W, 3)`` uint8 images of packed ``latents``: unpacked, ``z / scaling_factor + shift_factor``, decoded (fp32)."""
-        if self.vae is None:
-            self.vae = load_vae(self.folder, self.device)
-        return decode_latents(self.vae, self.unpack(latents), batch_size)
+        return decode_latents(self.load_vae(), self.unpack(latents), batch_size)

@@ -15,24 +15,18 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from olss_dist.models.base import DiffusionModel
 from olss_dist.models.common import (
-    GENERIC_PROMPTS,
-    ModelLoadError,
     TextConditioning,
     check_components,
     check_prompt_lists,
     decode_latents,
-    default_device,
-    default_dtype,
     encode_distinct,
     index_has_component,
-    load_vae,
+    open_folder,
     parse_resolution,
-    read_json,
     vae_scale_factor,
 )
-from olss_dist.models.digest import content_digest
+from olss_dist.models.flow_common import FlowTransformerModel, dynamic_shift, flow_scheduler
 
 PIPELINE_CLASS = "StableDiffusion3Pipeline"
 REQUIRED_COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -41,17 +35,12 @@ DEFAULT_GUIDANCE_SCALE = 7.0  # StableDiffusion3Pipeline's default
 DEFAULT_MAX_SEQUENCE_LENGTH = 256  # T5 tokens, StableDiffusion3Pipeline's default
 
 
-def flow_scheduler(scheduler_config: dict[str, Any], where: Path):
-    """``FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)``; ``ModelLoadError`` for another scheduler class."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    name = str(scheduler_config.get("_class_name", "FlowMatchEulerDiscreteScheduler"))
-    if not name.startswith("FlowMatch"):
-        raise ModelLoadError(f"{where}: scheduler {name!r} is not a flow-matching scheduler (FlowMatchEulerDiscreteScheduler)")
-    return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+def check_sd3_folder(folder: Path, index: dict[str, Any]) -> None:
+    """``ModelLoadError`` unless the folder has the SD3 components (and the T5 encoder where the index names one)."""
+    check_components(folder, index, REQUIRED_COMPONENTS, OPTIONAL_COMPONENTS, "Stable Diffusion 3")
 
 
-class StableDiffusion3Model(DiffusionModel):
+class StableDiffusion3Model(FlowTransformerModel):
     """Classifier-free-guided velocity of a diffusers SD3 / SD3.5 transformer at the pipeline's timestep ``σ·1000``.
 
     Use ``StableDiffusion3Model.from_folder``. ``cond`` is a ``TextConditioning`` with ``embeddings
@@ -88,41 +77,26 @@ class StableDiffusion3Model(DiffusionModel):
         max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
         vae_scale: int = 8,
     ):
+        super().__init__(
+            folder, pipeline, scheduler_config, resolution, model_id=model_id, digest=digest,
+            guidance_scale=guidance_scale, prompts=prompts, max_sequence_length=max_sequence_length, vae_scale=vae_scale,
+        )
+
+    def set_latent_layout(self, resolution: Any, vae_scale: int) -> float | None:
+        """``resolution`` a multiple of VAE scale × patch; ``latent_shape (C, H/s, W/s)``; ``mu`` with dynamic shifting."""
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
-        self.folder = Path(folder)
-        self.pipeline = pipeline
-        self.transformer = pipeline.transformer
-        self.scheduler_config = dict(scheduler_config)
-        self.model_id = model_id
-        self.digest = digest
-        self.guidance_scale = float(guidance_scale)
-        self.prediction_type = "flow_prediction"
-        self.alphas_cumprod = None
-        self.max_sequence_length = int(max_sequence_length)
-        self.device = self.transformer.device
-        self.dtype = self.transformer.dtype
         patch = int(self.transformer.config.patch_size)
         self.resolution = parse_resolution(
-            resolution, vae_scale * patch, f"{folder} (SD3, VAE scale {vae_scale}, patch {patch})"
+            resolution, vae_scale * patch, f"{self.folder} (SD3, VAE scale {vae_scale}, patch {patch})"
         )
         height, width = (side // vae_scale for side in self.resolution)
         self.latent_shape = (int(self.transformer.config.in_channels), height, width)
-        scheduler = pipeline.scheduler.config  # with diffusers' defaults filled in, as the pipeline reads them
-        self.mu = None
+        scheduler = self.pipeline.scheduler.config  # with diffusers' defaults filled in, as the pipeline reads them
+        # StableDiffusion3Pipeline.__call__ step 5: mu from the image sequence length in patches.
         if scheduler.get("use_dynamic_shifting", None):
-            # StableDiffusion3Pipeline.__call__ step 5: mu from the image sequence length in patches.
-            self.mu = float(
-                calculate_shift(
-                    (height // patch) * (width // patch),
-                    scheduler.get("base_image_seq_len", 256),
-                    scheduler.get("max_image_seq_len", 4096),
-                    scheduler.get("base_shift", 0.5),
-                    scheduler.get("max_shift", 1.16),
-                )
-            )
-        self.prompts = list(prompts) if prompts is not None else list(GENERIC_PROMPTS)
-        self.vae = None
+            return dynamic_shift(scheduler, (height // patch) * (width // patch), calculate_shift, max_shift=1.16)
+        return None
 
     @classmethod
     def from_folder(
@@ -150,57 +124,36 @@ class StableDiffusion3Model(DiffusionModel):
         from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-        folder = Path(folder).expanduser()
-        if not folder.is_dir():
-            raise ModelLoadError(f"model folder {folder} does not exist")
-        index = read_json(folder / "model_index.json")
-        check_components(folder, index, REQUIRED_COMPONENTS, OPTIONAL_COMPONENTS, "Stable Diffusion 3")
-        device = torch.device(device) if device is not None else default_device()
-        dtype = torch_dtype or default_dtype(device)
-        scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
-        scheduler = flow_scheduler(scheduler_config, folder)
+        load = open_folder(folder, check_sd3_folder, device, torch_dtype)
+        folder, index = load.folder, load.index
+        scheduler = flow_scheduler(load.scheduler_config, folder)
         vae_scale = vae_scale_factor(folder)
-        try:
-            transformer = SD3Transformer2DModel.from_pretrained(
-                folder, subfolder="transformer", torch_dtype=dtype, use_safetensors=True
-            )
+        with load.load_errors():
+            transformer = load.diffusers_module(SD3Transformer2DModel, "transformer")
             if resolution is None:
                 resolution = int(transformer.config.sample_size) * vae_scale
             encoders = {
-                name: CLIPTextModelWithProjection.from_pretrained(folder, subfolder=name, dtype=dtype, use_safetensors=True)
+                name: load.transformers_module(CLIPTextModelWithProjection, name)
                 for name in ("text_encoder", "text_encoder_2")
             }
             tokenizers = {name: CLIPTokenizer.from_pretrained(folder, subfolder=name) for name in ("tokenizer", "tokenizer_2")}
             encoders["text_encoder_3"] = (
-                T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_3", dtype=dtype, use_safetensors=True)
+                load.transformers_module(T5EncoderModel, "text_encoder_3")
                 if index_has_component(index, "text_encoder_3") else None
             )
             tokenizers["tokenizer_3"] = (
                 T5TokenizerFast.from_pretrained(folder, subfolder="tokenizer_3")
                 if index_has_component(index, "tokenizer_3") else None
             )
-        except (OSError, ValueError, KeyError) as error:
-            raise ModelLoadError(f"cannot load the diffusers model in {folder}: {error}") from error
         modules = {
-            name: None if module is None else module.to(device).eval().requires_grad_(False)
+            name: None if module is None else load.frozen(module)
             for name, module in {"transformer": transformer, **encoders}.items()
         }
         pipeline = StableDiffusion3Pipeline(scheduler=scheduler, vae=None, **modules, **tokenizers)
-        return cls(
-            folder,
-            pipeline,
-            scheduler_config,
-            resolution,
-            model_id=model_id or str(folder),
-            digest=content_digest(folder),
-            guidance_scale=guidance_scale,
-            prompts=prompts,
-            max_sequence_length=max_sequence_length,
-            vae_scale=vae_scale,
+        return cls.from_pipeline(
+            load, pipeline, resolution, model_id=model_id, guidance_scale=guidance_scale, prompts=prompts,
+            max_sequence_length=max_sequence_length, vae_scale=vae_scale,
         )
-
-    def default_prompts(self) -> list[str]:
-        return list(self.prompts)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None) -> TextConditioning:
@@ -271,6 +224,4 @@ class StableDiffusion3Model(DiffusionModel):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 16) -> np.ndarray:
         """``(B, H, W, 3)`` uint8 images of ``latents (B, *latent_shape)``, ``z / scaling_factor + shift_factor`` decoded (fp32)."""
-        if self.vae is None:
-            self.vae = load_vae(self.folder, self.device)
-        return decode_latents(self.vae, latents, batch_size)
+        return decode_latents(self.load_vae(), latents, batch_size)

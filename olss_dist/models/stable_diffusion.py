@@ -19,10 +19,9 @@ from olss_dist.models.common import (
     ModelLoadError,
     check_prompt_lists,
     decode_latents,
-    default_device,
-    default_dtype,
     load_vae,
-    read_json,
+    open_folder,
+    read_model_index,
     vae_scale_factor,
 )
 from olss_dist.models.digest import content_digest
@@ -34,9 +33,11 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 def check_model_folder(folder: Path) -> None:
     """``ModelLoadError`` naming what is wrong unless ``folder`` is a supported diffusers SD folder."""
-    if not folder.is_dir():
-        raise ModelLoadError(f"model folder {folder} does not exist")
-    index = read_json(folder / "model_index.json")
+    check_model_index(folder, read_model_index(folder))
+
+
+def check_model_index(folder: Path, index: dict[str, Any]) -> None:
+    """``ModelLoadError`` unless ``index`` (the ``model_index.json`` of the existing ``folder``) is a supported SD one."""
     pipeline_class = str(index.get("_class_name", ""))
     if "XL" in pipeline_class or "text_encoder_2" in index:
         raise ModelLoadError(
@@ -125,25 +126,19 @@ class StableDiffusionModel(DiffusionModel):
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        folder = Path(folder).expanduser()
-        check_model_folder(folder)
-        device = torch.device(device) if device is not None else default_device()
-        dtype = torch_dtype or default_dtype(device)
-        scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
-        try:
-            unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, use_safetensors=True)
-            text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype, use_safetensors=True)
-            tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-        except (OSError, ValueError, KeyError) as error:
-            raise ModelLoadError(f"cannot load the diffusers model in {folder}: {error}") from error
+        load = open_folder(folder, check_model_index, device, torch_dtype)
+        with load.load_errors():
+            unet = load.diffusers_module(UNet2DConditionModel, "unet")
+            text_encoder = load.transformers_module(CLIPTextModel, "text_encoder")
+            tokenizer = CLIPTokenizer.from_pretrained(load.folder, subfolder="tokenizer")
         return cls(
-            folder,
-            unet.to(device).eval().requires_grad_(False),
-            text_encoder.to(device).eval().requires_grad_(False),
+            load.folder,
+            load.frozen(unet),
+            load.frozen(text_encoder),
             tokenizer,
-            scheduler_config,
-            model_id=model_id or str(folder),
-            digest=content_digest(folder),
+            load.scheduler_config,
+            model_id=model_id or str(load.folder),
+            digest=content_digest(load.folder),
             guidance_scale=guidance_scale,
             prompts=prompts,
         )
