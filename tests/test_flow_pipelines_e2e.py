@@ -187,6 +187,7 @@ def test_a_folder_of_an_unsupported_family_is_one_error_line(tmp_path):
     output = tmp_path / "registry"
     result = calibrate(output, folder)
     assert_one_error_line(result, "KandinskyPipeline", output)
+    assert "worker failed to start" not in result.stderr, "a local folder's family is checked before any worker starts"
 
 
 def test_a_resolution_that_is_not_one_is_one_error_line(tmp_path):

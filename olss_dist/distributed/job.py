@@ -31,6 +31,7 @@ from olss_dist.distributed.progress import ShardProgress
 from olss_dist.distributed.worker import ModelSpec
 from olss_dist.method.rollouts import TRAIN
 from olss_dist.method.run import builtin_config, run_method
+from olss_dist.models.loading import check_local_model
 from olss_dist.prompts import PromptRecord, make_shards, prompts_digest, read_prompts, spec_prompt_records, split_validation
 from olss_dist.scheduler import OLSSScheduler
 from olss_dist.spec import CalibrationSpec, ExecutionConfig, SpecError
@@ -159,6 +160,7 @@ def run_job(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = 
     records = spec_prompt_records(spec, execution.storage_options)
     run_config = spec.identity(None if records is None else prompts_digest(records))
     check_writable(execution.output, execution.storage_options)
+    check_local_model(spec.model)  # an unsupported local folder fails here, not ~20 s later in a worker
     connect(execution.address, num_cpus=execution.local_cpus)
     device = resolve_device(execution)
     num_workers, resources = worker_layout(execution, device)

@@ -120,6 +120,22 @@ def pipeline_class(index: dict[str, Any], where: str) -> str:
     raise ModelLoadError(f"{where}: pipeline class {name!r} is not supported; supported: {SUPPORTED}")
 
 
+def check_local_model(spec: str) -> None:
+    """Refuse, before any worker starts, a local diffusers folder of a family no adapter serves.
+
+    Only what the driver can see for free is checked (a local folder's ``model_index.json``); hub ids, URIs
+    and the built-in specs are checked where they load.
+
+    Raises:
+        ModelLoadError: one line naming the folder's pipeline class and the supported ones.
+    """
+    if spec in ("embedded", "embedded-flow", "analytic", "analytic-flow") or "://" in spec and not spec.startswith("file://"):
+        return
+    folder = Path(spec.removeprefix("file://")).expanduser()
+    if (folder / "model_index.json").is_file():
+        pipeline_class(read_json(folder / "model_index.json"), str(folder))
+
+
 def load_model(
     spec: str = "embedded",
     *,
