@@ -120,6 +120,10 @@ def pipeline_class(index: dict[str, Any], where: str) -> str:
     raise ModelLoadError(f"{where}: pipeline class {name!r} is not supported; supported: {SUPPORTED}")
 
 
+BUILTIN_MODELS = ("embedded", "embedded-flow", "analytic", "analytic-flow")
+"""The specs ``load_model`` serves from this package, not from a folder, hub id or URI."""
+
+
 def check_local_model(spec: str) -> None:
     """Refuse, before any worker starts, a local diffusers folder of a family no adapter serves.
 
@@ -129,10 +133,8 @@ def check_local_model(spec: str) -> None:
     Raises:
         ModelLoadError: one line naming the folder's pipeline class and the supported ones.
     """
-    if spec in ("embedded", "embedded-flow", "analytic", "analytic-flow") or "://" in spec and not spec.startswith("file://"):
-        return
-    folder = Path(spec.removeprefix("file://")).expanduser()
-    if (folder / "model_index.json").is_file():
+    folder = None if spec in BUILTIN_MODELS else local_path(spec)
+    if folder is not None and (folder / "model_index.json").is_file():
         pipeline_class(read_json(folder / "model_index.json"), str(folder))
 
 
@@ -243,11 +245,18 @@ def check_sd_resolution(folder: Path, resolution: Any) -> None:
         )
 
 
+def local_path(spec: str) -> Path | None:
+    """The local path a model spec names (a plain path or ``file://``), or ``None`` for a remote URI."""
+    if "://" in spec and not spec.startswith("file://"):
+        return None
+    return Path(spec.removeprefix("file://")).expanduser()
+
+
 def local_folder(spec: str, storage_options: dict[str, Any] | None = None) -> Path:
     """A local diffusers folder for ``spec``: the folder itself, a cached copy of a URI, or a hub snapshot."""
-    if "://" in spec and not spec.startswith("file://"):
+    path = local_path(spec)
+    if path is None:
         return fetch_remote_folder(spec, storage_options)
-    path = Path(spec.removeprefix("file://")).expanduser()
     if path.is_dir():
         return path
     if not HUB_ID.match(spec):
