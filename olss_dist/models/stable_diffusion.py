@@ -182,17 +182,21 @@ class StableDiffusionModel(DiffusionModel):
         t = int(t)
         if not 0 <= t < self.num_train_timesteps:
             raise ValueError(f"timestep {t} outside [0, {self.num_train_timesteps})")
-        if tuple(x.shape[1:]) != self.latent_shape or cond.shape[0] != x.shape[0] or cond.shape[1] != 2:
-            raise ValueError(
-                f"expected x (B, {', '.join(map(str, self.latent_shape))}) and cond (B, 2, L, D), "
-                f"got {tuple(x.shape)} and {tuple(cond.shape)}"
-            )
+        self.check_inputs(x, cond)
         compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         output = self.guided_network_output(x, t, cond).to(x.device, compute_dtype)
         if self.prediction_type == "v_prediction":
             alpha = float(self.alphas_cumprod[t])
             output = alpha**0.5 * output + (1.0 - alpha) ** 0.5 * x.to(compute_dtype)
         return output.to(x.dtype)
+
+    def check_inputs(self, x: torch.Tensor, cond: Any) -> None:
+        """``ValueError`` unless ``x`` is ``(B, *latent_shape)`` and ``cond`` ``(B, 2, L, D)`` from ``encode_prompts``."""
+        if tuple(x.shape[1:]) != self.latent_shape or cond.shape[0] != x.shape[0] or cond.shape[1] != 2:
+            raise ValueError(
+                f"expected x (B, {', '.join(map(str, self.latent_shape))}) and cond (B, 2, L, D), "
+                f"got {tuple(x.shape)} and {tuple(cond.shape)}"
+            )
 
     def guided_network_output(self, x: torch.Tensor, t: int, cond: torch.Tensor) -> torch.Tensor:
         """``ŷ_u + s (ŷ_c − ŷ_u)`` in float32 on ``self.device`` from one UNet call on ``[x; x]``."""
