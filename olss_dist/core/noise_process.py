@@ -5,7 +5,9 @@ small object per model family serves the teacher, the built-in solvers and the s
 
 - ``VPProcess`` (DDPM-trained models: SD 1.x/2.x, SDXL): ``x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε``; the
   teacher is deterministic DDIM over "trailing" train timesteps ``T-1 … 0``, ending at ᾱ = 1; the
-  denoiser returns ε at an int train timestep.
+  denoiser returns ε at an int train timestep. Zero terminal SNR (ᾱ_{T-1} = 0, ``rescale_betas_zero_snr``):
+  the ε step divides by √ᾱ, so the outputs are v (or x0 for "sample" models) and DDIM is written in that
+  form (``vp_output_type``, ``core.teacher.vp_step_coefficients``).
 - ``FlowMatchingProcess`` (SD3/SD3.5, Flux): ``x_σ = (1 - σ) x0 + σ noise``; the model predicts the
   velocity ``v = noise - x0``; the teacher is one Euler step ``x_{σ'} = x_σ + (σ' - σ) v`` per timestep of
   the model's own ``FlowMatchEulerDiscreteScheduler`` schedule (its shift, or ``mu`` with dynamic
@@ -17,7 +19,7 @@ small object per model family serves the teacher, the built-in solvers and the s
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -33,7 +35,8 @@ class NoiseProcess(ABC):
     Attributes:
         kind: ``"vp"`` or ``"flow"``.
         num_train_timesteps: the model's train timesteps T (1000 for every supported family).
-        output_type: what the denoiser returns: ``"epsilon"`` (VP; adapters convert v-prediction) or
+        output_type: what the denoiser returns: ``"epsilon"`` (VP; adapters convert v-prediction), for VP
+            models with zero terminal SNR ``"v_prediction"`` or ``"sample"`` (``vp_output_type``), or
             ``"flow_prediction"`` (the velocity).
     """
 
@@ -55,7 +58,14 @@ class VPProcess(NoiseProcess):
 
     Args:
         alphas_cumprod: ``(T,)`` the model's ᾱ_t, decreasing in t.
-        config: the model's scheduler config (kept for built-ins: beta schedule, spacing, offsets).
+        config: the model's scheduler config (kept for built-ins: beta schedule, spacing, offsets; its
+            ``prediction_type`` names the outputs when ``alphas_cumprod[-1] == 0``).
+
+    Attributes:
+        output_type: ``vp_output_type``'s answer for this schedule and config: ``"epsilon"`` unless ᾱ_{T-1} = 0.
+
+    Raises:
+        ValueError: ᾱ_{T-1} = 0 with an epsilon (or unknown) ``prediction_type`` (see ``zero_snr_output_type``).
     """
 
     kind = "vp"
@@ -67,9 +77,19 @@ class VPProcess(NoiseProcess):
             raise ValueError(f"alphas_cumprod must be a 1-D array of at least 2 values, got shape {self.alphas_cumprod.shape}")
         self.num_train_timesteps = int(self.alphas_cumprod.size)
         self._config = dict(config or {"num_train_timesteps": self.num_train_timesteps})
+        self.output_type = zero_snr_output_type(self.alphas_cumprod[-1], self._config.get("prediction_type", "epsilon"))
+
+    @property
+    def zero_terminal_snr(self) -> bool:
+        """ᾱ_{T-1} = 0: pure noise at the first trailing timestep (``rescale_betas_zero_snr``)."""
+        return bool(self.alphas_cumprod[-1] == 0.0)
 
     def teacher_schedule(self, num_steps: int) -> TeacherSchedule:
-        return ddim_schedule(trailing_timesteps(num_steps, self.num_train_timesteps), self.alphas_cumprod)
+        """Trailing DDIM over ``num_steps`` train timesteps, its outputs in ``output_type`` form."""
+        timesteps = trailing_timesteps(num_steps, self.num_train_timesteps)
+        if self.output_type == "epsilon":
+            return ddim_schedule(timesteps, self.alphas_cumprod)
+        return ddim_schedule(timesteps, self.alphas_cumprod, output_type=self.output_type)
 
     def scheduler_config(self) -> dict[str, Any]:
         return dict(self._config)
@@ -119,6 +139,41 @@ class FlowMatchingProcess(NoiseProcess):
 
     def scheduler_config(self) -> dict[str, Any]:
         return dict(self._config)
+
+
+def zero_snr_output_type(terminal_alpha: float, prediction_type: str) -> str:
+    """The form of a VP model's outputs given its last ᾱ and its ``prediction_type`` (contract C1).
+
+    ``"epsilon"`` unless ``terminal_alpha == 0``; then ``"v_prediction"`` or ``"sample"`` as the model predicts.
+
+    Raises:
+        ValueError: ``terminal_alpha == 0`` with ``prediction_type`` epsilon (an ε model cannot be sampled from
+            ᾱ = 0: x0 = (x - √(1-ᾱ) ε) / √ᾱ) or anything other than v / sample.
+    """
+    if float(terminal_alpha) != 0.0:
+        return "epsilon"
+    if prediction_type in ("v_prediction", "sample"):
+        return prediction_type
+    raise ValueError(
+        f"prediction_type {prediction_type!r} with zero terminal SNR (alphas_cumprod = 0 at the last train timestep, "
+        "rescale_betas_zero_snr): an epsilon model cannot be sampled from pure noise; zero-SNR models must predict "
+        "v_prediction or sample"
+    )
+
+
+def vp_output_type(config: Mapping[str, Any]) -> str:
+    """What a VP model's teacher, built-ins and OLSS plans combine, from its diffusers scheduler config (C1).
+
+    ``"epsilon"`` unless the schedule's terminal ᾱ (after ``rescale_betas_zero_snr``) is 0; then
+    ``"v_prediction"`` for a v-prediction config and ``"sample"`` for a sample one. Every model whose ᾱ stays
+    above 0 keeps ε (adapters convert v), so plans and artifacts made before zero-SNR support stay valid.
+
+    Raises:
+        ValueError: zero terminal SNR with ``prediction_type`` ``"epsilon"`` (one line), or a beta schedule
+            ``alphas_cumprod_from_config`` does not know.
+    """
+    config = dict(config)
+    return zero_snr_output_type(alphas_cumprod_from_config(config)[-1], config.get("prediction_type", "epsilon"))
 
 
 def is_flow_config(config: dict[str, Any]) -> bool:

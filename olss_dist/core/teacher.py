@@ -111,11 +111,36 @@ def check_model_timesteps(timesteps: Any, num_train_timesteps: int | None = None
     return array
 
 
-def ddim_schedule(timesteps: Any, alphas_cumprod: Any) -> TeacherSchedule:
-    """The deterministic DDIM teacher over ``timesteps`` (strictly decreasing train timesteps), ending at alpha 1."""
+VP_OUTPUT_TYPES = ("epsilon", "v_prediction", "sample")
+"""What a VP teacher's outputs ``o_n`` are: ε (every model whose ᾱ stays above 0), v or the clean sample (zero
+terminal SNR, ``core.noise_process.vp_output_type``)."""
+
+
+def ddim_schedule(timesteps: Any, alphas_cumprod: Any, output_type: str = "epsilon") -> TeacherSchedule:
+    """The deterministic DDIM teacher over ``timesteps`` (strictly decreasing train timesteps), ending at alpha 1.
+
+    Args:
+        output_type: what the outputs are (``VP_OUTPUT_TYPES``): ``"epsilon"`` (``ddim_coefficients``), or the
+            same DDIM step written in v or x0 (``"sample"``) form (``vp_step_coefficients``), which stays finite
+            where ᾱ = 0 (zero terminal SNR).
+
+    Raises:
+        ValueError: bad timesteps, an unknown ``output_type``, or ε outputs on a schedule with ᾱ = 0 at a
+            teacher timestep (the ε step divides by √ᾱ).
+    """
     timesteps = validate_timesteps(timesteps)
     alphas = teacher_alphas(timesteps, alphas_cumprod)
-    a, b = np.array([ddim_coefficients(alphas[n], alphas[n + 1]) for n in range(len(timesteps))]).T
+    if output_type not in VP_OUTPUT_TYPES:
+        raise ValueError(f"output_type {output_type!r} not in {VP_OUTPUT_TYPES}")
+    if output_type == "epsilon":
+        if np.any(alphas[:-1] <= 0):
+            raise ValueError(
+                "alphas_cumprod is 0 at a teacher timestep (zero terminal SNR): the epsilon DDIM step divides by "
+                "sqrt(alpha); record v or x0 outputs (output_type 'v_prediction' or 'sample')"
+            )
+        a, b = np.array([ddim_coefficients(alphas[n], alphas[n + 1]) for n in range(len(timesteps))]).T
+    else:
+        a, b = np.array([vp_step_coefficients(alphas[n], alphas[n + 1], output_type) for n in range(len(timesteps))]).T
     return TeacherSchedule(timesteps.astype(np.float64), a, b, integer_timesteps=True)
 
 
@@ -159,6 +184,27 @@ def ddim_coefficients(alpha_now: float, alpha_next: float) -> tuple[float, float
     a = float(np.sqrt(alpha_next / alpha_now))
     b = float(np.sqrt(1.0 - alpha_next) - np.sqrt(alpha_next * (1.0 - alpha_now) / alpha_now))
     return a, b
+
+
+def vp_step_coefficients(alpha_now: float, alpha_next: float, output_type: str) -> tuple[float, float]:
+    """``(a, b)`` with ``x_next = a * x + b * o`` for one deterministic DDIM step, ``o`` in ``output_type`` form.
+
+    With ``x0 = sqrt(ᾱ) x - sqrt(1 - ᾱ) v`` and ``ε = sqrt(1 - ᾱ) x + sqrt(ᾱ) v`` (v prediction),
+    ``x_next = sqrt(ᾱ') x0 + sqrt(1 - ᾱ') ε`` gives ``a = sqrt(ᾱ' ᾱ) + sqrt((1 - ᾱ')(1 - ᾱ))`` and
+    ``b = sqrt((1 - ᾱ') ᾱ) - sqrt(ᾱ' (1 - ᾱ))``, finite at ᾱ = 0. With ``o = x0`` (``"sample"``),
+    ``ε = (x - sqrt(ᾱ) x0) / sqrt(1 - ᾱ)`` gives ``a = sqrt((1 - ᾱ') / (1 - ᾱ))``, ``b = sqrt(ᾱ') - a sqrt(ᾱ)``
+    (finite wherever ᾱ < 1). ``"epsilon"`` is ``ddim_coefficients``.
+    """
+    if output_type == "epsilon":
+        return ddim_coefficients(alpha_now, alpha_next)
+    if output_type == "v_prediction":
+        a = float(np.sqrt(alpha_next * alpha_now) + np.sqrt((1.0 - alpha_next) * (1.0 - alpha_now)))
+        b = float(np.sqrt((1.0 - alpha_next) * alpha_now) - np.sqrt(alpha_next * (1.0 - alpha_now)))
+        return a, b
+    if output_type == "sample":
+        a = float(np.sqrt((1.0 - alpha_next) / (1.0 - alpha_now)))
+        return a, float(np.sqrt(alpha_next) - a * np.sqrt(alpha_now))
+    raise ValueError(f"output_type {output_type!r} not in {VP_OUTPUT_TYPES}")
 
 
 def teacher_alphas(timesteps: Any, alphas_cumprod: Any) -> np.ndarray:
