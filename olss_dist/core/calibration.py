@@ -118,12 +118,36 @@ class Calibration:
         Returns:
             coefficients ``(K, K+1)`` and step_errors ``(K,)``: mean squared error per element.
         """
-        nodes = check_nodes(nodes, self.num_teacher_steps)
+        return self._fit(check_nodes(nodes, self.num_teacher_steps))
+
+    def fit_start(self, plan_nodes: Sequence[int], start_step: int) -> tuple[np.ndarray, np.ndarray]:
+        """Teacher-forced fit of the path ``plan_nodes`` started mid-way at its index ``start_step`` (img2img).
+
+        The sampler starts from the teacher state ``s_{n_s}`` (``n_s = plan_nodes[start_step]``), which takes
+        the place of ``x_T``: step ``r`` fits ``s_{n_{s+r+1}}`` (``s_N`` after the last node) on
+        ``[s_{n_s}, e_{n_s}, ..., e_{n_{s+r}}]``. R holds every state column, so this is the same small
+        least squares as ``fit`` (../shared/MATH.md, "Starting mid-way").
+
+        Args:
+            plan_nodes: the K nodes of the start-0 path (strictly increasing from 0).
+            start_step: ``s`` in ``[0, K)``.
+
+        Returns:
+            coefficients ``(K-s, K-s+1)`` over ``[x_start, o_s, ...]`` and step_errors ``(K-s,)``.
+        """
+        nodes = check_nodes(plan_nodes, self.num_teacher_steps)
+        integer = isinstance(start_step, (int, np.integer)) and not isinstance(start_step, bool)
+        if not integer or not 0 <= start_step < len(nodes):
+            raise ValueError(f"start_step must be an integer in [0, {len(nodes)}), got {start_step!r}")
+        return self._fit(nodes[int(start_step):])
+
+    def _fit(self, nodes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Fits of ``fit`` on checked ``nodes`` whose first node's state is the start (``x_T`` when it is 0)."""
         targets = nodes[1:] + [self.num_teacher_steps]
         coefficients = np.zeros((len(nodes), len(nodes) + 1))
         step_errors = np.zeros(len(nodes))
         for i, target in enumerate(targets):
-            features = [state_column(0)] + [output_column(n) for n in nodes[: i + 1]]
+            features = [state_column(nodes[0])] + [output_column(n) for n in nodes[: i + 1]]
             weights, residual = solve_from_r(self.r_factor, features, [state_column(target)])
             coefficients[i, : i + 2] = weights[:, 0]
             step_errors[i] = residual[0] / self.num_rows

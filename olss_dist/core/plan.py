@@ -17,11 +17,17 @@ class Plan:
     ``core.teacher.model_timestep``). The plan's own ``timesteps`` are what a sampler runs; ``nodes`` say
     where they sit on the teacher.
 
+    A plan that starts mid-way (img2img, inpainting; ``start_step = s > 0``) is the tail of a ``K``-step
+    sampler: its ``K - s`` steps run from the sample at step ``s`` (the noised image), which takes the place of
+    ``x_T`` in the rows: step ``r`` computes ``x_{s+r+1} = c[r, 0] * x_start + sum_{j <= r} c[r, j+1] * eps_{s+j}``.
+    Its ``nodes`` and ``timesteps`` are those of the ``K``-step start-0 plan from index ``s`` on.
+
     Attributes:
-        nodes: K strictly increasing teacher indices, ``nodes[0] == 0``. For fitted plans and VP built-ins
-            ``timesteps == teacher_timesteps[nodes]``. Flow built-ins' K-step timesteps are generally not
-            on the teacher's grid: their nodes are the nearest teacher indices (made strictly increasing),
-            informative only (search errors, reports); nothing samples or validates at them.
+        nodes: K (``K - start_step``) strictly increasing teacher indices, ``nodes[0] == 0`` (start-0 plans).
+            For fitted plans and VP built-ins ``timesteps == teacher_timesteps[nodes]``. Flow built-ins' K-step
+            timesteps are generally not on the teacher's grid: their nodes are the nearest teacher indices
+            (made strictly increasing), informative only (search errors, reports); nothing samples or
+            validates at them.
         timesteps: ``(K,)`` model timesteps of the steps: int64 train timesteps in ``[0, T)`` (VP) or
             float64 ``sigma * 1000`` in ``[0, T]`` (flow matching). Integer input stays int64, float input
             float64 (``core.teacher.check_model_timesteps``'s rule, without its checks).
@@ -32,6 +38,13 @@ class Plan:
         spacing: how the nodes were chosen (``"minimax"``, ``"uniform"``, ``"trailing"``...).
         candidates: every candidate considered for this step count with its validation scores.
         num_teacher_steps: N of the calibration the nodes index into.
+        starts: for a start-0 plan, what calibrating its mid-way starts found, one record per start step
+            (strength, start node, validation errors of the start plan and of the built-ins on the same
+            timesteps, whether the start plan serves or the scheduler's built-in fallback does).
+        start_step: ``s``, the index of the ``K``-step schedule this plan starts at (0: from pure noise); the
+            shapes above are then ``(K - s,)`` and ``(K - s, K - s + 1)``, and ``num_steps`` is still ``K``.
+        choice: why this candidate ships (``method.choice.Choice.record``: the best built-in, the bootstrap
+            interval of the RMSE ratio, a fallback to the built-in and its reason); empty when not chosen so.
     """
 
     nodes: list[int]
@@ -43,6 +56,9 @@ class Plan:
     spacing: str = "minimax"
     candidates: list[dict[str, Any]] = field(default_factory=list)
     num_teacher_steps: int | None = None
+    starts: list[dict[str, Any]] = field(default_factory=list)
+    start_step: int = 0
+    choice: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         self.nodes = [int(n) for n in self.nodes]
@@ -52,6 +68,10 @@ class Plan:
         self.coefficients = np.asarray(self.coefficients, dtype=np.float64)
         self.step_errors = np.asarray(self.step_errors, dtype=np.float64)
         self.search_errors = np.asarray(self.search_errors, dtype=np.float64)
+        start = self.start_step
+        if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
+            raise ValueError(f"start_step must be a non-negative integer, got {self.start_step!r}")
+        self.start_step = int(self.start_step)
         k = len(self.nodes)
         if self.timesteps.shape != (k,) or self.coefficients.shape != (k, k + 1):
             raise ValueError(
@@ -61,10 +81,16 @@ class Plan:
 
     @property
     def num_steps(self) -> int:
-        return len(self.nodes)
+        """K, the step count of the schedule (a start plan runs its last ``K - start_step`` steps)."""
+        return len(self.nodes) + self.start_step
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """``(num_steps, start_step)``: what tells plans apart (contract C2)."""
+        return self.num_steps, self.start_step
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able form."""
+        """Plain JSON-able form (``starts`` and ``start_step`` only when set, so other plans read as before)."""
         return {
             "num_steps": self.num_steps,
             "nodes": self.nodes,
@@ -76,6 +102,9 @@ class Plan:
             "spacing": self.spacing,
             "candidates": self.candidates,
             "num_teacher_steps": self.num_teacher_steps,
+            **({"starts": self.starts} if self.starts else {}),
+            **({"start_step": self.start_step} if self.start_step else {}),
+            **({"choice": self.choice} if self.choice else {}),
         }
 
     @classmethod
@@ -91,4 +120,7 @@ class Plan:
             spacing=data.get("spacing", "minimax"),
             candidates=list(data.get("candidates", [])),
             num_teacher_steps=data.get("num_teacher_steps"),
+            starts=list(data.get("starts", [])),
+            start_step=data.get("start_step", 0),
+            choice=dict(data.get("choice") or {}),
         )

@@ -67,11 +67,13 @@ class PlannedCalibration(Calibration):
 
 @dataclass
 class RolloutHistory:
-    """What rebuilds a rollout on another worker: its split, start timestep and every broadcast so far."""
+    """What rebuilds a rollout on another worker: its split, start timestep, every broadcast so far, and the
+    teacher node it started from (0: ``x_T``)."""
 
     split: str
     timestep: int | float
     advances: list[tuple[np.ndarray, int | float | None]] = field(default_factory=list)
+    start_node: int = 0
 
 
 class RayRolloutBackend(RolloutBackend):
@@ -137,18 +139,19 @@ class RayRolloutBackend(RolloutBackend):
         plans = planner.plans(self.planned_steps)
         return PlannedCalibration(calibration, {p.num_steps: p for p in plans})
 
-    def keep_train_states(self, nodes: Iterable[int]) -> None:
+    def keep_train_states(self, nodes: Iterable[int], validation_nodes: Iterable[int] = ()) -> None:
         """Every shard gets a live owner holding exactly the needed states (teacher rerun where they are gone)."""
-        self.owners.keep(nodes)
+        self.owners.keep(nodes, validation_nodes)
 
     # ------------------------------------------------------------------------------- on-policy rounds
 
-    def start(self, split: str, timestep: int | float) -> int:
+    def start(self, split: str, timestep: int | float, start_node: int = 0) -> int:
         handle = self.next_handle
         self.next_handle += 1
-        timestep = model_timestep(timestep)
-        self._on_owners(split, lambda actor, shards: actor.start_rollout.remote(handle, shards, timestep))
-        self.history[handle] = RolloutHistory(split, timestep)
+        timestep, start_node = model_timestep(timestep), int(start_node)
+        extra = (start_node, split) if start_node else ()
+        self._on_owners(split, lambda actor, shards: actor.start_rollout.remote(handle, shards, timestep, *extra))
+        self.history[handle] = RolloutHistory(split, timestep, start_node=start_node)
         return handle
 
     def statistics(self, handle: int, target_node: int) -> list[torch.Tensor]:
@@ -205,7 +208,8 @@ class RayRolloutBackend(RolloutBackend):
             shards = [shard for split, shard in items if split == history.split]
             if shards:
                 actor = self.pool.actors[worker]
-                get_or_raise(actor.replay_rollout.remote(handle, shards, history.timestep, history.advances))
+                extra = (history.start_node, history.split) if history.start_node else ()
+                get_or_raise(actor.replay_rollout.remote(handle, shards, history.timestep, history.advances, *extra))
 
     def _count_teacher_runs(self, runs: int) -> None:
         self.summary.teacher_runs += runs

@@ -59,6 +59,7 @@ class ShardOwners:
         self.on_recovery = on_recovery or (lambda: None)
         self.owner: dict[Key, int] = {}
         self.kept_nodes: list[int] | None = None
+        self.kept_validation_nodes: list[int] = []
 
     def __getitem__(self, key: Key) -> int:
         """The worker index owning shard ``key = (split, shard_id)``."""
@@ -68,16 +69,18 @@ class ShardOwners:
         """Record that ``worker`` ran the teacher of the shard and holds its states."""
         self.owner[(split, shard_id)] = worker
 
-    def keep(self, nodes: Iterable[int]) -> None:
-        """Every shard gets a live owner holding exactly its states at ``nodes`` (train) or its final state.
+    def keep(self, nodes: Iterable[int], validation_nodes: Iterable[int] = ()) -> None:
+        """Every shard gets a live owner holding exactly its states at ``nodes`` (train) or at
+        ``validation_nodes`` (other splits), and its final state.
 
         Shards without a live owner (restored from checkpoints, or their worker died for good) are spread
         round-robin; the owners rerun the teacher where states are gone. Preparing is idempotent, so a
         lost owner's part is simply redone on the shards' new owner.
         """
         self.kept_nodes = sorted({int(n) for n in nodes})
+        self.kept_validation_nodes = sorted({int(n) for n in validation_nodes})
         self._spread([key for key in self._all_keys() if not self._owned_by_live(key)])
-        for runs in self.call(None, lambda actor, items: actor.prepare_states.remote(items, self.kept_nodes)):
+        for runs in self.call(None, lambda actor, items: actor.prepare_states.remote(items, *self._kept())):
             self.on_teacher_runs(runs)
 
     def call(self, split: str | None, invoke: Callable[[Any, list[Item]], ray.ObjectRef]) -> list[Any]:
@@ -149,8 +152,12 @@ class ShardOwners:
         """States of ``items`` on ``worker`` (read back or recomputed), then the caller's own restore."""
         if self.kept_nodes is None:
             raise RuntimeError("shard states are recovered only after keep(nodes) chose the nodes to keep")
-        self.on_teacher_runs(get_or_raise(self.pool.actors[worker].prepare_states.remote(items, self.kept_nodes)))
+        self.on_teacher_runs(get_or_raise(self.pool.actors[worker].prepare_states.remote(items, *self._kept())))
         self.on_restored(worker, items)
+
+    def _kept(self) -> tuple[list[int], list[int]]:
+        """``prepare_states``' node arguments: the train nodes and the validation nodes (start plans' starts)."""
+        return self.kept_nodes, self.kept_validation_nodes
 
     def _spread(self, keys: Sequence[Key]) -> None:
         """Give the shards ``keys`` to the live workers, round-robin."""

@@ -157,21 +157,26 @@ class CalibrationWorker:
         return ShardResult(shard.shard_id, calibration.to_bytes(), time.perf_counter() - start, worker_name())
 
     def record_final_states(self, split: str, shard: Shard) -> ShardResult:
-        """Keep the teacher's final state of a shard (validation targets), reading it back when kept already."""
+        """Keep the teacher's states of a shard (validation: the final state is the target, a state at a node is
+        where a start plan's rollout starts), reading them back when kept already; ``prepare_states`` then
+        keeps only the final state and the start nodes."""
         start = time.perf_counter()
-        runs = self.ensure_states(split, shard, [self.final_node])
+        runs = self.ensure_states(split, shard, range(self.final_node + 1))
         return ShardResult(shard.shard_id, b"", time.perf_counter() - start, worker_name(), runs)
 
-    def prepare_states(self, shards: Sequence[tuple[str, Shard]], nodes: Sequence[int]) -> int:
-        """Make sure each (split, shard) has its states at ``nodes`` (train) or its final state (other
-        splits), rerunning the teacher where they are missing; then drop every other node.
+    def prepare_states(
+        self, shards: Sequence[tuple[str, Shard]], nodes: Sequence[int], validation_nodes: Sequence[int] = ()
+    ) -> int:
+        """Make sure each (split, shard) has its states at ``nodes`` (train) or at ``validation_nodes`` (other
+        splits: where start plans start), and its final state, rerunning the teacher where they are
+        missing; then drop every other node.
 
         Returns:
             the number of teacher reruns.
         """
         runs = 0
         for split, shard in shards:
-            needed = sorted(set(nodes) | {self.final_node}) if split == TRAIN else [self.final_node]
+            needed = sorted(set(nodes if split == TRAIN else validation_nodes) | {self.final_node})
             runs += self.ensure_states(split, shard, needed)
             self.states.restrict(state_key(split, shard), needed)
         return runs
@@ -181,8 +186,9 @@ class CalibrationWorker:
         key = state_key(split, shard)
         if self.states.has(key, nodes):
             return 0
+        nodes = list(nodes)
         states, _ = self.record(shard)
-        self.states.keep(key, states[:, list(nodes)], nodes)
+        self.states.keep(key, states[:, nodes], nodes)
         return 1
 
     def record(self, shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,12 +204,17 @@ class CalibrationWorker:
 
     # ------------------------------------------------------------------------------- on-policy rounds
 
-    def start_rollout(self, handle: int, shards: Sequence[Shard], timestep: int | float) -> None:
-        """Begin rollout ``handle`` on ``shards``: the model's output at each ``x_T``."""
+    def start_rollout(
+        self, handle: int, shards: Sequence[Shard], timestep: int | float, start_node: int = 0, split: str = TRAIN
+    ) -> None:
+        """Begin rollout ``handle`` on ``shards``: the model's output at each ``x_T``, or at the teacher's kept
+        state of ``split`` at node ``start_node`` when it is not 0 (a start plan's rollout)."""
         batches = self.rollouts.setdefault(handle, {})
         with torch.inference_mode():
             for shard in shards:
                 x_T, cond = self.inputs(shard)
+                if start_node:
+                    x_T = self._teacher_state(split, shard, start_node).to(x_T.device, x_T.dtype)
                 batch = Rollout(x_T, cond)
                 batch.outputs.append(self.model(x_T, timestep, cond))
                 batches[shard.shard_id] = batch
@@ -247,10 +258,10 @@ class CalibrationWorker:
 
     def replay_rollout(
         self, handle: int, shards: Sequence[Shard], timestep: int | float,
-        advances: Sequence[tuple[np.ndarray, int | float | None]],
+        advances: Sequence[tuple[np.ndarray, int | float | None]], start_node: int = 0, split: str = TRAIN,
     ) -> None:
         """Rebuild rollout ``handle`` on ``shards`` from its start and the advances made so far."""
-        self.start_rollout(handle, shards, timestep)
+        self.start_rollout(handle, shards, timestep, start_node, split)
         for weights, next_timestep in advances:
             self.advance_rollout(handle, shards, weights, next_timestep)
 

@@ -29,6 +29,8 @@ class RolloutBackend(ABC):
     A rollout is one run of a K-step sampler over every sample of a split, advanced one step at a time
     by the method: ``start`` calls the model at ``x_T``; ``statistics`` reduces the rows
     ``[x_T, ê_0..ê_i, s_target]`` to R factors; ``advance`` moves to ``x̂_{i+1}`` and calls the model again.
+    A rollout that starts mid-way (img2img start plans) starts from the teacher's state at a node
+    ``start_node`` instead, which then takes the place of ``x_T`` in all three.
     """
 
     @property
@@ -38,17 +40,20 @@ class RolloutBackend(ABC):
 
     @abstractmethod
     def record_teacher(self, schedule: TeacherSchedule) -> Calibration:
-        """Run the teacher ``schedule`` (a noise process's ``teacher_schedule(N)``) on both splits; keep train
-        states and validation final states; return the train calibration (timesteps ``schedule.stored_timesteps()``)."""
+        """Run the teacher ``schedule`` (a noise process's ``teacher_schedule(N)``) on both splits; keep every
+        state of both until ``keep_train_states``; return the train calibration (timesteps
+        ``schedule.stored_timesteps()``)."""
 
     @abstractmethod
-    def keep_train_states(self, nodes: Iterable[int]) -> None:
-        """Drop the teacher train states except at ``nodes`` (and the final state)."""
+    def keep_train_states(self, nodes: Iterable[int], validation_nodes: Iterable[int] = ()) -> None:
+        """Drop the teacher train states except at ``nodes``, and the validation states except at
+        ``validation_nodes`` (where start plans start), keeping each split's final state."""
 
     @abstractmethod
-    def start(self, split: str, timestep: int | float) -> int:
-        """Begin a rollout of ``split`` from ``x_T``, with the model called at ``timestep`` (``teacher.model_timestep``
-        form: int VP train timestep, float flow ``sigma * 1000``); returns its handle."""
+    def start(self, split: str, timestep: int | float, start_node: int = 0) -> int:
+        """Begin a rollout of ``split`` from ``x_T`` (``start_node`` 0) or from the teacher's state at node
+        ``start_node`` (kept by ``keep_train_states``), with the model called at ``timestep``
+        (``teacher.model_timestep`` form: int VP train timestep, float flow ``sigma * 1000``); returns its handle."""
 
     @abstractmethod
     def statistics(self, handle: int, target_node: int) -> list[torch.Tensor]:
@@ -117,7 +122,7 @@ class InProcessBackend(RolloutBackend):
         self.batch_size = batch_size
         self.progress = progress or (lambda message: None)
         self.train_states: dict[int, torch.Tensor] = {}
-        self.validation_final: torch.Tensor | None = None
+        self.validation_states: dict[int, torch.Tensor] = {}
         self.rollouts: dict[int, tuple[str, list[Rollout]]] = {}
 
     @property
@@ -138,11 +143,12 @@ class InProcessBackend(RolloutBackend):
         if VALIDATION not in self.splits:
             return Calibration.merge(calibrations)
         noise, cond = self.splits[VALIDATION]
-        final = [len(timesteps)]
-        self.validation_final = torch.cat([
-            schedule_states(self.denoiser, noise[rows], select(cond, rows), schedule, final)[:, 0]
+        every = list(range(len(timesteps) + 1))  # restricted by keep_train_states, as the train states are
+        states = torch.cat([
+            schedule_states(self.denoiser, noise[rows], select(cond, rows), schedule, every)
             for rows in batch_slices(len(noise), self.batch_size)
         ])
+        self.validation_states = {n: states[:, n] for n in every}
         self.progress(f"teacher: {len(noise)} validation trajectories")
         return Calibration.merge(calibrations)
 
@@ -162,14 +168,27 @@ class InProcessBackend(RolloutBackend):
         self.train_states = {n: states[:, i] for i, n in enumerate(keep)}
         self.progress(f"teacher: {len(noise)} train samples, {len(keep)} states kept")
 
-    def keep_train_states(self, nodes: Iterable[int]) -> None:
+    @property
+    def validation_final(self) -> torch.Tensor | None:
+        """``(V, *shape)`` the validation split's teacher final states (None before ``record_teacher``)."""
+        return self.validation_states[max(self.validation_states)] if self.validation_states else None
+
+    def keep_train_states(self, nodes: Iterable[int], validation_nodes: Iterable[int] = ()) -> None:
         keep = set(nodes) | {max(self.train_states)}
         self.train_states = {n: s.clone() for n, s in self.train_states.items() if n in keep}
+        if self.validation_states:
+            keep = set(validation_nodes) | {max(self.validation_states)}
+            self.validation_states = {n: s.clone() for n, s in self.validation_states.items() if n in keep}
 
-    def start(self, split: str, timestep: int | float) -> int:
+    def start(self, split: str, timestep: int | float, start_node: int = 0) -> int:
         if split not in self.splits:
             raise ValueError(f"no {split} split: this backend was built without one")
         noise, cond = self.splits[split]
+        if start_node:
+            kept = self.train_states if split == TRAIN else self.validation_states
+            if start_node not in kept:
+                raise ValueError(f"no teacher state of the {split} split kept at node {start_node}")
+            noise = kept[start_node]
         batches = [Rollout(noise[rows], select(cond, rows)) for rows in batch_slices(len(noise), self.batch_size)]
         for batch in batches:
             batch.outputs.append(self.denoiser(batch.x_T, timestep, batch.cond))

@@ -54,6 +54,7 @@ from olss_dist.method.rollouts import (
     RolloutBackend,
     error_summary,
 )
+from olss_dist.method.starts import fit_start_plans, start_nodes
 from olss_dist.spec import CalibrationSpec
 
 logger = logging.getLogger(__name__)
@@ -194,6 +195,7 @@ def run_method(
     builtins: Sequence[str] | None = None,
     ridges: Sequence[float] = DEFAULT_RIDGES,
     progress: Callable[[str], None] | None = None,
+    start_strengths: Sequence[float] = (),
 ) -> tuple[dict[int, Plan], Calibration]:
     """The method on any backend: returns the validated best plan per step count and the calibration.
 
@@ -206,6 +208,9 @@ def run_method(
         builtins: built-in solvers to include as candidates; None: the process's linear ones.
         ridges: relative ridge weights of the on-policy fits.
         progress: called with a line per scored candidate.
+        start_strengths: img2img strengths to fit start plans for after the start-0 plans
+            (``method.starts.fit_start_plans``); their plans are returned under keys ``(K, start_step)``
+            and each K-step plan's ``starts`` records what serves each start.
     """
     progress = progress or (lambda message: None)
     schedule = process.teacher_schedule(int(teacher)) if not isinstance(teacher, TeacherSchedule) else teacher
@@ -215,7 +220,8 @@ def run_method(
     calibration = backend.record_teacher(schedule)
     solvers = process_builtins(process)
     candidates = {k: candidates_for(calibration, k, solvers, builtins, ridges) for k in steps}
-    backend.keep_train_states({n for group in candidates.values() for c in group for n in c.nodes})
+    paths = [(c.nodes, c.step_timesteps(timesteps)) for group in candidates.values() for c in group]
+    backend.keep_train_states({n for nodes, _ in paths for n in nodes}, start_nodes(paths, timesteps, start_strengths))
     plans = {}
     for k, group in candidates.items():
         scored = []
@@ -238,6 +244,8 @@ def run_method(
             candidates=scored,
             num_teacher_steps=len(timesteps),
         )
+    if start_strengths:
+        plans.update(fit_start_plans(backend, process, calibration, plans, start_strengths, ridges, progress))
     return plans, calibration
 
 
@@ -268,7 +276,8 @@ def calibrate(
     scheduler_config: dict[str, Any] | None = None,
     mu: float | None = None,
     num_teacher_steps: int = DEFAULT_TEACHER_STEPS,
-) -> dict[int, Plan]:
+    start_strengths: Sequence[float] = (),
+) -> dict[int | tuple[int, int], Plan]:
     """OLSS calibration in one process: the reference the distributed job reproduces.
 
     The teacher is named one of two ways: ``scheduler_config`` (any diffusers scheduler config of the
@@ -291,9 +300,13 @@ def calibrate(
         scheduler_config: the model's diffusers scheduler config (names the noise process).
         mu: the dynamic shift of a flow config with ``use_dynamic_shifting`` (Flux: from the image size).
         num_teacher_steps: N of the ``scheduler_config`` teacher.
+        start_strengths: img2img strengths to fit start plans for (``method.starts``; the job's are
+            ``CalibrationSpec.img2img_strengths``); none by default.
 
     Returns:
-        ``{K: Plan}``, the validated best plan per step count.
+        ``{K: Plan}``, the validated best plan per step count, and ``{(K, s): Plan}`` the start plans that
+        beat the built-ins for ``start_strengths`` (``Plan.start_step == s``; ``plans[K].starts`` records
+        every start).
     """
     if validation_noise is None or validation_cond is None:
         raise ValueError("calibrate needs validation_noise and validation_cond (held-out samples choose the plan)")
@@ -301,7 +314,7 @@ def calibrate(
     noise = check_split(noise, cond, "noise")
     validation_noise = check_split(validation_noise, validation_cond, "validation_noise")
     backend = InProcessBackend(denoiser, noise, cond, validation_noise, validation_cond, batch_size, progress)
-    return run_method(backend, process, teacher, steps, builtins, ridges, progress)[0]
+    return run_method(backend, process, teacher, steps, builtins, ridges, progress, start_strengths=start_strengths)[0]
 
 
 def calibration_teacher(

@@ -13,8 +13,9 @@ Specs, tried in this order:
   only; ``HF_HUB_OFFLINE=1`` uses the local hub cache only, bounded timeouts otherwise).
 
 A folder's adapter follows the pipeline class its ``model_index.json`` names (``PIPELINES``):
-``StableDiffusionPipeline`` (SD 1.x/2.x), ``StableDiffusion3Pipeline`` (SD3/3.5), ``FluxPipeline`` (Flux);
-SDXL and every other class are refused. Hub downloads and remote copies take that family's files only.
+``StableDiffusionPipeline`` (SD 1.x/2.x), ``StableDiffusionXLPipeline`` (SDXL base), ``StableDiffusion3Pipeline``
+(SD3/3.5), ``FluxPipeline`` (Flux); the SDXL refiner and every other class are refused. Hub downloads and remote
+copies take that family's files only.
 
 Every failure is one ``ModelLoadError`` naming the spec and what was tried.
 """
@@ -66,12 +67,14 @@ def weight_files(component: str, weights: str) -> tuple[str, ...]:
     )
 
 
-def family_hub_files(text_encoders: tuple[str, ...], tokenizers: tuple[str, ...]) -> tuple[str, ...]:
-    """Hub allow-patterns of a transformer (SD3 / Flux) folder with these text encoders and tokenizers."""
+def family_hub_files(
+    text_encoders: tuple[str, ...], tokenizers: tuple[str, ...], denoiser: str = "transformer"
+) -> tuple[str, ...]:
+    """Hub allow-patterns of a folder with these text encoders and tokenizers, its ``denoiser`` and VAE."""
     files = ["model_index.json", "scheduler/scheduler_config.json"] + [f"{name}/*" for name in tokenizers]
     for name in text_encoders:
         files += weight_files(name, "model")
-    for name in ("transformer", "vae"):
+    for name in (denoiser, "vae"):
         files += weight_files(name, "diffusion_pytorch_model")
     return tuple(files)
 
@@ -87,8 +90,13 @@ class PipelineFamily:
 
 SD3_TEXT = (("text_encoder", "text_encoder_2", "text_encoder_3"), ("tokenizer", "tokenizer_2", "tokenizer_3"))
 FLUX_TEXT = (("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"))
+SDXL_TEXT = FLUX_TEXT  # CLIP-L and CLIP-G with their tokenizers
 PIPELINES = {
     "StableDiffusionPipeline": PipelineFamily("Stable Diffusion 1.x/2.x", HUB_FILES, REMOTE_PREFIXES),
+    "StableDiffusionXLPipeline": PipelineFamily(
+        "Stable Diffusion XL", family_hub_files(*SDXL_TEXT, denoiser="unet"),
+        ("model_index.json", "scheduler/", "unet/", "vae/") + tuple(f"{n}/" for n in sum(SDXL_TEXT, ())),
+    ),
     "StableDiffusion3Pipeline": PipelineFamily(
         "Stable Diffusion 3/3.5", family_hub_files(*SD3_TEXT),
         ("model_index.json", "scheduler/", "transformer/", "vae/") + tuple(f"{n}/" for n in sum(SD3_TEXT, ())),
@@ -108,13 +116,21 @@ def pipeline_class(index: dict[str, Any], where: str) -> str:
     A folder naming no class is tried as Stable Diffusion 1.x/2.x, as before there were other families.
 
     Raises:
-        ModelLoadError: SDXL, or any other class; the message names it and the supported ones.
+        ModelLoadError: an SDXL refiner, a one-encoder class naming a second text encoder, or any other class;
+            the message names it and the supported ones.
     """
+    from olss_dist.models.sdxl import is_refiner, refiner_error
+
     name = str(index.get("_class_name", ""))
+    if "XL" in name and is_refiner(index):
+        raise refiner_error(where)
     if name in PIPELINES and (name != "StableDiffusionPipeline" or "text_encoder_2" not in index):
         return name
-    if "XL" in name or ("text_encoder_2" in index and name in ("", "StableDiffusionPipeline")):
-        raise ModelLoadError(f"{where} is a {name or 'two-text-encoder'} model; SDXL's extra conditioning is not supported")
+    if "text_encoder_2" in index and name in ("", "StableDiffusionPipeline"):
+        raise ModelLoadError(
+            f"{where} names {name or 'no pipeline class'} but has a second text encoder; "
+            "an SDXL folder's model_index.json names StableDiffusionXLPipeline"
+        )
     if not name:
         return "StableDiffusionPipeline"
     raise ModelLoadError(f"{where}: pipeline class {name!r} is not supported; supported: {SUPPORTED}")
@@ -157,7 +173,7 @@ def load_model(
         device: where the network runs; default CUDA when available, else CPU.
         torch_dtype: network dtype; default fp16 on CUDA (bf16 for Flux), fp32 on CPU.
         storage_options: fsspec options for URI specs (credentials, ``endpoint_url``...).
-        resolution: pixels (an int, or ``(height, width)``) SD3 and Flux models calibrate at; default the
+        resolution: pixels (an int, or ``(height, width)``) SDXL, SD3 and Flux models calibrate at; default the
             model's own. SD 1.x/2.x models take only their own; the analytic models none.
 
     Raises:
@@ -215,6 +231,10 @@ def load_folder(
         from olss_dist.models.sd3 import StableDiffusion3Model
 
         return StableDiffusion3Model.from_folder(folder, model_id=model_id, resolution=resolution, **options)
+    if name == "StableDiffusionXLPipeline":
+        from olss_dist.models.sdxl import StableDiffusionXLModel
+
+        return StableDiffusionXLModel.from_folder(folder, model_id=model_id, resolution=resolution, **options)
     if name == "FluxPipeline":
         from olss_dist.models.flux import FluxModel
 

@@ -65,8 +65,9 @@ def load_calibrated_run(uri: str, storage_options: dict[str, Any] | None = None)
     plans = {}
     for entry in json.loads((directory / PLANS_FILE).read_text()):
         plan = Plan.from_dict(entry)
-        plans[plan.num_steps] = plan
-    shipped = {int(p["num_steps"]): p["timesteps"] for p in scheduler_config.get("plans", [])}
+        if not plan.start_step:  # start plans (img2img) are served by the scheduler; evaluate compares from noise
+            plans[plan.num_steps] = plan
+    shipped = {int(p["num_steps"]): p["timesteps"] for p in scheduler_config.get("plans", []) if not p.get("start_step")}
     for k, plan in plans.items():
         if shipped.get(k) != plan.timesteps.tolist():
             raise ValueError(f"run {uri}: {PLANS_FILE} and {SCHEDULER_CONFIG_FILE} disagree on the {k}-step timesteps")

@@ -1,0 +1,220 @@
+"""The SDXL adapter against ``StableDiffusionXLPipeline`` itself, and a tiny SDXL through the whole job.
+
+Exactness: the pipeline runs one step with a DDIM scheduler that records the guided output it is handed
+(``RecordingDDIM``), at a chosen train timestep and initial latent; the adapter must give the same tensor
+(ε, or ε from the pipeline's v) for the same prompts: zeroed empty negatives, stated negatives, a stated
+resolution (the size ids), guidance 1. Loading: folder, fsspec URI, offline hub cache; the refiner, an
+incomplete folder and a bad resolution are one line each. End to end: ``jobs/calibrate.py --teacher-steps 100
+--steps 5,10`` publishes a run whose scheduler drives ``StableDiffusionXLPipeline`` to finite images, along
+the very path the adapter's own loop over the published plan takes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+from olss_dist.models import load_model
+from olss_dist.models.common import ModelLoadError, TextConditioning
+from olss_dist.models.digest import content_digest
+from olss_dist.models.loading import PIPELINES
+from olss_dist.models.sdxl import StableDiffusionXLModel
+from olss_dist.scheduler import OLSSScheduler
+
+PROMPTS = ["a red fox in snow", "b2 square"]
+GUIDANCE_SCALE = 7.5  # the job's default, which the end-to-end run is calibrated at
+
+
+class RecordingDDIM(DDIMScheduler):
+    """DDIM whose single inference step is at ``fixed_timestep``, keeping the model output it is given."""
+
+    fixed_timestep = 999
+    recorded: list[torch.Tensor] = []
+
+    def set_timesteps(self, num_inference_steps, device=None):
+        super().set_timesteps(num_inference_steps, device)
+        self.timesteps = torch.tensor([self.fixed_timestep], device=device)
+
+    def step(self, model_output, timestep, sample, *args, **kwargs):
+        self.recorded.append(model_output.detach().clone())
+        return super().step(model_output, timestep, sample, *args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    from tiny_sdxl import tiny_sdxl_pipeline
+
+    made = {}
+    for prediction_type in ("epsilon", "v_prediction"):
+        root = tmp_path_factory.mktemp(f"sdxl-{prediction_type}")
+        tiny_sdxl_pipeline(root, prediction_type=prediction_type, seed=1 if prediction_type == "epsilon" else 2)
+        made[prediction_type] = root / "model"
+    return made
+
+
+def pipeline_output(folder, x, t, guidance_scale, negative_prompt=None, height=16, width=16, **call):
+    """The guided output ``StableDiffusionXLPipeline`` hands its scheduler at train timestep ``t`` from latents ``x``."""
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False)
+    pipe.scheduler = RecordingDDIM.from_config(pipe.scheduler.config)
+    pipe.scheduler.fixed_timestep, pipe.scheduler.recorded = t, []
+    pipe.set_progress_bar_config(disable=True)
+    pipe(
+        prompt=PROMPTS, negative_prompt=negative_prompt, latents=x.clone(), num_inference_steps=1, height=height,
+        width=width, guidance_scale=guidance_scale, output_type="latent", **call,
+    )
+    (recorded,) = pipe.scheduler.recorded
+    return recorded
+
+
+@pytest.mark.parametrize("t", [999, 400])
+def test_adapter_equals_the_pipelines_guided_output(folders, t):
+    """Default negatives (none: zeros, force_zeros_for_empty_prompt) and stated ones, guidance 7.5."""
+    model = load_model(str(folders["epsilon"]), device="cpu", guidance_scale=GUIDANCE_SCALE)
+    assert isinstance(model, StableDiffusionXLModel) and model.noise_process.kind == "vp"
+    assert model.resolution == (16, 16) and model.latent_shape == (4, 8, 8)
+    x = model.initial_noise([3, 4])
+    expected = pipeline_output(folders["epsilon"], x, t, GUIDANCE_SCALE)
+    cond = model.encode_prompts(PROMPTS)
+    assert isinstance(cond, TextConditioning) and cond.embeddings.shape == (2, 2, 16, 32) and cond.pooled.shape == (2, 2, 16)
+    assert not cond.embeddings[:, 0].any() and not cond.pooled[:, 0].any(), "an empty negative is zeros, as in the pipeline"
+    np.testing.assert_allclose(model(x, t, cond).numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+
+    negatives = ["blurry", "dark"]
+    expected = pipeline_output(folders["epsilon"], x, t, GUIDANCE_SCALE, negative_prompt=negatives)
+    np.testing.assert_allclose(model(x, t, model.encode_prompts(PROMPTS, negatives)).numpy(), expected.numpy(),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_a_stated_resolution_reaches_the_size_ids(folders):
+    """At 16x24 the latents are 8x12 and original_size = target_size = (16, 24): the pipeline's output at
+    height 16, width 24; the same latents with other size ids differ (the ids matter to this network)."""
+    model = load_model(str(folders["epsilon"]), device="cpu", resolution=(16, 24), guidance_scale=GUIDANCE_SCALE)
+    assert model.resolution == (16, 24) and model.latent_shape == (4, 8, 12)
+    assert model.add_time_ids.tolist() == [[16.0, 24.0, 0.0, 0.0, 16.0, 24.0]]
+    x = model.initial_noise([5, 6])
+    output = model(x, 700, model.encode_prompts(PROMPTS)).numpy()
+    expected = pipeline_output(folders["epsilon"], x, 700, GUIDANCE_SCALE, height=16, width=24)
+    np.testing.assert_allclose(output, expected.numpy(), rtol=1e-5, atol=1e-6)
+    other = pipeline_output(folders["epsilon"], x, 700, GUIDANCE_SCALE, height=16, width=24, original_size=(64, 64))
+    assert np.abs(other.numpy() - output).max() > 1e-3
+
+
+def test_v_prediction_is_converted_and_guidance_one_is_conditional(folders):
+    """A v model's guided v from the pipeline, as ε = √ᾱ v + √(1−ᾱ) x; guidance 1 runs the conditional branch only."""
+    model = load_model(str(folders["v_prediction"]), device="cpu", guidance_scale=1.0)
+    assert model.prediction_type == "v_prediction" and model.noise_process.output_type == "epsilon"
+    x, t = model.initial_noise([7, 8]), 600
+    v = pipeline_output(folders["v_prediction"], x, t, 1.0).double()
+    alpha = float(model.alphas_cumprod[t])
+    expected = alpha**0.5 * v + (1.0 - alpha) ** 0.5 * x.double()
+    np.testing.assert_allclose(model(x, t, model.encode_prompts(PROMPTS)).numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_calls_and_inputs_are_clear_errors(folders):
+    model = load_model(str(folders["epsilon"]), device="cpu")
+    x = model.initial_noise([0])
+    with pytest.raises(ValueError, match="TextConditioning"):
+        model(x, 10, torch.zeros(1, 2, 16, 32))
+    with pytest.raises(ValueError, match="timestep 1000 outside"):
+        model(x, 1000, model.encode_prompts(["a"]))
+    with pytest.raises(ModelLoadError, match="^resolution: .*SDXL, VAE scale 2") as error:
+        load_model(str(folders["epsilon"]), device="cpu", resolution=17)
+    assert "\n" not in str(error.value)
+
+
+def test_refiner_and_incomplete_folders_are_one_line(folders, tmp_path):
+    refiner = shutil.copytree(folders["epsilon"], tmp_path / "refiner")
+    index = json.loads((refiner / "model_index.json").read_text())
+    index.update(_class_name="StableDiffusionXLImg2ImgPipeline", text_encoder=[None, None], tokenizer=[None, None],
+                 requires_aesthetics_score=True)
+    (refiner / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match="is an SDXL refiner .* calibrate the SDXL base model") as error:
+        load_model(str(refiner), device="cpu")
+    assert "\n" not in str(error.value)
+    incomplete = shutil.copytree(folders["epsilon"], tmp_path / "incomplete")
+    shutil.rmtree(incomplete / "text_encoder_2")
+    with pytest.raises(ModelLoadError, match="not a complete diffusers SDXL folder: no text_encoder_2/$"):
+        load_model(str(incomplete), device="cpu")
+
+
+def test_uri_and_offline_hub_id_load_the_sdxl_files(folders, tmp_path, monkeypatch):
+    import fsspec
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("OLSS_MODEL_CACHE_DIR", str(tmp_path / "cache"))
+    memory = fsspec.filesystem("memory")
+    remote = f"memory://sdxl-{tmp_path.name}/base"
+    memory.put(str(folders["epsilon"]), remote, recursive=True)
+    memory.pipe(f"{remote}/notes/readme.txt", b"not part of the model")
+    try:
+        model = load_model(remote, device="cpu")
+        assert isinstance(model, StableDiffusionXLModel) and model.digest == content_digest(folders["epsilon"])
+        (copy,) = (tmp_path / "cache").glob("*/*")
+        assert (copy / "text_encoder_2").is_dir() and (copy / "tokenizer_2").is_dir() and not (copy / "notes").exists()
+    finally:
+        memory.rm(remote, recursive=True)
+
+    # A hub snapshot in the local cache (HF_HUB_OFFLINE): the layout huggingface_hub writes.
+    revision = "0" * 40
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-sdxl"
+    shutil.copytree(folders["epsilon"], repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # read at import otherwise
+    model = load_model("tiny-org/tiny-sdxl", device="cpu")
+    assert isinstance(model, StableDiffusionXLModel) and model.model_id == "tiny-org/tiny-sdxl"
+    patterns = PIPELINES["StableDiffusionXLPipeline"].hub_files
+    assert "unet/diffusion_pytorch_model.safetensors" in patterns and "text_encoder_2/model.safetensors" in patterns
+
+
+@pytest.mark.slow
+def test_job_publishes_a_scheduler_that_drives_the_sdxl_pipeline(folders, tmp_path):
+    """``jobs/calibrate.py --model <folder> --teacher-steps 100 --steps 5,10``; the published scheduler in
+    ``StableDiffusionXLPipeline`` gives finite images at 5 and 10 steps, and at 10 steps the pipeline's final
+    latent is the adapter's own loop over the published plan (the pipeline conditions as calibrated)."""
+    from test_flow_pipelines_e2e import JOB_TIMEOUT_S, REPO, job_env, published_run
+
+    output, prompts = tmp_path / "registry", tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"{color} {shape}" for color in ("red", "blue") for shape in ("dot", "box", "cat", "sun", "bar")))
+    command = [
+        sys.executable, "jobs/calibrate.py", "--output", str(output), "--model", str(folders["epsilon"]), "--prompts",
+        str(prompts), "--teacher-steps", "100", "--steps", "5,10", "--shard-size", "4", "--device", "cpu",
+        "--local-cpus", "2", "--quiet",
+    ]
+    result = subprocess.run(command, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    run = published_run(result, output)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["resolution"] == [16, 16] and manifest["model"]["digest"] == content_digest(folders["epsilon"])
+    assert manifest["teacher_steps"] == 100 and manifest["planned_step_counts"] == [5, 10]
+    config = json.loads((run / "scheduler_config.json").read_text())
+    assert config["prediction_type"] == "epsilon" and len(config["trained_betas"]) == 1000  # the model's own VP process
+
+    model = load_model(str(folders["epsilon"]), device="cpu", guidance_scale=GUIDANCE_SCALE)
+    prompt = "red box"
+    pipe = StableDiffusionXLPipeline.from_pretrained(
+        folders["epsilon"], scheduler=OLSSScheduler.from_pretrained(str(run)), add_watermarker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    for steps in (5, 10):
+        images = pipe(prompt, num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE, output_type="np",
+                      generator=torch.Generator().manual_seed(0)).images
+        assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
+
+    x_T = model.initial_noise([11])
+    latents = pipe(prompt, num_inference_steps=10, guidance_scale=GUIDANCE_SCALE, latents=x_T.clone(),
+                   output_type="latent").images
+    scheduler = OLSSScheduler.from_pretrained(str(run))
+    assert scheduler.available_steps == [5, 10], "the published plans are what the scheduler serves"
+    scheduler.set_timesteps(10)
+    cond, x = model.encode_prompts([prompt]), x_T.clone()
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(x, int(t), cond), t, x).prev_sample
+    np.testing.assert_allclose(latents.numpy(), x.numpy(), rtol=1e-4, atol=1e-5)
