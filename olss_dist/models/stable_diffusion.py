@@ -41,7 +41,8 @@ def check_model_index(folder: Path, index: dict[str, Any]) -> None:
     pipeline_class = str(index.get("_class_name", ""))
     if "XL" in pipeline_class or "text_encoder_2" in index:
         raise ModelLoadError(
-            f"{folder} is a {pipeline_class or 'two-text-encoder'} model; SDXL's extra conditioning is not supported"
+            f"{folder} is a {pipeline_class or 'two-text-encoder'} model; load SDXL folders with load_model "
+            "(StableDiffusionXLModel), not StableDiffusionModel"
         )
     missing = [c for c in REQUIRED_COMPONENTS if not (folder / c).is_dir()]
     if missing:
@@ -121,7 +122,8 @@ class StableDiffusionModel(DiffusionModel):
         """Load UNet, text encoder, tokenizer and scheduler config from a local diffusers SD folder.
 
         Defaults: CUDA when available; fp16 weights on CUDA, fp32 on CPU. Raises ``ModelLoadError``
-        (a ``ValueError``) naming the folder when it is missing, incomplete, SDXL or unreadable.
+        (a ``ValueError``) naming the folder when it is missing, incomplete, SDXL (``StableDiffusionXLModel``'s) or
+        unreadable.
         """
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
