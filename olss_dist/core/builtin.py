@@ -14,6 +14,13 @@ linear combinations of ``x_T`` and the outputs so far. Running it on basis vecto
 combinations off: ``x_T = (1, 0, ..., 0)`` and the output at step ``j`` the unit vector ``j+1`` of a
 ``(K+1)``-dimensional space; the state after step ``i`` is row ``i`` of the coefficients. Flow-matching
 Euler, DPM-Solver++ and UniPC (flow prediction) are linear the same way.
+
+VP solvers take the model's outputs in the form ``core.noise_process.vp_output_type`` names (contract C1):
+ε, except with zero terminal SNR (ᾱ_{T-1} = 0, ``rescale_betas_zero_snr``), where they run with the model's
+own v (or sample) prediction and are linear in ``(sample, v)`` the same way. There each solver gets the
+schedule as diffusers runs it at zero SNR (``zero_snr_solver_config``): DDIM keeps ᾱ = 0, the sigma-based
+solvers clamp it to 2⁻²⁴ (DPM-Solver++ and UniPC do so themselves; DEIS and PNDM, which have no
+``rescale_betas_zero_snr``, are given the clamped schedule as trained betas).
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from olss_dist.core.noise_process import FlowMatchingProcess, NoiseProcess, VPProcess
+from olss_dist.core.noise_process import FlowMatchingProcess, NoiseProcess, VPProcess, vp_output_type
+from olss_dist.core.noise_schedule import alphas_cumprod_from_config
 from olss_dist.core.plan import Plan
 
 SPACINGS: dict[str, dict[str, Any]] = {
@@ -49,6 +57,9 @@ FLOW_SETTINGS: dict[str, Any] = {"use_flow_sigmas": True, "prediction_type": "fl
 
 LINEAR_SETTINGS: dict[str, Any] = {"clip_sample": False, "thresholding": False}
 """What keeps a linear solver's step linear: no clipping or thresholding of the predicted clean sample."""
+
+ZERO_SNR_CLAMP = 2.0**-24
+"""ᾱ at the last train timestep that diffusers' sigma-based solvers use at zero terminal SNR (σ finite)."""
 
 
 @dataclass(frozen=True)
@@ -79,16 +90,17 @@ class BuiltinSolver:
         """Whether the scheduler's ``__init__`` takes ``key``."""
         return key in inspect.signature(self.scheduler_class.__init__).parameters
 
-    def overrides(self, spacing: str, linear: bool = False) -> dict[str, Any]:
+    def overrides(self, spacing: str, linear: bool = False, output_type: str = "epsilon") -> dict[str, Any]:
         """The settings over the model's config: the solver's own, the spacing's and (``linear``) ``LINEAR_SETTINGS``,
-        each key only where the scheduler takes it; always epsilon prediction (model adapters return epsilon)."""
+        each key only where the scheduler takes it; VP solvers predict ``output_type`` (what model adapters
+        return: ε, or v / sample at zero terminal SNR, ``vp_output_type``)."""
         if spacing not in self.spacings:
             raise ValueError(f"unknown spacing {spacing!r} for a {self.family} solver; choose from {list(self.spacings)}")
         taken = {**SPACINGS[spacing], **(LINEAR_SETTINGS if linear else {})}
         overrides = {**self.settings, **{k: v for k, v in taken.items() if self.accepts(k)}}
         if self.family == "flow":
             return overrides
-        return {**overrides, "prediction_type": "epsilon"}
+        return {**overrides, "prediction_type": output_type}
 
 
 BUILTIN_SOLVERS: dict[str, BuiltinSolver] = {
@@ -147,6 +159,12 @@ def builtin_scheduler(name: str, model_scheduler_config: dict[str, Any], spacing
     """
     check_builtins([name], linear)
     solver = BUILTIN_SOLVERS[name]
+    if solver.family == "vp":
+        output_type = solver_output_type(model_scheduler_config)
+        if output_type != "epsilon":
+            return solver.scheduler_class.from_config(
+                zero_snr_solver_config(name, model_scheduler_config), **solver.overrides(spacing, linear, output_type)
+            )
     overrides = solver.overrides(spacing, linear)
     if solver.family == "flow" and solver.accepts("flow_shift"):
         # The model's (static) shift; with dynamic shifting set_timesteps(mu=...) replaces it by exp(mu).
@@ -155,6 +173,33 @@ def builtin_scheduler(name: str, model_scheduler_config: dict[str, Any], spacing
     if solver.family == "flow":  # the flow-matching keys a multistep solver does not take would only warn
         config = {k: v for k, v in config.items() if k.startswith("_") or solver.accepts(k)}
     return solver.scheduler_class.from_config(config, **overrides)
+
+
+def solver_output_type(model_scheduler_config: dict[str, Any]) -> str:
+    """``vp_output_type`` of a VP config; ``"epsilon"`` for a beta schedule only diffusers knows (as before C1)."""
+    try:
+        alphas_cumprod_from_config(dict(model_scheduler_config))
+    except ValueError:
+        return "epsilon"
+    return vp_output_type(model_scheduler_config)
+
+
+def zero_snr_solver_config(name: str, model_scheduler_config: dict[str, Any]) -> dict[str, Any]:
+    """The model's zero-terminal-SNR scheduler config as VP solver ``name`` runs it (see the module docstring).
+
+    Solvers with ``rescale_betas_zero_snr`` get it set (on an exact trained-betas schedule, whose ᾱ is already 0
+    at the end, the rescaling is the identity) and handle ᾱ = 0 themselves; the others get the model's ᾱ with the
+    last one clamped to ``ZERO_SNR_CLAMP``, as trained betas.
+    """
+    solver = BUILTIN_SOLVERS[name]
+    config = dict(model_scheduler_config)
+    if solver.accepts("rescale_betas_zero_snr"):
+        return {**config, "rescale_betas_zero_snr": True}
+    alphas_cumprod = alphas_cumprod_from_config(config)
+    alphas_cumprod[-1] = ZERO_SNR_CLAMP
+    config.pop("rescale_betas_zero_snr", None)
+    config.pop("_use_default_values", None)  # a diffusers .config listing trained_betas there would drop ours
+    return {**config, **exact_vp_config(alphas_cumprod)}
 
 
 def scheduler_coefficients(scheduler, num_steps: int, mu: float | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -266,7 +311,10 @@ def process_builtins(process: NoiseProcess) -> ProcessBuiltins:
     """The built-in candidates of a noise process: VP as DDIM, DPM-Solver++ 2M, UniPC, DEIS (trailing);
     flow matching as FlowMatch Euler, DPM-Solver++ 2M and UniPC with flow sigmas and the model's shift."""
     if isinstance(process, VPProcess):
-        return ProcessBuiltins(LINEAR_BUILTINS, exact_vp_config(process.alphas_cumprod), "trailing")
+        config = exact_vp_config(process.alphas_cumprod)
+        if process.output_type != "epsilon":  # zero terminal SNR: the solvers predict what the model outputs (C1)
+            config["prediction_type"] = process.output_type
+        return ProcessBuiltins(LINEAR_BUILTINS, config, "trailing")
     if isinstance(process, FlowMatchingProcess):
         config = process.scheduler_config()
         if process.mu is not None and config.get("time_shift_type", "exponential") != "exponential":

@@ -1,7 +1,10 @@
-"""Stable Diffusion (1.x / 2.x) adapter: a local diffusers folder as a guided ε denoiser.
+"""Stable Diffusion (1.x / 2.x) adapter: a local diffusers folder as a guided ε (or, zero-SNR, v) denoiser.
 
 Only what the denoiser needs is loaded up front (UNet, text encoder, tokenizer, scheduler config);
 the VAE is loaded on the first ``decode``. Weights are read from safetensors only (never pickle).
+The denoiser's outputs are in the form of ``core.noise_process.vp_output_type`` (contract C1): ε, v-prediction
+converted with the model's ᾱ_t, unless the schedule has zero terminal SNR (``rescale_betas_zero_snr``, ᾱ = 0
+at t = T-1), where the guided v is returned as is (ε is infinite there) and an ε model is refused.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from olss_dist.core.noise_process import vp_output_type
 from olss_dist.core.noise_schedule import alphas_cumprod_from_config
 from olss_dist.models.base import DiffusionModel
 from olss_dist.models.common import (
@@ -54,8 +58,10 @@ class StableDiffusionModel(DiffusionModel):
 
     Use ``StableDiffusionModel.from_folder``. ``cond`` is ``(B, 2, L, D)`` text embeddings, index 0 the
     negative (unconditional) prompt, index 1 the prompt. One call runs the UNet once on the batch
-    ``[x; x]`` against ``[negatives; prompts]``; v-prediction outputs are converted to ε with the
-    model's own ᾱ_t: ``ε = √ᾱ_t · v + √(1 − ᾱ_t) · x``.
+    ``[x; x]`` against ``[negatives; prompts]``; guidance combines the UNet's own outputs, as
+    ``StableDiffusionPipeline`` does (CFG on v for v-prediction models; no ``guidance_rescale``). v-prediction
+    outputs are then converted to ε with the model's own ᾱ_t, ``ε = √ᾱ_t · v + √(1 − ᾱ_t) · x``, except
+    with zero terminal SNR, where ``output_type`` is ``"v_prediction"`` and the guided v is returned.
 
     Args:
         folder: the diffusers folder (kept for the lazily loaded VAE).
@@ -96,8 +102,9 @@ class StableDiffusionModel(DiffusionModel):
         self.prediction_type = prediction_type
         try:
             self.alphas_cumprod = alphas_cumprod_from_config(scheduler_config)
+            self.output_type = vp_output_type(scheduler_config)  # "epsilon", or "v_prediction" at zero terminal SNR
         except ValueError as error:
-            raise ModelLoadError(str(error)) from None
+            raise ModelLoadError(f"{folder}: {error}") from None
         self.device = unet.device
         self.dtype = unet.dtype
         size = unet.config.sample_size
@@ -176,7 +183,8 @@ class StableDiffusionModel(DiffusionModel):
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: int, cond: torch.Tensor) -> torch.Tensor:
-        """Guided ε for ``x (B, *latent_shape)`` at train timestep ``t``; same shape, dtype and device as ``x``.
+        """Guided ε (zero terminal SNR: guided v, ``output_type``) for ``x (B, *latent_shape)`` at train timestep
+        ``t``; same shape, dtype and device as ``x``.
 
         The UNet runs in its own dtype; guidance and the v→ε conversion run in float32, or float64 when
         ``x`` is float64.
@@ -187,7 +195,7 @@ class StableDiffusionModel(DiffusionModel):
         self.check_inputs(x, cond)
         compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         output = self.guided_network_output(x, t, cond).to(x.device, compute_dtype)
-        if self.prediction_type == "v_prediction":
+        if self.prediction_type == "v_prediction" and self.output_type == "epsilon":
             alpha = float(self.alphas_cumprod[t])
             output = alpha**0.5 * output + (1.0 - alpha) ** 0.5 * x.to(compute_dtype)
         return output.to(x.dtype)
