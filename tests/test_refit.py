@@ -262,12 +262,12 @@ def fake_target(model: str = "model-x"):
     return target_of(CalibrationSpec(model, steps=(2,), teacher_steps=20), "d" * 64)
 
 
-@pytest.fixture(params=["file", "s3"])
+@pytest.fixture(params=["file", "s3", "gs"])
 def store_root(request, tmp_path) -> str:
-    """A registry root on the local filesystem (file://) or on the moto S3 server."""
+    """A registry root on the local filesystem (file://), the moto S3 server or the GCS emulator."""
     if request.param == "file":
         return (tmp_path / "store").as_uri()
-    return request.getfixturevalue("s3_root")
+    return request.getfixturevalue("s3_root" if request.param == "s3" else "gcs_root")
 
 
 def test_racing_claims_start_one_attempt(store_root):

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
+import logging
 import os
 import secrets
 import threading
@@ -27,6 +29,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from olss_dist.artifacts.errors import ArtifactError, PreconditionFailed
+from olss_dist.artifacts.options import resolve_storage_options
 
 # Per-request bounds: a dead endpoint fails in about S3_ATTEMPTS * (connect or read timeout) seconds.
 S3_CONNECT_TIMEOUT_S = 5
@@ -286,7 +289,10 @@ class S3Store(BucketStore):
 
 
 class GCSStore(BucketStore):
-    """Google Cloud Storage through gcsfs; generation preconditions. Written against gcsfs's API, untested here."""
+    """Google Cloud Storage through gcsfs's JSON-API filesystem; generation preconditions (``ifGenerationMatch``).
+
+    Tested against fake-gcs-server on 127.0.0.1 (tests/conftest.py, ``.ci/run``).
+    """
 
     def check_root(self, create: bool) -> None:
         bucket, _ = self._bucket_key("")
@@ -297,9 +303,11 @@ class GCSStore(BucketStore):
 
     def write_new(self, key: str, data: bytes) -> None:
         try:
-            self.fs.pipe_file(self.path(key), data, mode="create")
+            self.fs.pipe_file(self.path(key), data, mode="create")  # a multipart upload with ifGenerationMatch=0
         except FileExistsError:  # gcsfs maps HTTP 412 to FileExistsError
             raise PreconditionFailed(f"{self.uri(key)} already exists") from None
+        finally:
+            self.fs.invalidate_cache(self.fs._parent(self.path(key)))
 
     def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
         bucket, object_key = self._bucket_key(key)
@@ -310,20 +318,31 @@ class GCSStore(BucketStore):
         return data, str(headers["x-goog-generation"])
 
     def replace_if(self, key: str, data: bytes, token: str | None) -> None:
+        """A multipart upload (metadata, then content) carrying ``ifGenerationMatch``: the form in which GCS and
+        its emulators both honour the precondition (fake-gcs-server ignores it on ``uploadType=media``)."""
         from gcsfs.core import quote
 
         bucket, object_key = self._bucket_key(key)
+        boundary = f"olss-{secrets.token_hex(12)}"
+        body = b"".join(
+            [
+                f"--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n".encode(),
+                json.dumps({"name": object_key, "contentType": "application/json"}).encode(),
+                f"\r\n--{boundary}\r\nContent-Type: application/json\r\n\r\n".encode(),
+                data,
+                f"\r\n--{boundary}--".encode(),
+            ]
+        )
         try:
             self.fs.call(
                 "POST",
                 f"{self.fs._location}/upload/storage/v1/b/{quote(bucket)}/o",
-                uploadType="media",
-                name=object_key,
+                uploadType="multipart",
                 ifGenerationMatch="0" if token is None else token,
-                data=data,
-                headers={"Content-Type": "application/json"},
+                data=body,
+                headers={"Content-Type": f'multipart/related; boundary="{boundary}"'},
             )
-        except FileExistsError:
+        except (FileExistsError, FileNotFoundError):  # 412; 404 where the object vanished since it was read
             raise PreconditionFailed(f"{self.uri(key)} changed since it was read") from None
         finally:
             self.fs.invalidate_cache(self.fs._parent(self.path(key)))
@@ -366,7 +385,10 @@ def _default_options(protocol: str) -> dict[str, Any]:
             },
         }
     if protocol in {"gs", "gcs"}:
-        return {"use_listings_cache": False}
+        options: dict[str, Any] = {"use_listings_cache": False}
+        if os.environ.get("STORAGE_EMULATOR_HOST"):
+            options["token"] = "anon"  # an emulator authenticates nobody (google-cloud-storage does the same)
+        return options
     return {}
 
 
@@ -388,13 +410,33 @@ _FILESYSTEMS_LOCK = threading.Lock()
 _ENVIRONMENT_PREFIXES = ("AWS_", "GOOGLE_", "GCE_", "FSSPEC_", "STORAGE_EMULATOR_HOST")
 
 
+def _gcs_filesystem_class() -> type:
+    """gcsfs's JSON-API filesystem, not the class ``gs://`` resolves to by default (gcsfs >= 2025.x: its
+    experimental ``ExtendedGcsFileSystem``). That one first asks the Storage Control gRPC API for each bucket's
+    layout, which an endpoint override (an emulator, a private endpoint) does not serve: 60 s of retries per
+    bucket there. Every request this store makes is a JSON-API one; zonal (Rapid) buckets are not supported.
+
+    gcsfs logs a traceback (``logger.exception``) when it gives up retrying; without a handler, Python's
+    last-resort handler would print it under our one error line, so its logger gets a ``NullHandler`` (records
+    still reach the handlers an application configures)."""
+    from gcsfs.core import GCSFileSystem
+
+    logger = logging.getLogger("gcsfs")
+    if not any(isinstance(handler, logging.NullHandler) for handler in logger.handlers):
+        logger.addHandler(logging.NullHandler())
+    return GCSFileSystem
+
+
 def _filesystem(protocol: str, options: dict[str, Any]) -> fsspec.AbstractFileSystem:
     """One filesystem per protocol, options and storage environment, shared by threads."""
     environment = sorted((name, value) for name, value in os.environ.items() if name.startswith(_ENVIRONMENT_PREFIXES))
     key = fsspec.utils.tokenize(protocol, options, environment)
     with _FILESYSTEMS_LOCK:
         if key not in _FILESYSTEMS:
-            _FILESYSTEMS[key] = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
+            if protocol in {"gs", "gcs"}:
+                _FILESYSTEMS[key] = _gcs_filesystem_class()(skip_instance_cache=True, **options)
+            else:
+                _FILESYSTEMS[key] = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
         return _FILESYSTEMS[key]
 
 
@@ -402,7 +444,9 @@ def open_store(uri: str, storage_options: dict[str, Any] | None = None) -> Store
     """The store rooted at ``uri`` (a local path or a single-protocol fsspec URI, e.g. ``s3://bucket/prefix``).
 
     Credentials and endpoints come from the standard environment (``AWS_ENDPOINT_URL``, the AWS credential
-    chain, ``GOOGLE_APPLICATION_CREDENTIALS``...) and from ``storage_options``, which win. S3 requests get
+    chain, ``GOOGLE_APPLICATION_CREDENTIALS``, ``STORAGE_EMULATOR_HOST``...) and from ``storage_options``, which
+    win; their ``env:NAME`` and ``file:PATH`` values are resolved here, in this process
+    (``olss_dist.artifacts.options``). S3 requests get
     bounded timeouts and ``S3_ATTEMPTS`` attempts so a dead endpoint fails in seconds, not minutes.
     """
     if not isinstance(uri, str) or not uri.strip():
@@ -417,7 +461,7 @@ def open_store(uri: str, storage_options: dict[str, Any] | None = None) -> Store
     except (ImportError, ValueError) as error:
         raise ArtifactError(f"cannot open {uri}: no usable fsspec backend for {protocol!r} ({error})") from error
     options = _merge_options(_default_options(protocol), filesystem_class._get_kwargs_from_urls(uri))
-    options = _merge_options(options, storage_options or {})
+    options = _merge_options(options, resolve_storage_options(storage_options))
     try:
         fs = _filesystem(protocol, options)
     except (TypeError, ValueError) as error:
