@@ -37,12 +37,14 @@ REFIT_TIMEOUT_S = 300
 @dataclass
 class JobsApi:
     """What the stand-in answers. ``jobs``: submission id -> status; ``submit_status``: the HTTP status of
-    POST /api/jobs/ for a new id (200 creates the job); ``auth_status``: 401/403 for every request, or None."""
+    POST /api/jobs/ for a new id (200 creates the job); ``auth_status``: 401/403 for every request, or None;
+    ``requests``: the bodies of the POSTs received."""
 
     jobs: dict[str, str] = field(default_factory=dict)
     submit_status: int = 200
     auth_status: int | None = None
     submitted: list[str] = field(default_factory=list)
+    requests: list[dict] = field(default_factory=list)  # every POST /api/jobs/ body, as sent
 
 
 def jobs_api_handler(api: JobsApi) -> type[BaseHTTPRequestHandler]:
@@ -83,6 +85,7 @@ def jobs_api_handler(api: JobsApi) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:
             request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            api.requests.append(request)
             if self.refused_credentials():
                 return
             submission_id = request["submission_id"]

@@ -7,6 +7,7 @@ heartbeat is older than ``lease_s`` is taken as abandoned.
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
 import shutil
@@ -38,6 +39,7 @@ from olss_dist.apps.refit.records import (
 from olss_dist.apps.refit.registry import local_or_uri
 from olss_dist.artifacts import ArtifactError, find_complete_run
 from olss_dist.artifacts.layout import utc_now
+from olss_dist.artifacts.options import StorageOptionError, check_submittable
 from olss_dist.artifacts.stores import open_store
 from olss_dist.distributed.submission import RayJobs, SubmissionError, SubmissionKind
 from olss_dist.spec import CalibrationSpec, ExecutionConfig, SpecError
@@ -72,8 +74,9 @@ class RefitOptions:
     Attributes:
         execution: what every job runs with: ``output`` (the registry root runs are looked up in and
             published to), device, num_workers, shard_size; ``address`` only for inline runs (the Ray
-            cluster to join); ``storage_options`` for the store, the registry and inline jobs
-            (submitted jobs use the cluster's environment: no secrets in job metadata).
+            cluster to join); ``storage_options`` for the store, the registry and every job: submitted jobs
+            get them in their entrypoint, so there they may hold secrets only as ``env:NAME`` / ``file:PATH``
+            references resolved on the cluster (``olss_dist.artifacts.options``; literal ones are refused).
         inline: run ``run_job`` in this process instead of submitting Ray jobs.
         address: Ray Jobs API address (``http://head:8265``) for submissions; None: ``RAY_ADDRESS``.
         working_dir: the checkout whose ``jobs/`` and ``olss_dist/`` are uploaded (as a snapshot) with each
@@ -99,6 +102,11 @@ class RefitOptions:
             raise SpecError("max_running", f"must be at least 1, got {self.max_running}")
         if self.lease_s <= 0:
             raise SpecError("lease_s", f"must be positive, got {self.lease_s}")
+        if not self.inline:
+            try:
+                check_submittable(self.execution.storage_options)
+            except StorageOptionError as error:
+                raise SpecError("storage_options", str(error)) from None
 
     @property
     def storage_options(self) -> dict[str, Any]:
@@ -114,9 +122,11 @@ class AttemptState:
 
 
 def job_arguments(spec: CalibrationSpec, execution: ExecutionConfig) -> list[str]:
-    """``jobs/calibrate.py`` arguments of a submitted job: the spec's and the execution's command-line forms
-    (no storage options: the job's metadata is readable on the cluster)."""
-    return [*spec.to_arguments(), *execution.to_arguments(), "--quiet"]
+    """``jobs/calibrate.py`` arguments of a submitted job: the spec's and the execution's command-line forms,
+    and the storage options when there are any, as written: references (``env:NAME``, ``file:PATH``) that the
+    job resolves on the cluster, never their values (``RefitOptions`` refuses literal secrets)."""
+    options = ["--storage-options", json.dumps(execution.storage_options, sort_keys=True)]
+    return [*spec.to_arguments(), *execution.to_arguments(), *(options if execution.storage_options else []), "--quiet"]
 
 
 def run_job_inline(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = False) -> PublishedRun:
