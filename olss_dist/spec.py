@@ -129,6 +129,8 @@ class CalibrationSpec:
         resolution: ``(height, width)`` pixels the model is calibrated (and the plans served) at; ``None``:
             the model's own. Image-size-dependent models (SD3, Flux: the latent shape, Flux's shift) need it
             stated; the artifact records it.
+        lora: a diffusers LoRA fused into ``model`` before the teacher (a ``.safetensors`` file or a folder of
+            one, path or URI); ``None``: the model alone. Its bytes enter the model digest.
     """
 
     model: str = "embedded"
@@ -139,6 +141,7 @@ class CalibrationSpec:
     validation_fraction: float = 0.2
     seed: int = 0
     resolution: tuple[int, int] | None = None
+    lora: str | None = None
 
     def __post_init__(self) -> None:
         _check_text(self.model, "model", optional=False)
@@ -155,6 +158,7 @@ class CalibrationSpec:
             raise SpecError("validation_fraction", f"must be in (0, 1): held-out prompts choose the plan, got {fraction}")
         object.__setattr__(self, "validation_fraction", fraction)
         _check_int(self.seed, "seed", 0)
+        _check_text(self.lora, "lora", optional=True)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], base: "CalibrationSpec | None" = None, where: str = "") -> "CalibrationSpec":
@@ -176,7 +180,7 @@ class CalibrationSpec:
         ``prompts_digest`` is the digest of the prompt file's records (``None`` with the model's
         default prompts, which the model digest identifies, so no model has to be loaded to know it).
         ``resolution`` is a key only when stated, so a run at the model's own resolution keeps the
-        identity it had before the field existed.
+        identity it had before the field existed; so is ``lora``.
         """
         identity = {
             "model": self.model,
@@ -190,6 +194,8 @@ class CalibrationSpec:
         }
         if self.resolution is not None:
             identity["resolution"] = list(self.resolution)
+        if self.lora is not None:
+            identity["lora"] = self.lora
         return identity
 
     def digest(self, prompts_digest: str | None) -> str:
@@ -212,6 +218,8 @@ class CalibrationSpec:
             arguments += ["--prompts", self.prompts]
         if self.resolution is not None:
             arguments += ["--resolution", f"{self.resolution[0]}x{self.resolution[1]}"]
+        if self.lora is not None:
+            arguments += ["--lora", self.lora]
         return arguments
 
 

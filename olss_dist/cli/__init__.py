@@ -129,6 +129,7 @@ def list_runs(
 def evaluate(
     model: Annotated[str, typer.Option(help="model spec: 'embedded', 'analytic', a diffusers folder, hub id or URI")],
     artifact: Annotated[str, typer.Option(help="run URI, model URI (its latest run), latest.json URI or run folder")],
+    lora: Annotated[Optional[str], typer.Option(help="the LoRA the run was calibrated with (fused into --model)")] = None,
     steps: Annotated[Optional[str], typer.Option(help="comma-separated step counts (default: every planned one)")] = None,
     num_samples: Annotated[int, typer.Option(help="held-out samples")] = 32,
     prompts: Annotated[Optional[str], typer.Option(help="prompt file (text or Parquet), path or URI; default: the model's")] = None,
@@ -144,7 +145,7 @@ def evaluate(
     from olss_dist.apps.evaluate import evaluate_and_report  # loads torch
 
     evaluate_and_report(
-        output, console, model_spec=model, artifact=artifact, steps=step_counts, num_samples=num_samples,
+        output, console, model_spec=model, artifact=artifact, lora=lora, steps=step_counts, num_samples=num_samples,
         prompts=prompts, seed_offset=seed_offset, teacher_steps=teacher_steps, uniform_fit_samples=uniform_fit_samples,
         batch_size=batch_size, storage_options=parse_storage_options(storage_options),
     )
@@ -165,6 +166,7 @@ CALIBRATION_HELP = {
     "validation_fraction": "share of prompts held out of the fit to choose each plan",
     "seed": "base seed of the per-prompt seeds",
     "resolution": "pixels to calibrate at, e.g. 1024 or 768x1344 (height x width); default: the model's own",
+    "lora": "diffusers LoRA fused into --model before calibrating: a .safetensors file or a folder of one, path or URI",
     "output": "registry root the run is published under: a path or fsspec URI (s3://...)",
     "device": f"worker device: {', '.join(DEVICES)} (auto: GPUs when the cluster has any)",
     "num_workers": "actors (default: one per GPU, or CPUs minus one)",
@@ -189,6 +191,7 @@ def calibration_config(
     validation_fraction: float,
     seed: int,
     resolution: str | None,
+    lora: str | None,
     output: str,
     device: str,
     num_workers: int | None,
@@ -206,7 +209,7 @@ def calibration_config(
     """``olss-dist calibrate``'s options as the job's spec, execution config and ``quiet``; SpecError otherwise."""
     spec = CalibrationSpec(
         model=model, prompts=prompts, steps=parse_steps(steps), teacher_steps=teacher_steps, guidance_scale=guidance_scale,
-        validation_fraction=validation_fraction, seed=seed, resolution=resolution,
+        validation_fraction=validation_fraction, seed=seed, resolution=resolution, lora=lora,
     )  # fmt: skip
     execution = ExecutionConfig(
         output=output, device=device, num_workers=num_workers, shard_size=shard_size, wait_for_gpus_s=wait_for_gpus,
@@ -235,6 +238,7 @@ def calibrate(
     validation_fraction: Annotated[float, typer.Option(help=CALIBRATION_HELP["validation_fraction"])] = SPEC.validation_fraction,
     seed: Annotated[int, typer.Option(help=CALIBRATION_HELP["seed"])] = SPEC.seed,
     resolution: Annotated[Optional[str], typer.Option(help=CALIBRATION_HELP["resolution"])] = SPEC.resolution,
+    lora: Annotated[Optional[str], typer.Option(help=CALIBRATION_HELP["lora"])] = SPEC.lora,
     output: Annotated[str, typer.Option(help=CALIBRATION_HELP["output"])] = EXECUTION.output,
     device: Annotated[str, typer.Option(help=CALIBRATION_HELP["device"])] = EXECUTION.device,
     num_workers: Annotated[Optional[int], typer.Option(help=CALIBRATION_HELP["num_workers"])] = EXECUTION.num_workers,

@@ -32,6 +32,7 @@ from olss_dist.distributed.worker import ModelSpec
 from olss_dist.method.rollouts import TRAIN
 from olss_dist.method.run import builtin_config, run_method
 from olss_dist.models.loading import check_local_model
+from olss_dist.models.lora import check_local_lora
 from olss_dist.prompts import PromptRecord, make_shards, prompts_digest, read_prompts, spec_prompt_records, split_validation
 from olss_dist.scheduler import OLSSScheduler
 from olss_dist.spec import CalibrationSpec, ExecutionConfig, SpecError
@@ -161,10 +162,11 @@ def run_job(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = 
     run_config = spec.identity(None if records is None else prompts_digest(records))
     check_writable(execution.output, execution.storage_options)
     check_local_model(spec.model)  # an unsupported local folder fails here, not ~20 s later in a worker
+    check_local_lora(spec.model, spec.lora)  # so does a local LoRA that does not fit a local base
     connect(execution.address, num_cpus=execution.local_cpus)
     device = resolve_device(execution)
     num_workers, resources = worker_layout(execution, device)
-    model_spec = ModelSpec(spec.model, spec.guidance_scale, device, spec.resolution)
+    model_spec = ModelSpec(spec.model, spec.guidance_scale, device, spec.resolution, spec.lora)
     pool = WorkerPool(model_spec, num_workers, spec.teacher_steps, resources, execution.keep_states, execution.state_dir)
     try:
         workers = pool.describe()
@@ -274,7 +276,8 @@ def job_report(
     summary = backend.summary
     return {
         "model": {
-            "id": model["model_id"], "digest": model["model_digest"], "spec": spec.model, **resolution_manifest(model)
+            "id": model["model_id"], "digest": model["model_digest"], "spec": spec.model, **resolution_manifest(model),
+            **({} if spec.lora is None else {"lora": spec.lora}),
         },
         "config": run_config,
         "statistics": {

@@ -42,17 +42,21 @@ class ModelSpec:
         resolution: ``(height, width)`` pixels an SD3 / Flux model calibrates at (``CalibrationSpec.resolution``);
             None: the model's own. It fixes the latent shape and, with dynamic shifting, the teacher's ``mu``,
             so every worker's teacher is the same.
+        lora: a diffusers LoRA (``CalibrationSpec.lora``) each worker fuses into the model after loading it.
     """
 
     spec: str
     guidance_scale: float
     device: str
     resolution: tuple[int, int] | None = None
+    lora: str | None = None
 
     def load(self):
         from olss_dist.models import load_model
 
         options = {} if self.resolution is None else {"resolution": tuple(self.resolution)}
+        if self.lora is not None:
+            options["lora"] = self.lora
         return load_model(self.spec, guidance_scale=self.guidance_scale, device=self.device, **options)
 
 

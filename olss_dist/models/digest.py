@@ -1,4 +1,4 @@
-"""Content digest of a diffusers model folder: the identity a calibration is valid for."""
+"""Content digest of a diffusers model folder (and of a base fused with a LoRA): the identity a calibration is valid for."""
 
 from __future__ import annotations
 
@@ -48,4 +48,23 @@ def content_digest(folder: str | Path) -> str:
         with path.open("rb") as handle:
             while chunk := handle.read(CHUNK_BYTES):
                 digest.update(chunk)
+    return digest.hexdigest()
+
+
+LORA_DIGEST_PREFIX = b"olss_dist.lora.v1\0"
+
+
+def lora_digest(base_digest: str, lora_file: str | Path) -> str:
+    """sha256 hex digest of a base model fused with a LoRA: the base's digest and the LoRA file's size and bytes.
+
+    A different LoRA of the same base, the same LoRA over another base, or any changed byte of either is
+    another digest; the LoRA file's name and location are not part of it (a copy in a cache is the same LoRA).
+    """
+    path = Path(lora_file)
+    digest = hashlib.sha256(LORA_DIGEST_PREFIX)
+    base = base_digest.encode("utf-8")
+    digest.update(len(base).to_bytes(8, "little") + base + path.stat().st_size.to_bytes(8, "little"))
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK_BYTES):
+            digest.update(chunk)
     return digest.hexdigest()

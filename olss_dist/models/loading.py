@@ -162,6 +162,7 @@ def load_model(
     torch_dtype: torch.dtype | None = None,
     storage_options: dict[str, Any] | None = None,
     resolution: int | tuple[int, int] | None = None,
+    lora: str | None = None,
 ) -> DiffusionModel:
     """The ``DiffusionModel`` behind ``spec`` (see the module docstring for the accepted specs).
 
@@ -175,6 +176,8 @@ def load_model(
         storage_options: fsspec options for URI specs (credentials, ``endpoint_url``...).
         resolution: pixels (an int, or ``(height, width)``) SDXL, SD3 and Flux models calibrate at; default the
             model's own. SD 1.x/2.x models take only their own; the analytic models none.
+        lora: a diffusers LoRA (safetensors file or folder, path or URI) fused into the model after it loads
+            (``olss_dist.models.lora``); its digest then covers base and LoRA.
 
     Raises:
         ModelLoadError: the spec names nothing loadable, or the resolution is one the model cannot take;
@@ -182,6 +185,11 @@ def load_model(
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ModelLoadError(f"model spec must be a non-empty string, got {spec!r}")
+    if lora is not None:
+        from olss_dist.models.lora import load_with_lora
+
+        options = dict(guidance_scale=guidance_scale, device=device, torch_dtype=torch_dtype, resolution=resolution)
+        return load_with_lora(spec, lora, storage_options=storage_options, **options)
     if spec in ("analytic", "analytic-flow"):
         if resolution is not None:
             raise ModelLoadError(f"resolution: the {spec} model has no image resolution, got {resolution!r}")

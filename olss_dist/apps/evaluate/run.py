@@ -202,11 +202,13 @@ def run_evaluation(
     device: str | None = None,
     storage_options: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
+    lora: str | None = None,
 ) -> Evaluation:
     """Evaluate a published run on held-out samples against the built-in solvers (what ``olss-dist evaluate`` runs).
 
     Args:
         model_spec: ``olss_dist.models.load_model`` spec; must be the model the run was calibrated for.
+        lora: the LoRA fused into that model (path or URI), as the run was calibrated with it.
         artifact: run URI, model URI (its latest run), ``latest.json`` URI or local run folder.
         steps: step counts K (default: every step count the run planned); each must be planned.
         num_samples: held-out samples.
@@ -246,11 +248,13 @@ def run_evaluation(
     # shape and a Flux-like model's mu follow them.
     resolution = config.get("resolution") or run.manifest.get("resolution")
     model = load_model(model_spec, guidance_scale=float(config.get("guidance_scale", CalibrationSpec.guidance_scale)), device=device,
-                       **({} if resolution is None else {"resolution": tuple(int(v) for v in resolution)}))
+                       **({} if resolution is None else {"resolution": tuple(int(v) for v in resolution)}),
+                       **({} if lora is None else {"lora": lora, "storage_options": storage_options}))
     if model.digest != run.manifest["model"]["digest"]:
         raise ValueError(
             f"the run was calibrated for {run.manifest['model']['id']} (digest {run.manifest['model']['digest'][:12]}), "
             f"but model {model_spec} is {model.model_id} (digest {model.digest[:12]})"
+            + (f"; the run names lora {config['lora']!r} (pass --lora)" if config.get("lora") and lora is None else "")
         )
     process = model.noise_process
     flow = process.kind == "flow"

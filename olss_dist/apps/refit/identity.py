@@ -21,9 +21,9 @@ class Target:
     """A model's calibration with its identity.
 
     Attributes:
-        spec: what the job calibrates (``spec.model`` is the model's location and its id in the store;
-            a local prompt file is an absolute path).
-        model_digest: ``content_digest`` of the model folder.
+        spec: what the job calibrates (``spec.model`` is the model's location; a local prompt file or LoRA
+            is an absolute path).
+        model_digest: ``content_digest`` of the model folder (with ``spec.lora``: ``lora_digest`` over it and the LoRA).
         config: ``spec.identity(prompts digest)``, the config a run of ``spec`` publishes.
         config_digest: sha256 of ``config`` (``spec.digest``).
     """
@@ -35,24 +35,32 @@ class Target:
 
     @property
     def model(self) -> str:
-        """The model's location, its id in the store."""
-        return self.spec.model
+        """The model's id in the store: its location, with the LoRA's when there is one (``lora_model_id``)."""
+        from olss_dist.models.lora import lora_model_id  # torch: only once a model is identified
+
+        return lora_model_id(self.spec.model, self.spec.lora)
 
     def submission_id(self, attempt: int) -> str:
         """The Ray job id of ``attempt``: derived from the pair, so no record is needed to avoid a duplicate."""
         return f"olss-refit-{self.model_digest[:12]}-{self.config_digest[:12]}-{attempt}"
 
 
-def model_digest(model: str, storage_options: dict[str, Any] | None = None) -> str:
-    """``content_digest`` of the diffusers folder at ``model`` (a URI is copied to the model cache first).
+def model_digest(model: str, storage_options: dict[str, Any] | None = None, lora: str | None = None) -> str:
+    """``content_digest`` of the diffusers folder at ``model`` (a URI is copied to the model cache first); with
+    ``lora``, ``lora_digest`` of it and the LoRA file (fetched the same way), the digest a job of both publishes.
 
     Raises:
-        ValueError: (``ModelLoadError``) nothing loadable at ``model``; FileNotFoundError: not a diffusers folder.
+        ValueError: (``ModelLoadError``) nothing loadable at ``model`` or ``lora``; FileNotFoundError: not a
+            diffusers folder.
     """
-    from olss_dist.models.digest import content_digest
+    from olss_dist.models.digest import content_digest, lora_digest
     from olss_dist.models.loading import local_folder  # imports torch: only when a model is identified
 
-    return content_digest(local_folder(model, storage_options))
+    from olss_dist.models.lora import builtin_folder, resolve_lora
+
+    builtin = builtin_folder(model)  # the committed models' folders, as the job loads them
+    base = content_digest(builtin if builtin is not None else local_folder(model, storage_options))
+    return base if lora is None else lora_digest(base, resolve_lora(lora, storage_options))
 
 
 def target_of(spec: CalibrationSpec, model_digest: str, storage_options: dict[str, Any] | None = None) -> Target:
@@ -62,6 +70,8 @@ def target_of(spec: CalibrationSpec, model_digest: str, storage_options: dict[st
 
     if spec.prompts:
         spec = replace(spec, prompts=local_or_uri(spec.prompts))
+    if spec.lora:
+        spec = replace(spec, lora=local_or_uri(spec.lora.removeprefix("file://")))
     config, digest = spec_digest(spec, storage_options)
     return Target(spec, check_model_digest(model_digest), config, digest)
 
@@ -72,4 +82,4 @@ def identify(spec: CalibrationSpec, storage_options: dict[str, Any] | None = Non
     Raises:
         ValueError, OSError, ArtifactError: the model or the prompt file cannot be read.
     """
-    return target_of(spec, model_digest(spec.model, storage_options), storage_options)
+    return target_of(spec, model_digest(spec.model, storage_options, spec.lora), storage_options)

@@ -76,8 +76,9 @@ def parse_registry_document(document: Any, defaults: CalibrationSpec, base: str,
     """Models from a registry document.
 
     Accepted forms: a list of entries, or ``{"defaults": {settings}, "models": [entries]}``. An entry is a
-    model URI string or ``{"uri": ..., <settings>}`` with settings from ``REGISTRY_KEYS``. ``uri`` and
-    ``prompts`` starting with ``./`` or ``../`` are relative to the registry file's folder ``base``.
+    model URI string or ``{"uri": ..., <settings>}`` with settings from ``REGISTRY_KEYS`` (``lora``: a LoRA
+    fused into the model, so one base with two LoRAs is two entries). ``uri``, ``prompts`` and ``lora``
+    starting with ``./`` or ``../`` are relative to the registry file's folder ``base``.
 
     Raises:
         ValueError: naming the entry (``where``, the entry's number and URI) and the setting.
@@ -94,7 +95,7 @@ def parse_registry_document(document: Any, defaults: CalibrationSpec, base: str,
     if not isinstance(document, list) or not document:
         raise ValueError(f"{where}: expected a non-empty list of models")
     models = [_registry_entry(entry, defaults, base, f"{where} model {i + 1}") for i, entry in enumerate(document)]
-    uris = [model.model for model in models]
+    uris = [model.model if model.lora is None else f"{model.model} with lora {model.lora}" for model in models]
     repeated = sorted({uri for uri in uris if uris.count(uri) > 1})
     if repeated:
         raise ValueError(f"{where}: models listed more than once: {repeated}")
@@ -127,9 +128,9 @@ def _registry_entry(entry: Any, defaults: CalibrationSpec, base: str, where: str
 
 
 def _with_relative_prompts(settings: dict[str, Any], base: str) -> dict[str, Any]:
-    if isinstance(settings.get("prompts"), str):
-        return {**settings, "prompts": _relative_to(base, settings["prompts"])}
-    return settings
+    """``settings`` with its ``prompts`` and ``lora`` locations resolved against ``base`` (``_relative_to``)."""
+    return {key: _relative_to(base, value) if key in ("prompts", "lora") and isinstance(value, str) else value
+            for key, value in settings.items()}
 
 
 def _relative_to(base: str, location: str) -> str:
