@@ -66,6 +66,31 @@ def parse_steps(value: Any, argument: str = "steps") -> tuple[int, ...]:
     return steps
 
 
+def parse_strengths(value: Any, argument: str = "img2img_strengths") -> tuple[float, ...]:
+    """img2img strengths from ``"0.3,0.5,0.75"`` or a list of numbers: distinct, each in (0, 1]; ``""`` or
+    ``"none"`` (or an empty list) for none. ``SpecError`` naming ``argument`` otherwise."""
+    if isinstance(value, str):
+        parts = [part.strip() for part in value.split(",")] if value.strip().lower() not in ("", "none") else []
+        try:
+            strengths = tuple(float(part) for part in parts)
+        except ValueError:
+            raise SpecError(argument, f"expected comma-separated numbers like 0.3,0.5,0.75, got {value!r}") from None
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        strengths = tuple(float(v) for v in value)
+    else:
+        raise SpecError(argument, f"expected a list of numbers or a string like 0.3,0.5,0.75, got {value!r}")
+    if any(not (math.isfinite(v) and 0.0 < v <= 1.0) for v in strengths):
+        raise SpecError(argument, f"strengths must be in (0, 1], got {list(strengths)}")
+    if len(set(strengths)) != len(strengths):
+        raise SpecError(argument, f"has repeated strengths: {list(strengths)}")
+    return strengths
+
+
+def format_strengths(strengths: Sequence[float]) -> str:
+    """The command-line form of ``parse_strengths``' result: ``"0.3,0.5,0.75"``, ``"none"`` for none."""
+    return ",".join(repr(float(v)) for v in strengths) or "none"
+
+
 def parse_resolution(value: Any, argument: str = "resolution") -> tuple[int, int] | None:
     """``(height, width)`` pixels from ``"1024"``, ``"768x1344"``, an int or a pair; ``None`` stays ``None``
     (the model's own resolution). Positive integers only; whether the model takes it, its adapter says."""
@@ -131,6 +156,8 @@ class CalibrationSpec:
             stated; the artifact records it.
         lora: a diffusers LoRA fused into ``model`` before the teacher (a ``.safetensors`` file or a folder of
             one, path or URI); ``None``: the model alone. Its bytes enter the model digest.
+        img2img_strengths: img2img / inpainting strengths to calibrate start plans for (each starts the
+            K-step plan at step ``K - int(K * strength)``, as diffusers' pipelines do); ``()``: none.
     """
 
     model: str = "embedded"
@@ -142,6 +169,7 @@ class CalibrationSpec:
     seed: int = 0
     resolution: tuple[int, int] | None = None
     lora: str | None = None
+    img2img_strengths: tuple[float, ...] = (0.3, 0.5, 0.75)
 
     def __post_init__(self) -> None:
         _check_text(self.model, "model", optional=False)
@@ -159,6 +187,7 @@ class CalibrationSpec:
         object.__setattr__(self, "validation_fraction", fraction)
         _check_int(self.seed, "seed", 0)
         _check_text(self.lora, "lora", optional=True)
+        object.__setattr__(self, "img2img_strengths", parse_strengths(self.img2img_strengths))
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], base: "CalibrationSpec | None" = None, where: str = "") -> "CalibrationSpec":
@@ -172,6 +201,8 @@ class CalibrationSpec:
             values["steps"] = parse_steps(values["steps"])
         if "resolution" in values:
             values["resolution"] = parse_resolution(values["resolution"])
+        if "img2img_strengths" in values:
+            values["img2img_strengths"] = parse_strengths(values["img2img_strengths"])
         return replace(base or cls(), **values)
 
     def identity(self, prompts_digest: str | None) -> dict[str, Any]:
@@ -180,7 +211,8 @@ class CalibrationSpec:
         ``prompts_digest`` is the digest of the prompt file's records (``None`` with the model's
         default prompts, which the model digest identifies, so no model has to be loaded to know it).
         ``resolution`` is a key only when stated, so a run at the model's own resolution keeps the
-        identity it had before the field existed; so is ``lora``.
+        identity it had before the field existed; so is ``lora``, and ``img2img_strengths`` only when it
+        differs from the default.
         """
         identity = {
             "model": self.model,
@@ -196,6 +228,8 @@ class CalibrationSpec:
             identity["resolution"] = list(self.resolution)
         if self.lora is not None:
             identity["lora"] = self.lora
+        if self.img2img_strengths != CalibrationSpec.img2img_strengths:
+            identity["img2img_strengths"] = list(self.img2img_strengths)
         return identity
 
     def digest(self, prompts_digest: str | None) -> str:
@@ -220,6 +254,8 @@ class CalibrationSpec:
             arguments += ["--resolution", f"{self.resolution[0]}x{self.resolution[1]}"]
         if self.lora is not None:
             arguments += ["--lora", self.lora]
+        if self.img2img_strengths != CalibrationSpec.img2img_strengths:
+            arguments += ["--img2img-strengths", format_strengths(self.img2img_strengths)]
         return arguments
 
 

@@ -18,7 +18,7 @@ import typer
 from typer.testing import CliRunner
 
 from olss_dist import cli
-from olss_dist.spec import CalibrationSpec, ExecutionConfig, SpecError, defaults_of, flag_name, parse_steps
+from olss_dist.spec import CalibrationSpec, ExecutionConfig, SpecError, defaults_of, flag_name, parse_steps, parse_strengths
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC_FIELDS = {f.name for f in dataclasses.fields(CalibrationSpec)}
@@ -51,7 +51,9 @@ def field_default(name: str):
 
 
 def as_field_value(name: str, default):
-    """A command-line default as the field value it stands for (step lists are given as text)."""
+    """A command-line default as the field value it stands for (step and strength lists are given as text)."""
+    if name == "img2img_strengths":
+        return parse_strengths(default)
     return parse_steps(default) if name == "steps" else default
 
 

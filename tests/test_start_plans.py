@@ -4,6 +4,7 @@ teacher's state at a node, validated against the built-ins started there, publis
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -131,3 +132,50 @@ def test_in_process_backend_starts_validation_rollouts_from_kept_states():
     backend.start(VALIDATION, 499, start_node=20)
     with pytest.raises(ValueError, match="node 10"):
         backend.start(VALIDATION, 749, start_node=10)
+
+
+# ----------------------------------------------------------------------------------------------- the job
+
+@pytest.mark.slow
+def test_job_start_plans_equal_in_process_calibrate_and_are_published(local_ray, tmp_path):
+    from olss_dist.distributed.job import run_job
+    from olss_dist.models import load_model
+    from olss_dist.prompts import read_prompts, split_validation
+    from olss_dist.spec import CalibrationSpec, ExecutionConfig
+
+    prompts_path = tmp_path / "prompts.txt"
+    prompts_path.write_text("\n".join(f"a photo of digit {i % 10}, style {i}" for i in range(16)))
+    spec = CalibrationSpec(model="analytic", prompts=str(prompts_path), steps=(4,), teacher_steps=TEACHER_STEPS,
+                           guidance_scale=3.0, validation_fraction=0.25, img2img_strengths=(0.5, 0.75))
+    result = run_job(spec, ExecutionConfig(output=str(tmp_path / "registry"), shard_size=3, keep_states="disk",
+                                           state_dir=str(tmp_path / "states")), quiet=True)
+
+    fit, validation = split_validation(read_prompts(str(prompts_path)), 0.25)
+    model = load_model("analytic", guidance_scale=3.0)
+    expected = calibrate(
+        model, model.initial_noise([r.seed for r in fit]), model.encode_prompts([r.prompt for r in fit]),
+        trailing_timesteps(TEACHER_STEPS), model.alphas_cumprod, steps=(4,),
+        validation_noise=model.initial_noise([r.seed for r in validation]),
+        validation_cond=model.encode_prompts([r.prompt for r in validation]), batch_size=3, start_strengths=(0.5, 0.75),
+    )
+    report = json.loads(open(os.path.join(result.uri, "report.json")).read())
+    starts = report["plans"][0]["starts"]
+    assert [r["start_step"] for r in starts] == [2, 1]
+    for record, local in zip(starts, expected[4].starts):
+        assert (record["serves"], record["fit"]) == (local["serves"], local["fit"])
+        assert record["validation_rmse"] == pytest.approx(local["validation_rmse"], rel=1e-6)
+        assert record["builtin_rmse"] == pytest.approx(local["builtin_rmse"], rel=1e-6)
+    published = [Plan.from_dict(entry) for entry in json.loads(open(os.path.join(result.uri, "plans.json")).read())]
+    served = {p.key: p for p in published if p.start_step}
+    from olss_dist.scheduler import OLSSScheduler, plan_config
+
+    if "start_step" not in plan_config(Plan([0], [999], [[1.0, 0.0]], [0.0], [0.0], start_step=1)):
+        pytest.skip("scheduler.plan_config does not write start_step yet (contract C2, H3): start plans not published")
+    kept = {key: plan for key, plan in expected.items() if isinstance(key, tuple)}
+    assert kept and set(served) == set(kept)
+    for key, plan in kept.items():
+        assert served[key].nodes == plan.nodes
+        np.testing.assert_allclose(served[key].coefficients, plan.coefficients, rtol=1e-6, atol=1e-9)
+    scheduler = OLSSScheduler.from_pretrained(result.uri)
+    assert scheduler.available_starts == {4: sorted(s for _, s in kept)}
+    assert not any((tmp_path / "states").rglob("*.npy")), "validation states at start nodes are cleared too"

@@ -44,7 +44,7 @@ from olss_dist.cli.tables import (
     step_errors_table,
 )
 from olss_dist.cli.errors import StorageOptionsFlag, error_console, error_text, exit_with_error, parse_storage_options, reports_errors
-from olss_dist.spec import DEVICES, KEEP_STATES, CalibrationSpec, ExecutionConfig, parse_steps
+from olss_dist.spec import DEVICES, KEEP_STATES, CalibrationSpec, ExecutionConfig, format_strengths, parse_steps, parse_strengths
 
 app = typer.Typer(
     name="olss-dist",
@@ -167,6 +167,7 @@ CALIBRATION_HELP = {
     "seed": "base seed of the per-prompt seeds",
     "resolution": "pixels to calibrate at, e.g. 1024 or 768x1344 (height x width); default: the model's own",
     "lora": "diffusers LoRA fused into --model before calibrating: a .safetensors file or a folder of one, path or URI",
+    "img2img_strengths": "comma-separated img2img / inpainting strengths to calibrate start plans for ('none': none)",
     "output": "registry root the run is published under: a path or fsspec URI (s3://...)",
     "device": f"worker device: {', '.join(DEVICES)} (auto: GPUs when the cluster has any)",
     "num_workers": "actors (default: one per GPU, or CPUs minus one)",
@@ -205,11 +206,13 @@ def calibration_config(
     keep_checkpoints: bool,
     storage_options: str | None,
     quiet: bool,
+    img2img_strengths: str = format_strengths(SPEC.img2img_strengths),
 ) -> tuple[CalibrationSpec, ExecutionConfig, bool]:
     """``olss-dist calibrate``'s options as the job's spec, execution config and ``quiet``; SpecError otherwise."""
     spec = CalibrationSpec(
         model=model, prompts=prompts, steps=parse_steps(steps), teacher_steps=teacher_steps, guidance_scale=guidance_scale,
         validation_fraction=validation_fraction, seed=seed, resolution=resolution, lora=lora,
+        img2img_strengths=parse_strengths(img2img_strengths),
     )  # fmt: skip
     execution = ExecutionConfig(
         output=output, device=device, num_workers=num_workers, shard_size=shard_size, wait_for_gpus_s=wait_for_gpus,
@@ -252,6 +255,7 @@ def calibrate(
     keep_checkpoints: Annotated[bool, typer.Option(help=CALIBRATION_HELP["keep_checkpoints"])] = EXECUTION.keep_checkpoints,
     storage_options: StorageOptionsFlag = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress output (for cron); the URI is still printed")] = False,
+    img2img_strengths: Annotated[str, typer.Option(help=CALIBRATION_HELP["img2img_strengths"])] = format_strengths(SPEC.img2img_strengths),
 ) -> None:
     """Calibrate a model's OLSS schedulers on a Ray cluster and publish the run (see docs/distributed.md).
 

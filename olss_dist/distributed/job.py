@@ -196,8 +196,10 @@ def run_job(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = 
             planner_parallelism=max(1, cluster_cpus() - num_workers),
         )
         process = model_process(model)
-        plans_by_steps, calibration = run_method(backend, process, spec.teacher_steps, spec.steps, progress=progress.log)
+        plans_by_steps, calibration = run_method(backend, process, spec.teacher_steps, spec.steps, progress=progress.log,
+                                                 start_strengths=spec.img2img_strengths)
         plans = [plans_by_steps[k] for k in spec.steps]
+        start_plans = served_start_plans(plans_by_steps)
         report = job_report(spec, model, workers, run_config, backend, calibration, plans, validation, started)
         published = publish_run(
             execution.output,
@@ -205,9 +207,9 @@ def run_job(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = 
             model_digest=model["model_digest"],
             config=run_config,
             files={
-                SCHEDULER_CONFIG_FILE: model_scheduler_config_bytes(plans, model),
+                SCHEDULER_CONFIG_FILE: model_scheduler_config_bytes(plans + start_plans, model),
                 CALIBRATION_FILE: calibration.to_bytes(),
-                PLANS_FILE: json.dumps([p.to_dict() for p in plans], indent=1).encode(),
+                PLANS_FILE: json.dumps([p.to_dict() for p in plans + start_plans], indent=1).encode(),
                 REPORT_FILE: json.dumps(report, indent=1).encode(),
             },
             extra_manifest={
@@ -230,6 +232,15 @@ def run_job(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = 
     finally:
         pool.shutdown()
     return JobResult(published.uri, published.run_id, plans, calibration, report, backend.summary)
+
+
+def served_start_plans(plans_by_steps: dict[Any, Plan]) -> list[Plan]:
+    """The start plans of ``run_method``'s result (keys ``(K, s)``), in key order, that the scheduler can serve:
+    all of them once ``scheduler.plan_config`` writes ``start_step`` (contract C2); none before."""
+    from olss_dist.scheduler import plan_config
+
+    starts = [plans_by_steps[key] for key in sorted(k for k in plans_by_steps if isinstance(k, tuple))]
+    return starts if starts and "start_step" in plan_config(starts[0]) else []
 
 
 def process_manifest(process: NoiseProcess) -> dict[str, Any]:
@@ -305,6 +316,7 @@ def job_report(
                 "search_errors": p.search_errors.tolist(),
                 "validation_rmse": min(c["rmse"] for c in p.candidates),
                 "candidates": p.candidates,
+                **({"starts": p.starts} if p.starts else {}),
             }
             for p in plans
         ],
