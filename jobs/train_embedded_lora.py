@@ -14,7 +14,8 @@ The factors are saved with ``StableDiffusionPipeline.save_lora_weights`` as ``py
 (diffusers' key layout, loadable with ``pipe.load_lora_weights(folder)``); ``olss-dist calibrate --model
 embedded --lora olss_dist/models/embedded_lora`` calibrates the fused model. At the end the trainer prints the
 mean ink of 20-step DDIM samples of the base model and of the fused model on the same seeds, so the style is
-measured, not only looked at. The same seed and thread count give the same weights.
+measured, not only looked at; ``--samples PATH`` also draws both on the same noise
+(``--no-train`` measures and draws the LoRA already saved). The same seed and thread count give the same weights.
 """
 
 from __future__ import annotations
@@ -121,6 +122,27 @@ def train_lora(pipeline, config: LoraTrainingConfig, generator: torch.Generator,
 
 
 @torch.no_grad()
+def sample_row(pipeline, seed: int = 1234, steps: int = 20):
+    """``(32, 320, 3)`` uint8: the digits 0-9 (stroke left open), 20 DDIM steps, one fixed seed per column."""
+    import numpy as np
+
+    prompts = [digit_prompt(d) for d in range(10)]
+    generators = [torch.Generator().manual_seed(seed + d) for d in range(10)]
+    images = pipeline(prompts, num_inference_steps=steps, guidance_scale=7.5, output_type="np",
+                      generator=generators).images
+    return (np.concatenate(list(images), axis=1) * 255).round().astype(np.uint8)
+
+
+def save_samples(path: Path, base, fused) -> None:
+    """A PNG of two rows from the same noise, base model above, base + LoRA below, upscaled 3x."""
+    import numpy as np
+    from PIL import Image
+
+    grid = np.concatenate([sample_row(base), np.full((4, 320, 3), 255, np.uint8), sample_row(fused)], axis=0)
+    Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(path)
+
+
+@torch.no_grad()
 def mean_ink(pipeline, seed: int = 1234, steps: int = 20) -> float:
     """Mean ink (1 = black) of 40 DDIM samples, one per digit × stroke-open/thick/thin/regular prompt, fixed seeds."""
     prompts = [digit_prompt(d, s) for d in range(10) for s in (None, *STROKE_STYLES)]
@@ -135,6 +157,8 @@ def main(
     steps: int = typer.Option(LoraTrainingConfig.steps, min=1, help="LoRA optimisation steps."),
     rank: int = typer.Option(LoraTrainingConfig.rank, min=1, help="LoRA rank."),
     threads: int = typer.Option(2, min=1, help="torch CPU threads (the result depends on it)."),
+    samples: Path = typer.Option(None, help="Also write a PNG: base row above, base + LoRA below, same noise."),
+    train: bool = typer.Option(True, help="--no-train: measure (and draw) the LoRA already in --output."),
 ) -> None:
     """Train the embedded LoRA reproducibly on CPU and save it as diffusers LoRA safetensors."""
     from diffusers import StableDiffusionPipeline
@@ -149,18 +173,25 @@ def main(
     pipeline = StableDiffusionPipeline.from_pretrained(EMBEDDED_MODEL_PATH, safety_checker=None)
     pipeline.set_progress_bar_config(disable=True)
     base_ink = mean_ink(pipeline)
-    train_lora(pipeline, LoraTrainingConfig(seed=seed, steps=steps, rank=rank), torch.Generator().manual_seed(seed), log)
-    output.mkdir(parents=True, exist_ok=True)
-    StableDiffusionPipeline.save_lora_weights(output, unet_lora_layers=lora_state_dict(pipeline.unet),
-                                              safe_serialization=True)
-    size = (output / "pytorch_lora_weights.safetensors").stat().st_size
-    log(f"saved {output / 'pytorch_lora_weights.safetensors'} ({size} bytes)")
+    if train:
+        config = LoraTrainingConfig(seed=seed, steps=steps, rank=rank)
+        train_lora(pipeline, config, torch.Generator().manual_seed(seed), log)
+        output.mkdir(parents=True, exist_ok=True)
+        StableDiffusionPipeline.save_lora_weights(output, unet_lora_layers=lora_state_dict(pipeline.unet),
+                                                  safe_serialization=True)
+        size = (output / "pytorch_lora_weights.safetensors").stat().st_size
+        log(f"saved {output / 'pytorch_lora_weights.safetensors'} ({size} bytes)")
 
     fused = StableDiffusionPipeline.from_pretrained(EMBEDDED_MODEL_PATH, safety_checker=None)
     fused.set_progress_bar_config(disable=True)
     fused.load_lora_weights(output)
     fused.fuse_lora()
     log(f"mean ink of 40 samples (20 DDIM steps, same seeds): base {base_ink:.3f}, with the LoRA {mean_ink(fused):.3f}")
+    if samples is not None:
+        base = StableDiffusionPipeline.from_pretrained(EMBEDDED_MODEL_PATH, safety_checker=None)
+        base.set_progress_bar_config(disable=True)
+        save_samples(samples, base, fused)
+        log(f"wrote {samples}")
 
 
 if __name__ == "__main__":
