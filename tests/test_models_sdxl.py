@@ -24,7 +24,7 @@ from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 from olss_dist.models import load_model
 from olss_dist.models.common import ModelLoadError, TextConditioning
 from olss_dist.models.digest import content_digest
-from olss_dist.models.loading import PIPELINES
+from olss_dist.models.loading import PIPELINES, check_local_model
 from olss_dist.models.sdxl import StableDiffusionXLModel
 from olss_dist.scheduler import OLSSScheduler
 
@@ -138,6 +138,8 @@ def test_refiner_and_incomplete_folders_are_one_line(folders, tmp_path):
     with pytest.raises(ModelLoadError, match="is an SDXL refiner .* calibrate the SDXL base model") as error:
         load_model(str(refiner), device="cpu")
     assert "\n" not in str(error.value)
+    with pytest.raises(ModelLoadError, match="is an SDXL refiner"):  # what the job checks before Ray starts
+        check_local_model(str(refiner))
     incomplete = shutil.copytree(folders["epsilon"], tmp_path / "incomplete")
     shutil.rmtree(incomplete / "text_encoder_2")
     with pytest.raises(ModelLoadError, match="not a complete diffusers SDXL folder: no text_encoder_2/$"):
@@ -179,7 +181,8 @@ def test_uri_and_offline_hub_id_load_the_sdxl_files(folders, tmp_path, monkeypat
 def test_job_publishes_a_scheduler_that_drives_the_sdxl_pipeline(folders, tmp_path):
     """``jobs/calibrate.py --model <folder> --teacher-steps 100 --steps 5,10``; the published scheduler in
     ``StableDiffusionXLPipeline`` gives finite images at 5 and 10 steps, and at 10 steps the pipeline's final
-    latent is the adapter's own loop over the published plan (the pipeline conditions as calibrated)."""
+    latent is the adapter's own loop over the published plan (the pipeline conditions as calibrated);
+    ``run_evaluation`` scores the run."""
     from test_flow_pipelines_e2e import JOB_TIMEOUT_S, REPO, job_env, published_run
 
     output, prompts = tmp_path / "registry", tmp_path / "prompts.txt"
@@ -218,3 +221,13 @@ def test_job_publishes_a_scheduler_that_drives_the_sdxl_pipeline(folders, tmp_pa
     for t in scheduler.timesteps:
         x = scheduler.step(model(x, int(t), cond), t, x).prev_sample
     np.testing.assert_allclose(latents.numpy(), x.numpy(), rtol=1e-4, atol=1e-5)
+
+    # olss-dist evaluate runs on it too: the shipped plan and the built-ins against the run's own teacher.
+    from olss_dist.apps.evaluate import SHIPPED_LABEL, run_evaluation
+
+    evaluation = run_evaluation(str(folders["epsilon"]), str(run), steps=[10], num_samples=2, prompts=str(prompts),
+                                device="cpu")
+    assert evaluation.info["model"]["resolution"] == [16, 16]
+    shipped = next(r for r in evaluation.results if r.label == SHIPPED_LABEL)
+    assert np.isfinite(shipped.rmse) and all(images.shape[1:] == (16, 16, 3) for images in evaluation.images[10].values())
+
