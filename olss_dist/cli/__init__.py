@@ -33,6 +33,7 @@ from olss_dist.artifacts import (
 from olss_dist.apps.refit import DEFAULT_MAX_ATTEMPTS  # neither Ray nor torch nor pyarrow on import
 from olss_dist.cli.tables import (
     candidates_table,
+    choice_table,
     files_table,
     find_plans,
     key_value_table,
@@ -87,6 +88,9 @@ def show(
             candidates = candidates_table(plan)
             if candidates is not None:
                 console.print(candidates)
+        choices = choice_table(plans)
+        if choices is not None:
+            console.print(choices)
     for name, document in documents.items():
         if "report" in Path(name).stem:
             for table in report_tables(name, document):
@@ -139,13 +143,22 @@ def evaluate(
     batch_size: Annotated[Optional[int], typer.Option(help="samples per model call (default: all)")] = None,
     output: Annotated[Path, typer.Option(help="directory for evaluation.json/.md and the PNG plots")] = Path("evaluation"),
     storage_options: StorageOptionsFlag = None,
+    guidance_scales: Annotated[Optional[str], typer.Option(
+        help="comma-separated guidance scales to evaluate at, one evaluation each (default: the run's)")] = None,
+    resolutions: Annotated[Optional[str], typer.Option(
+        help="comma-separated resolutions (e.g. 512,768x1344) to evaluate at, with every scale (default: the run's)")] = None,
+    negative_prompt: Annotated[Optional[str], typer.Option(
+        help="negative prompt for every held-out sample (default: the prompt file's, or none)")] = None,
 ) -> None:
     """Compare a run's OLSS plans with diffusers' built-in solvers on held-out samples (see docs/evaluation.md)."""
-    step_counts = None if steps is None or not steps.strip() else list(parse_steps(steps))
-    from olss_dist.apps.evaluate import evaluate_and_report  # loads torch
+    from olss_dist.apps.evaluate.conditions import evaluate_conditions, parse_guidance_scales, parse_resolutions  # torch
 
-    evaluate_and_report(
-        output, console, model_spec=model, artifact=artifact, lora=lora, steps=step_counts, num_samples=num_samples,
+    step_counts = None if steps is None or not steps.strip() else list(parse_steps(steps))
+    scales, sizes = parse_guidance_scales(guidance_scales), parse_resolutions(resolutions)
+
+    evaluate_conditions(
+        output, console, scales, sizes, negative_prompt,
+        model_spec=model, artifact=artifact, lora=lora, steps=step_counts, num_samples=num_samples,
         prompts=prompts, seed_offset=seed_offset, teacher_steps=teacher_steps, uniform_fit_samples=uniform_fit_samples,
         batch_size=batch_size, storage_options=parse_storage_options(storage_options),
     )

@@ -127,9 +127,9 @@ CANDIDATE_SCORES = ("rmse", "median", "p90", "worst")
 
 def candidates_table(plan: dict[str, Any]) -> Table | None:
     """A plan's validated candidates (``method.candidate_record``), best first: validation RMSE of the
-    final latent, its per-sample median / p90 / worst and the largest coefficient. The method ships the
-    first candidate of lowest RMSE (a stable sort keeps it first); it is starred and bold. None when the
-    plan kept no candidates."""
+    final latent, its per-sample median / p90 / worst and the largest coefficient. The shipped one
+    (``plan["choice"]["shipped"]``; in runs made before the robust choice, the first of lowest RMSE) is
+    starred and bold. None when the plan kept no candidates."""
     candidates = sorted(plan.get("candidates") or [], key=lambda candidate: candidate["rmse"])
     if not candidates:
         return None
@@ -142,15 +142,46 @@ def candidates_table(plan: dict[str, Any]) -> Table | None:
     table.add_column("candidate", no_wrap=True)
     for column in ("ridge", *CANDIDATE_SCORES, "max|w|"):
         table.add_column(column, justify="right", no_wrap=True, min_width=5)
-    for rank, candidate in enumerate(candidates):
+    shipped = (plan.get("choice") or {}).get("shipped", candidates[0]["name"])
+    for candidate in candidates:
         ridge = candidate.get("ridge")
+        chosen = candidate["name"] == shipped
         table.add_row(
-            candidate["name"].partition("/ridge=")[0] + (" *" if rank == 0 else ""),
+            candidate["name"].partition("/ridge=")[0] + (" *" if chosen else ""),
             f"{ridge:.0e}" if ridge else "-",
             *(_format_short(candidate.get(score)) for score in (*CANDIDATE_SCORES, "max_abs_coefficient")),
-            style="bold" if rank == 0 else None,
+            style="bold" if chosen else None,
         )
     return table
+
+
+def choice_table(plans: list[dict[str, Any]]):
+    """Why each plan ships (``Plan.choice``, ``method.choice``): a table of the shipped candidate, the best
+    built-in, and the pooled validation RMSE ratio of the best fitted candidate over that built-in with its
+    bootstrap interval; then one line per step count with the reason (a fallback to the built-in says why)
+    and the sample counts. A ``rich`` renderable; None when no plan records a choice."""
+    from rich.console import Group
+    from rich.text import Text
+
+    choices = {len(plan["timesteps"]): plan["choice"] for plan in plans if plan.get("choice") and not plan.get("start_step")}
+    if not choices:
+        return None
+    confidence = next((c["confidence"] for c in choices.values() if c.get("confidence")), None)
+    level = f"{confidence:.0%} " if confidence else ""
+    table = Table(title=f"choice: fitted / built-in validation RMSE, {level}bootstrap interval",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("K", "ships", "built-in", "ratio", "interval"):
+        table.add_column(column, no_wrap=True, justify="right" if column in ("K", "ratio") else "left")
+    lines = []
+    for steps, choice in sorted(choices.items()):
+        bounds = choice.get("ratio_interval")
+        interval = "-" if not bounds else f"[{_format_short(bounds[0])}, {_format_short(bounds[1])}]"
+        shipped = escape(str(choice.get("shipped", "-"))) + (" (fallback)" if choice.get("fallback") else "")
+        builtin = str(choice.get("best_builtin") or "-").removeprefix("builtin/")
+        table.add_row(str(steps), shipped, escape(builtin), _format_short(choice.get("ratio")), interval)
+        lines.append(Text(f"{steps} steps: {choice.get('reason', '')} ({choice.get('train_samples', '?')} fit / "
+                          f"{choice.get('validation_samples', '?')} validation samples)"))
+    return Group(table, *lines, Text(""))
 
 
 def _format_short(value: Any) -> str:

@@ -35,13 +35,17 @@ def step_statistics(x_T: torch.Tensor, outputs: Sequence[torch.Tensor], target: 
     return r_factor(step_rows(x_T, outputs, target))
 
 
-def solve_step(r: np.ndarray | torch.Tensor, num_rows: int, ridge: float = DEFAULT_RIDGE) -> tuple[np.ndarray, float]:
+def solve_step(
+    r: np.ndarray | torch.Tensor, num_rows: int, ridge: float = DEFAULT_RIDGE, prior: np.ndarray | None = None
+) -> tuple[np.ndarray, float]:
     """Coefficients of one on-policy step from its merged statistics.
 
     Args:
         r: ``(F+1, F+1)`` R factor of rows ``[features..., target]``.
         num_rows: rows behind ``r`` (samples x latent elements).
-        ridge: penalty ``ridge * ||feature_j||^2 * w_j^2`` added per feature (scale free).
+        ridge: penalty ``ridge * ||feature_j||^2 * (w_j - prior_j)^2`` added per feature (scale free).
+        prior: ``(F,)`` the weights the ridge pulls towards (a trust region around a stable solver's step,
+            e.g. a built-in's row); None: zeros (plain ridge). A large ridge returns the prior itself.
 
     Returns:
         ``(F,)`` float64 weights and the mean squared residual per element (without the penalty).
@@ -49,8 +53,12 @@ def solve_step(r: np.ndarray | torch.Tensor, num_rows: int, ridge: float = DEFAU
     r = np.asarray(torch.as_tensor(r, dtype=torch.float64).cpu().numpy())
     features, target = r[:, :-1], r[:, -1]
     norms = np.linalg.norm(features, axis=0)
-    augmented = np.vstack([features, np.diag(np.sqrt(ridge) * norms)])
-    padded_target = np.concatenate([target, np.zeros(len(norms))])
+    prior = np.zeros(len(norms)) if prior is None else np.asarray(prior, dtype=np.float64)
+    if prior.shape != norms.shape:
+        raise ValueError(f"prior has shape {prior.shape}, the step has {len(norms)} features")
+    penalty = np.sqrt(ridge) * norms
+    augmented = np.vstack([features, np.diag(penalty)])
+    padded_target = np.concatenate([target, penalty * prior])
     weights = np.linalg.lstsq(augmented, padded_target, rcond=None)[0]
     residual = target - features @ weights
     return weights, float(residual @ residual / num_rows)

@@ -3,7 +3,7 @@
 ``linear_teacher`` runs any ``TeacherSchedule`` ``s_{n+1} = a_n s_n + b_n o_n``; a noise process
 (``core.noise_process``) says what ``a``, ``b`` and the model timesteps are: deterministic DDIM (eta 0)
 over strictly decreasing train timesteps ending at the clean sample (alpha 1 after the last step) for VP
-models, Euler on the velocity over the model's own flow-matching schedule for flow models. The
+models (on ε, or written in v / x0 form where ᾱ = 0 at the first step: zero terminal SNR), Euler on the velocity over the model's own flow-matching schedule for flow models. The
 teacher records every state and every guided output, which is all the calibration statistics are made of.
 """
 
@@ -17,7 +17,8 @@ import torch
 
 Denoiser = Callable[[torch.Tensor, Any, Any], torch.Tensor]
 """``denoiser(x (B, *shape), t, cond) -> guided output (B, *shape)``: epsilon at an int train timestep
-for VP models, the velocity at the pipeline's float timestep ``t = sigma * 1000`` for flow models."""
+for VP models (v or x0 with zero terminal SNR: ``core.noise_process.vp_output_type``), the velocity at the
+pipeline's float timestep ``t = sigma * 1000`` for flow models."""
 
 
 @dataclass(frozen=True)

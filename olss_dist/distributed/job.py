@@ -200,7 +200,8 @@ def run_job(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = 
                                                  start_strengths=spec.img2img_strengths)
         plans = [plans_by_steps[k] for k in spec.steps]
         start_plans = served_start_plans(plans_by_steps)
-        report = job_report(spec, model, workers, run_config, backend, calibration, plans, validation, started)
+        conditions = calibrated_conditions(spec, model, records)
+        report = job_report(spec, model, workers, run_config, backend, calibration, plans, validation, started, conditions)
         published = publish_run(
             execution.output,
             model_id=model["model_id"],
@@ -217,6 +218,7 @@ def run_job(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = 
                 **resolution_manifest(model),
                 "teacher_steps": spec.teacher_steps,
                 "planned_step_counts": list(spec.steps),
+                "calibrated_conditions": conditions,
                 "execution": {
                     "device": device,
                     "num_workers": num_workers,
@@ -257,6 +259,19 @@ def resolution_manifest(model: dict[str, Any]) -> dict[str, Any]:
     return {} if model.get("resolution") is None else {"resolution": list(model["resolution"])}
 
 
+def calibrated_conditions(spec: CalibrationSpec, model: dict[str, Any], records: list[PromptRecord]) -> dict[str, Any]:
+    """What the plans were calibrated under, for warnings outside it (manifest and ``report.json``):
+    ``guidance_scales`` (one today), ``resolutions`` (``[[height, width]]``; ``None`` for models without
+    images) and ``negative_prompts`` (the distinct non-empty ones of the prompts, at most 16; ``[]``: none)."""
+    negatives = sorted({r.negative_prompt for r in records if r.negative_prompt})
+    resolution = model.get("resolution")
+    return {
+        "guidance_scales": [spec.guidance_scale],
+        "resolutions": None if resolution is None else [list(resolution)],
+        "negative_prompts": negatives[:16],
+    }
+
+
 JOB_ERRORS = (ValueError, ArtifactError, WorkerError, WorkersLostError, OSError)
 """What a job reports to its user as one error line: bad input, storage failures, failed or lost workers."""
 
@@ -282,6 +297,7 @@ def job_report(
     plans: list[Plan],
     validation: list[PromptRecord],
     started: float,
+    conditions: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``report.json``: model identity, config, statistics counts, workers and per-step errors of each plan."""
     summary = backend.summary
@@ -304,6 +320,7 @@ def job_report(
             "worker_recoveries": summary.recoveries,
         },
         "validation_prompts": [r.index for r in validation],
+        **({} if conditions is None else {"calibrated_conditions": conditions}),
         "workers": [{k: w[k] for k in ("worker", "device", "node_id", "gpu_ids")} for w in workers],
         "plans": [
             {
@@ -314,8 +331,10 @@ def job_report(
                 "spacing": p.spacing,
                 "step_errors": p.step_errors.tolist(),
                 "search_errors": p.search_errors.tolist(),
-                "validation_rmse": min(c["rmse"] for c in p.candidates),
+                "validation_rmse": next((c["rmse"] for c in p.candidates if c["name"] == p.choice.get("shipped")),
+                                        min(c["rmse"] for c in p.candidates)),
                 "candidates": p.candidates,
+                **({"choice": p.choice} if p.choice else {}),
                 **({"starts": p.starts} if p.starts else {}),
             }
             for p in plans

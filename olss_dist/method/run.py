@@ -8,8 +8,12 @@ teacher-forced fit on the minimax path, and the noise process's built-in linear 
 (``core.builtin.process_builtins``: VP: DDIM, DPM-Solver++ 2M, UniPC, DEIS with "trailing" spacing;
 flow matching: FlowMatch Euler, DPM-Solver++ 2M and UniPC with flow sigmas). Every candidate is scored
 by the on-policy error of its final state against the teacher's on held-out validation samples, run at
-the candidate's own timesteps (a flow built-in's are generally off the teacher's grid); the best one
-ships, and every score is kept in ``Plan.candidates``.
+the candidate's own timesteps (a flow built-in's are generally off the teacher's grid). Then the
+trust-region candidates (``trust_region_candidates``: fits on the best built-in's nodes pulled towards
+its rows) are scored the same way, and ``method.choice.choose`` picks what ships: a fitted plan only
+inside the trust region of bounded coefficients and with a significant bootstrap win over the best
+built-in, else that built-in (``Plan.choice`` says which and why); every score is kept in
+``Plan.candidates``.
 
 The method is the same for every noise process: the teacher is ``process.teacher_schedule(N)`` (or a
 given ``TeacherSchedule``), and only the built-in candidates depend on the family.
@@ -47,6 +51,7 @@ from olss_dist.core.teacher import (
     validate_timesteps,
 )
 from olss_dist.core.tsqr import merge_r_factors
+from olss_dist.method.choice import DEFAULT_RULES, ChoiceRules, choose
 from olss_dist.method.rollouts import (
     TRAIN,
     VALIDATION,
@@ -63,6 +68,8 @@ DEFAULT_STEPS = CalibrationSpec.steps  # the one default step list
 DEFAULT_BUILTINS = LINEAR_BUILTINS  # every VP built-in solver with an exact OLSS form (flow: the process's)
 DEFAULT_TEACHER_STEPS = CalibrationSpec.teacher_steps
 DEFAULT_RIDGES = (DEFAULT_RIDGE, 10 * DEFAULT_RIDGE)
+DEFAULT_TRUST_RIDGES = (1e-4, 1e-2)
+"""Ridges of the trust-region candidates: on-policy fits on the best built-in's nodes pulled towards its rows."""
 
 
 @dataclass
@@ -81,6 +88,7 @@ class Candidate:
     coefficients: np.ndarray | None = None
     step_errors: np.ndarray | None = None
     timesteps: np.ndarray | None = None
+    prior: np.ndarray | None = None
 
     def step_timesteps(self, teacher_timesteps: np.ndarray) -> np.ndarray:
         """``(K,)`` the model timesteps of its steps."""
@@ -151,7 +159,8 @@ def fit_candidate(backend: RolloutBackend, candidate: Candidate, timesteps: np.n
     try:
         for i, target in enumerate(targets):
             statistics = merge_r_factors([f.cpu() for f in backend.statistics(handle, target)])
-            weights, step_errors[i] = solve_step(statistics, backend.num_train_rows, candidate.ridge or 0.0)
+            prior = None if candidate.prior is None else candidate.prior[i, : i + 2]
+            weights, step_errors[i] = solve_step(statistics, backend.num_train_rows, candidate.ridge or 0.0, prior)
             coefficients[i, : i + 2] = weights
             next_timestep = model_timestep(timesteps[nodes[i + 1]]) if i + 1 < len(nodes) else None
             backend.advance(handle, weights, next_timestep)
@@ -195,6 +204,8 @@ def run_method(
     builtins: Sequence[str] | None = None,
     ridges: Sequence[float] = DEFAULT_RIDGES,
     progress: Callable[[str], None] | None = None,
+    trust_ridges: Sequence[float] = DEFAULT_TRUST_RIDGES,
+    choice_rules: ChoiceRules = DEFAULT_RULES,
     start_strengths: Sequence[float] = (),
 ) -> tuple[dict[int, Plan], Calibration]:
     """The method on any backend: returns the validated best plan per step count and the calibration.
@@ -208,6 +219,8 @@ def run_method(
         builtins: built-in solvers to include as candidates; None: the process's linear ones.
         ridges: relative ridge weights of the on-policy fits.
         progress: called with a line per scored candidate.
+        trust_ridges: ridges of the trust-region candidates (``trust_region_candidates``); () for none.
+        choice_rules: the robust choice's thresholds (``method.choice``).
         start_strengths: img2img strengths to fit start plans for after the start-0 plans
             (``method.starts.fit_start_plans``); their plans are returned under keys ``(K, start_step)``
             and each K-step plan's ``starts`` records what serves each start.
@@ -224,15 +237,25 @@ def run_method(
     backend.keep_train_states({n for nodes, _ in paths for n in nodes}, start_nodes(paths, timesteps, start_strengths))
     plans = {}
     for k, group in candidates.items():
-        scored = []
-        for candidate in group:
+        scored, errors = [], []
+
+        def score(candidate: Candidate) -> None:
             if candidate.coefficients is None:
                 candidate.coefficients, candidate.step_errors = fit_candidate(backend, candidate, timesteps)
-            scores = error_summary(validation_errors(backend, candidate.coefficients, candidate.step_timesteps(timesteps)))
+            errors.append(validation_errors(backend, candidate.coefficients, candidate.step_timesteps(timesteps)))
+            scores = error_summary(errors[-1])
             scored.append(candidate_record(candidate, candidate.coefficients, scores))
             progress(f"{k} steps: {candidate.name} validation RMSE {scores['rmse']:.4g}")
-        best_index = int(np.argmin([s["rmse"] for s in scored]))
-        best = group[best_index]
+
+        for candidate in group:
+            score(candidate)
+        group = group + trust_region_candidates(group, [s["rmse"] for s in scored], trust_ridges)
+        for candidate in group[len(scored):]:
+            score(candidate)
+        choice = choose([c.name for c in group], errors, [c.fit.startswith("builtin") for c in group],
+                        [s["max_abs_coefficient"] for s in scored], calibration.num_samples, choice_rules)
+        progress(f"{k} steps: ships {group[choice.index].name}: {choice.record['reason']}")
+        best = group[choice.index]
         plans[k] = Plan(
             nodes=best.nodes,
             timesteps=best.step_timesteps(timesteps),
@@ -243,10 +266,32 @@ def run_method(
             spacing=best.spacing,
             candidates=scored,
             num_teacher_steps=len(timesteps),
+            choice=choice.record,
         )
     if start_strengths:
         plans.update(fit_start_plans(backend, process, calibration, plans, start_strengths, ridges, progress))
     return plans, calibration
+
+
+def trust_region_candidates(group: Sequence[Candidate], rmse: Sequence[float], ridges: Sequence[float]) -> list[Candidate]:
+    """On-policy fits on the nodes of the best built-in (lowest ``rmse`` among ``group``'s built-ins) whose
+    ridge pulls each step towards that built-in's row instead of towards zero: a trust region around a
+    stable solver (a large ridge gives the built-in back; ``ridges`` from small to large trade the fit's gain
+    for the built-in's robustness, and validation picks). None without a built-in or ridges.
+
+    The candidate calls the model at the teacher's timesteps of those nodes (a flow built-in's own
+    timesteps are generally off the teacher's grid, its nodes the nearest teacher indices).
+    """
+    builtins = [(r, i) for i, (c, r) in enumerate(zip(group, rmse)) if c.fit.startswith("builtin") and np.isfinite(r)]
+    if not builtins or not ridges:
+        return []
+    best = group[min(builtins)[1]]
+    solver = best.fit.partition(":")[2]
+    return [
+        Candidate(f"trust_region/{solver}/ridge={ridge:g}", list(best.nodes), best.spacing, "on_policy",
+                  ridge=float(ridge), prior=np.asarray(best.coefficients, dtype=np.float64))
+        for ridge in ridges
+    ]
 
 
 def check_split(noise: Any, cond: Any, name: str) -> torch.Tensor:
@@ -276,6 +321,8 @@ def calibrate(
     scheduler_config: dict[str, Any] | None = None,
     mu: float | None = None,
     num_teacher_steps: int = DEFAULT_TEACHER_STEPS,
+    trust_ridges: Sequence[float] = DEFAULT_TRUST_RIDGES,
+    choice_rules: ChoiceRules = DEFAULT_RULES,
     start_strengths: Sequence[float] = (),
 ) -> dict[int | tuple[int, int], Plan]:
     """OLSS calibration in one process: the reference the distributed job reproduces.
@@ -300,6 +347,8 @@ def calibrate(
         scheduler_config: the model's diffusers scheduler config (names the noise process).
         mu: the dynamic shift of a flow config with ``use_dynamic_shifting`` (Flux: from the image size).
         num_teacher_steps: N of the ``scheduler_config`` teacher.
+        trust_ridges: ridges of the trust-region candidates around the best built-in (``run_method``).
+        choice_rules: the robust choice's thresholds (``method.choice.ChoiceRules``).
         start_strengths: img2img strengths to fit start plans for (``method.starts``; the job's are
             ``CalibrationSpec.img2img_strengths``); none by default.
 
@@ -314,7 +363,8 @@ def calibrate(
     noise = check_split(noise, cond, "noise")
     validation_noise = check_split(validation_noise, validation_cond, "validation_noise")
     backend = InProcessBackend(denoiser, noise, cond, validation_noise, validation_cond, batch_size, progress)
-    return run_method(backend, process, teacher, steps, builtins, ridges, progress, start_strengths=start_strengths)[0]
+    return run_method(backend, process, teacher, steps, builtins, ridges, progress, trust_ridges, choice_rules,
+                      start_strengths=start_strengths)[0]
 
 
 def calibration_teacher(

@@ -21,8 +21,8 @@ class DiffusionModel(ABC):
         alphas_cumprod: ``(num_train_timesteps,)`` float64, a VP model's own noise schedule (``None`` for
             flow-matching models).
         prediction_type: what the network predicts (``"epsilon"``, ``"v_prediction"`` or
-            ``"flow_prediction"``); ``__call__`` returns epsilon for VP models (v converted) and the
-            velocity for flow-matching models, i.e. ``noise_process.output_type``.
+            ``"flow_prediction"``); ``__call__`` returns epsilon for VP models (v converted; v itself with
+            zero terminal SNR) and the velocity for flow-matching models, i.e. ``noise_process.output_type``.
         scheduler_config: the model's own diffusers scheduler config (names the noise process; built-ins).
         mu: the dynamic shift of a flow model with ``use_dynamic_shifting`` at its calibration resolution
             (Flux: from the image sequence length); ``None`` otherwise.

@@ -18,6 +18,21 @@ from olss_dist.apps.evaluate.run import run_evaluation
 DETAIL_HEADER = ("sampler", "calls", "first t", "RMSE", "× shipped", "median", "p90", "worst", "PSNR dB (mean ± std)")
 
 
+def condition_text(conditions: dict[str, Any]) -> str:
+    """``guidance 7.5, resolution 32x32, negative prompt '...'`` from an evaluation's ``conditions`` or a run's
+    ``calibrated_conditions`` (lists of guidance scales and resolutions)."""
+    guidance = conditions.get("guidance_scale", conditions.get("guidance_scales"))
+    resolution = conditions.get("resolution", conditions.get("resolutions"))
+    resolutions = [resolution] if resolution and not isinstance(resolution[0], (list, tuple)) else resolution or []
+    parts = [f"guidance {', '.join(f'{g:g}' for g in (guidance if isinstance(guidance, list) else [guidance]))}"
+             if guidance is not None else "guidance ?"]
+    parts.append("resolution " + (", ".join(f"{r[0]}x{r[-1]}" for r in resolutions) if resolutions else "the model's own"))
+    negative = conditions.get("negative_prompt", conditions.get("negative_prompts"))
+    if negative:
+        parts.append(f"negative prompt {negative!r}" if isinstance(negative, str) else f"negative prompts {negative!r}")
+    return ", ".join(parts)
+
+
 def format_number(value: float | None) -> str:
     if value is None or math.isnan(value):
         return "-"
@@ -59,6 +74,28 @@ def summary_rows(evaluation: Evaluation) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+CONFIDENCE_HEADER = ("steps", "best built-in", "shipped / best (held out)", "interval", "calibration's claim", "shipped as")
+
+
+def confidence_rows(evaluation: Evaluation) -> list[list[str]]:
+    """One row per step count (``Evaluation.confidence``): the held-out ratio of the shipped plan's pooled RMSE
+    to the best built-in's with its paired bootstrap interval, the validation ratio and interval the
+    calibration recorded, and what it shipped (a fallback to a built-in says so)."""
+    rows = []
+    for record in evaluation.confidence():
+        low, high = record["ratio_interval"]
+        claim = record["calibration"] or {}
+        claimed = claim.get("ratio_interval")
+        rows.append([
+            str(record["num_steps"]), record["best_builtin"], format_number(record["ratio"]),
+            f"[{format_number(low)}, {format_number(high)}] ({record['confidence']:.0%}, {record['samples']} samples)",
+            "-" if not claim or claim.get("ratio") is None else
+            f"{format_number(claim['ratio'])} [{format_number(claimed[0])}, {format_number(claimed[1])}]",
+            "-" if not claim else str(claim.get("shipped")) + (" (fallback)" if claim.get("fallback") else ""),
+        ])
+    return rows
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
@@ -81,6 +118,13 @@ def to_markdown(evaluation: Evaluation) -> str:
         "",
         markdown_table(*summary_rows(evaluation)),
     ]
+    if "conditions" in info:
+        lines[5:5] = [f"- conditions: {condition_text(info['conditions'])}; calibrated under "
+                      f"{condition_text(info.get('calibrated_conditions') or {})}"]
+    confidence = confidence_rows(evaluation)
+    if confidence:
+        lines += ["", "## Confidence of the win (shipped over the best built-in, pooled RMSE; paired bootstrap)", "",
+                  markdown_table(CONFIDENCE_HEADER, confidence)]
     for k in evaluation.steps:
         lines += ["", f"## {k} steps", "", markdown_table(DETAIL_HEADER, detail_rows(evaluation, k))]
     notes = sorted({f"{r.label} at {r.num_steps} steps: {r.note}" for r in evaluation.results if r.note})
@@ -110,6 +154,17 @@ def rich_tables(evaluation: Evaluation) -> list:
     tables = [table(header, "RMSE of the final latent vs the teacher (pooled)")]
     for row in rows:
         tables[0].add_row(*row)
+    records = evaluation.confidence()
+    if records:
+        tables.append(table(("K", "best built-in", "ratio", "interval", "calibration's"),
+                            f"shipped / best built-in pooled RMSE on {records[0]['samples']} held-out samples, "
+                            f"{records[0]['confidence']:.0%} bootstrap interval; the calibration's validation ratio"))
+        for record in records:
+            claim = record["calibration"] or {}
+            tables[-1].add_row(
+                str(record["num_steps"]), record["best_builtin"], format_number(record["ratio"]),
+                "[{}, {}]".format(*(format_number(v) for v in record["ratio_interval"])),
+                format_number(claim.get("ratio")) + (" (fallback)" if claim.get("fallback") else ""))
     for k in evaluation.steps:
         tables.append(table(TERMINAL_DETAIL_HEADER, f"{k} steps (t0: first timestep; ×ship: RMSE over the shipped plan's; PSNR: mean, dB)"))
         for row in detail_rows(evaluation, k, psnr_spread=False):

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from olss_dist.method.choice import DEFAULT_RULES, ChoiceRules, ratio_interval
+
 SHIPPED_LABEL = "olss (shipped)"
 """The label of the run's own scheduler, the row every other sampler is compared with."""
 
@@ -74,10 +76,15 @@ class Evaluation:
     def labels(self) -> list[str]:
         return list(dict.fromkeys(r.label for r in self.results))
 
+    def confidence(self) -> list[dict[str, Any]]:
+        """Per step count, the confidence of the shipped plan's win (``win_confidence``)."""
+        return win_confidence(self)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form; non-finite numbers become ``null``."""
         return {
             "info": self.info,
+            "confidence": self.confidence(),
             "results": [
                 {"sampler": r.name, "variant": r.variant, "num_steps": r.num_steps, "model_calls": r.model_calls,
                  "first_timestep": r.first_timestep, "note": r.note,
@@ -90,3 +97,38 @@ class Evaluation:
 
 def finite_or_none(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
+
+
+def win_confidence(evaluation: Evaluation, confidence: float = DEFAULT_RULES.confidence) -> list[dict[str, Any]]:
+    """Per step count: the shipped plan's pooled RMSE over the best built-in's on these held-out samples
+    (the built-in of lowest pooled RMSE among every built-in sampler that ran), with the paired bootstrap
+    interval (``method.choice.ratio_interval``: both resampled over the same samples), and what the
+    calibration claimed on its validation samples (``info.artifact.shipped[K].choice``), when it recorded it.
+
+    Returns:
+        one record per K with ``best_builtin`` (label), ``shipped_rmse``, ``best_builtin_rmse``, ``ratio``,
+        ``ratio_interval`` ``[low, high]``, ``confidence``, ``samples`` and ``calibration`` (or None).
+    """
+    rules = ChoiceRules(confidence=confidence)
+    shipped_choices = evaluation.info.get("artifact", {}).get("shipped", {})
+    records = []
+    for k in evaluation.steps:
+        shipped = next((r for r in evaluation.results if r.label == SHIPPED_LABEL and r.num_steps == k), None)
+        builtins = [r for r in evaluation.results if r.num_steps == k and not r.name.startswith("olss")
+                    and r.metrics and math.isfinite(r.rmse) and r.per_sample_rmse]
+        if shipped is None or not shipped.per_sample_rmse or not builtins:
+            continue
+        best = min(builtins, key=lambda r: r.rmse)
+        mse = np.square(np.asarray(shipped.per_sample_rmse, dtype=np.float64))
+        reference = np.square(np.asarray(best.per_sample_rmse, dtype=np.float64))
+        ratio, (low, high) = ratio_interval(mse, reference, rules)
+        claimed = (shipped_choices.get(k) or shipped_choices.get(str(k)) or {}).get("choice")
+        records.append({
+            "num_steps": k, "best_builtin": best.label, "shipped_rmse": finite_or_none(shipped.rmse),
+            "best_builtin_rmse": finite_or_none(best.rmse), "ratio": finite_or_none(ratio),
+            "ratio_interval": [finite_or_none(low), finite_or_none(high)], "confidence": rules.confidence,
+            "samples": len(mse),
+            "calibration": None if not claimed else {
+                key: claimed.get(key) for key in ("shipped", "best_builtin", "ratio", "ratio_interval", "fallback", "reason")},
+        })
+    return records

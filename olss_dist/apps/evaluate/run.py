@@ -203,6 +203,9 @@ def run_evaluation(
     storage_options: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
     lora: str | None = None,
+    guidance_scale: float | None = None,
+    resolution: Sequence[int] | None = None,
+    negative_prompt: str | None = None,
 ) -> Evaluation:
     """Evaluate a published run on held-out samples against the built-in solvers (what ``olss-dist evaluate`` runs).
 
@@ -223,6 +226,9 @@ def run_evaluation(
         device: where the model runs (default: the adapter's choice).
         storage_options: fsspec options for the artifact and prompt locations.
         progress: called with a line per stage.
+        guidance_scale: the guidance to sample and build the teacher at (default: the run's, as calibrated).
+        resolution: ``(height, width)`` pixels to sample at (default: the run's); the model must take it.
+        negative_prompt: one negative prompt for every held-out sample (default: the prompt file's, or none).
 
     Raises:
         ArtifactError: no complete run at ``artifact``.
@@ -246,8 +252,11 @@ def run_evaluation(
     config = run.manifest.get("config", {})
     # The pixels the run was calibrated at (stated in its config, else recorded by the job): the latent
     # shape and a Flux-like model's mu follow them.
-    resolution = config.get("resolution") or run.manifest.get("resolution")
-    model = load_model(model_spec, guidance_scale=float(config.get("guidance_scale", CalibrationSpec.guidance_scale)), device=device,
+    calibrated = {"guidance_scale": float(config.get("guidance_scale", CalibrationSpec.guidance_scale)),
+                  "resolution": config.get("resolution") or run.manifest.get("resolution")}
+    resolution = calibrated["resolution"] if resolution is None else list(resolution)
+    guidance_scale = calibrated["guidance_scale"] if guidance_scale is None else float(guidance_scale)
+    model = load_model(model_spec, guidance_scale=guidance_scale, device=device,
                        **({} if resolution is None else {"resolution": tuple(int(v) for v in resolution)}),
                        **({} if lora is None else {"lora": lora, "storage_options": storage_options}))
     if model.digest != run.manifest["model"]["digest"]:
@@ -279,10 +288,11 @@ def run_evaluation(
 
     records = read_prompts(prompts, storage_options=storage_options) if prompts else None
     known_seeds = calibration_seeds(run, model, storage_options)
-    samples = evaluation_set(
-        model, num_samples, [r.prompt for r in records] if records else None,
-        [r.negative_prompt for r in records] if records else None, seed_offset, known_seeds or (),
-    )
+    prompt_texts = [r.prompt for r in records] if records else model.default_prompts()
+    negatives = [r.negative_prompt for r in records] if records else None
+    if negative_prompt is not None:
+        negatives = [negative_prompt] * len(prompt_texts)
+    samples = evaluation_set(model, num_samples, prompt_texts, negatives, seed_offset, known_seeds or ())
     progress(f"teacher: {len(reference_timesteps)} {'Euler' if flow else 'DDIM'} steps on {num_samples} held-out samples")
     teacher_final = teacher_states(model, samples.x_T, samples.cond, reference_teacher, None,
                                    [len(reference_timesteps)], batch_size)[:, 0]
@@ -309,7 +319,14 @@ def run_evaluation(
         "model": {"spec": model_spec, "id": model.model_id, "digest": model.digest, "guidance_scale": model.guidance_scale,
                   "resolution": None if model.resolution is None else list(model.resolution)},
         "artifact": {"uri": run.uri, "run_id": run.manifest.get("run_id"), "shipped": {
-            k: {"fit": p.fit, "spacing": p.spacing, "nodes": p.nodes} for k, p in run.plans.items() if k in steps}},
+            k: {"fit": p.fit, "spacing": p.spacing, "nodes": p.nodes, **({"choice": p.choice} if p.choice else {})}
+            for k, p in run.plans.items() if k in steps}},
+        "conditions": {"guidance_scale": guidance_scale, "resolution": resolution,
+                       "negative_prompt": negative_prompt if negative_prompt is not None else (
+                           "from the prompt file" if negatives and any(negatives) else "")},
+        "calibrated_conditions": run.manifest.get("calibrated_conditions") or {
+            "guidance_scales": [calibrated["guidance_scale"]],
+            "resolutions": None if calibrated["resolution"] is None else [list(calibrated["resolution"])]},
         "teacher_steps": len(reference_timesteps),
         "calibration_teacher_steps": len(fit_timesteps),
         "num_samples": num_samples,
