@@ -93,7 +93,8 @@ def test_calibrate_rayjob_runs_the_job_with_options_it_has_on_gpus():
     assert execution.device == "cuda" and execution.wait_for_gpus_s > 0
     assert "REPLACE-ME" in spec.model and "REPLACE-ME" in execution.output
     [gpu_group] = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
-    gpus = gpu_group["replicas"] * int(gpu_group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    [worker] = gpu_group["template"]["spec"]["containers"]
+    gpus = gpu_group["replicas"] * int(worker["resources"]["limits"]["nvidia.com/gpu"])
     assert execution.num_workers == gpus, "one calibration actor per GPU of the worker group"
     assert_only_references(execution.storage_options)
     assert_every_pod_has(rayjob, referenced_variables(execution.storage_options))
@@ -129,7 +130,10 @@ def test_refit_cronjob_creates_a_rayjob_that_refits_inline():
 
 def test_the_two_rayjobs_run_the_same_image_and_gpu_pods():
     calibrate, (refit, _) = calibrate_rayjob(), refit_rayjob_files()
-    assert {c["image"] for p in pods(calibrate) for c in p["containers"]} == {c["image"] for p in pods(refit) for c in p["containers"]}
+    def images(rayjob: dict) -> set[str]:
+        return {container["image"] for pod in pods(rayjob) for container in pod["containers"]}
+
+    assert images(calibrate) == images(refit)
 
     def gpu_resources(rayjob: dict) -> dict:
         [group] = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]

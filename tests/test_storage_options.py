@@ -91,7 +91,9 @@ def test_refit_cli_refuses_a_literal_secret_in_one_line(tmp_path):
     assert not (tmp_path / "store").exists(), "nothing written"
 
 
-def test_submitted_job_carries_references_only_and_resolves_them(jobs_api, s3_bucket, moto_endpoint, monkeypatch):  # noqa: F811
+def test_submitted_job_carries_references_only_and_resolves_them(
+    jobs_api, s3_bucket, moto_endpoint, monkeypatch  # noqa: F811 (jobs_api: the imported fixture)
+):
     api, address = jobs_api
     # The submitting machine and the "cluster" (this process again, below) have the credentials only under
     # names of their own; the standard AWS variables are gone, so nothing works unless the references resolve.
