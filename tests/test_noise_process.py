@@ -150,12 +150,16 @@ def test_v_and_x0_forms_are_the_epsilon_step_on_converted_outputs(prediction_typ
     alphas = alphas_cumprod_from_config(SD_BETAS)
     timesteps = trailing_timesteps(25)
     epsilon_form, other = ddim_schedule(timesteps, alphas), ddim_schedule(timesteps, alphas, prediction_type)
-    network, x = toy_denoiser(seed=5), torch.randn(2, 8, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    network = toy_denoiser(seed=5)
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     denoiser = lambda x, t, cond: network(x.float(), t, cond).to(x.dtype)  # noqa: E731
     for n, t in enumerate(timesteps):
         a, s = float(alphas[t]), float(alphas[t]) ** 0.5
         output = denoiser(x, int(t), None)
-        epsilon = s * output + (1 - a) ** 0.5 * x if prediction_type == "v_prediction" else (x - s * output) / (1 - a) ** 0.5
+        if prediction_type == "v_prediction":
+            epsilon = s * output + (1 - a) ** 0.5 * x
+        else:
+            epsilon = (x - s * output) / (1 - a) ** 0.5
         expected = epsilon_form.state_coefficients[n] * x + epsilon_form.output_coefficients[n] * epsilon
         x = other.state_coefficients[n] * x + other.output_coefficients[n] * output
         torch.testing.assert_close(x, expected, rtol=1e-12, atol=1e-12)
