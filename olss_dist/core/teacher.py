@@ -4,7 +4,8 @@
 (``core.noise_process``) says what ``a``, ``b`` and the model timesteps are: deterministic DDIM (eta 0)
 over strictly decreasing train timesteps ending at the clean sample (alpha 1 after the last step) for VP
 models (on ε, or written in v / x0 form where ᾱ = 0 at the first step: zero terminal SNR), Euler on the
-velocity over the model's own flow-matching schedule for flow models. The teacher records every state and every guided output, which is all the calibration statistics are made of.
+velocity over the model's own flow-matching schedule for flow models. The teacher records every state and
+every guided output, which is all the calibration statistics are made of.
 """
 
 from __future__ import annotations
