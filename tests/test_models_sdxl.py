@@ -51,11 +51,16 @@ class RecordingDDIM(DDIMScheduler):
 def folders(tmp_path_factory):
     from tiny_sdxl import tiny_sdxl_pipeline
 
+    variants = {
+        "epsilon": dict(prediction_type="epsilon", seed=1),
+        "v_prediction": dict(prediction_type="v_prediction", seed=2),
+        "zero_snr": dict(prediction_type="v_prediction", seed=3, rescale_betas_zero_snr=True, timestep_spacing="trailing"),
+    }
     made = {}
-    for prediction_type in ("epsilon", "v_prediction"):
-        root = tmp_path_factory.mktemp(f"sdxl-{prediction_type}")
-        tiny_sdxl_pipeline(root, prediction_type=prediction_type, seed=1 if prediction_type == "epsilon" else 2)
-        made[prediction_type] = root / "model"
+    for name, options in variants.items():
+        root = tmp_path_factory.mktemp(f"sdxl-{name}")
+        tiny_sdxl_pipeline(root, **options)
+        made[name] = root / "model"
     return made
 
 
@@ -115,6 +120,18 @@ def test_v_prediction_is_converted_and_guidance_one_is_conditional(folders):
     alpha = float(model.alphas_cumprod[t])
     expected = alpha**0.5 * v + (1.0 - alpha) ** 0.5 * x.double()
     np.testing.assert_allclose(model(x, t, model.encode_prompts(PROMPTS)).numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_zero_terminal_snr_v_model_returns_the_guided_v(folders):
+    """rescale_betas_zero_snr: ᾱ_999 = 0, so the output form is v (contract C1) and the adapter returns the
+    pipeline's guided v unconverted, at t = 999 (pure noise) and below."""
+    model = load_model(str(folders["zero_snr"]), device="cpu", guidance_scale=GUIDANCE_SCALE)
+    assert model.alphas_cumprod[-1] == 0.0 and model.noise_process.output_type == "v_prediction"
+    x = model.initial_noise([9, 10])
+    cond = model.encode_prompts(PROMPTS)
+    for t in (999, 500):
+        expected = pipeline_output(folders["zero_snr"], x, t, GUIDANCE_SCALE)
+        np.testing.assert_allclose(model(x, t, cond).numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_bad_calls_and_inputs_are_clear_errors(folders):

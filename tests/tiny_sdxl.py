@@ -30,8 +30,13 @@ def clip_config(vocab_size: int) -> CLIPTextConfig:
     )
 
 
-def tiny_sdxl_pipeline(folder: Path, prediction_type: str = "epsilon", seed: int = 0) -> StableDiffusionXLPipeline:
-    """A randomly initialised SDXL pipeline saved to ``folder / "model"`` and loaded back from there."""
+def tiny_sdxl_pipeline(
+    folder: Path, prediction_type: str = "epsilon", seed: int = 0, **scheduler_options
+) -> StableDiffusionXLPipeline:
+    """A randomly initialised SDXL pipeline saved to ``folder / "model"`` and loaded back from there.
+
+    ``scheduler_options`` override the Euler config (e.g. ``rescale_betas_zero_snr=True, timestep_spacing="trailing"``).
+    """
     torch.manual_seed(seed)
     tokenizer = write_tiny_tokenizer(folder / "tokenizer_src")
     tokenizer_2 = write_tiny_tokenizer(folder / "tokenizer_2_src")
@@ -49,10 +54,11 @@ def tiny_sdxl_pipeline(folder: Path, prediction_type: str = "epsilon", seed: int
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"), up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         norm_num_groups=4, sample_size=RESOLUTION, scaling_factor=0.13025,
     )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
-        interpolation_type="linear", use_karras_sigmas=False, prediction_type=prediction_type,
-    )
+    scheduler = EulerDiscreteScheduler(**{
+        "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1,
+        "timestep_spacing": "leading", "interpolation_type": "linear", "use_karras_sigmas": False,
+        "prediction_type": prediction_type, **scheduler_options,
+    })
     pipe = StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
         tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, add_watermarker=False,
