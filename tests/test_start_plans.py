@@ -20,6 +20,7 @@ from olss_dist.core.teacher import ddim_schedule, schedule_states
 from olss_dist.method.rollouts import VALIDATION, InProcessBackend
 
 TEACHER_STEPS = 40
+JOB_TEACHER_STEPS = 20
 STRENGTHS = (0.3, 0.5, 0.75)
 
 
@@ -112,6 +113,36 @@ def test_start_plans_round_trip_through_their_json_form(start_run):
     assert "start_step" not in plans[4].to_dict(), "start-0 plans serialise as before"
 
 
+def test_flow_start_plans_start_from_the_teacher_state_at_sigma_and_beat_euler_from_there():
+    """Flow matching: the state at a node is x_σ, where ``scale_noise`` puts the image; the start plans beat
+    FlowMatch Euler over the same timesteps from there on held-out samples."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from olss_dist.models.analytic import GaussianMixtureFlowModel
+
+    model = GaussianMixtureFlowModel(guidance_scale=4.0, seed=0)
+
+    def flow_draw(count, seed):
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(count, *model.latent_shape, generator=generator, dtype=torch.float64)
+        return noise, torch.randint(0, model.num_classes, (count,), generator=generator)
+
+    (noise, cond), (v_noise, v_cond), (held_out, h_cond) = flow_draw(24, 1), flow_draw(24, 2), flow_draw(64, 3)
+    plans = calibrate(model, noise, cond, scheduler_config=FlowMatchEulerDiscreteScheduler(shift=3.0).config,
+                      steps=(6,), validation_noise=v_noise, validation_cond=v_cond, num_teacher_steps=TEACHER_STEPS,
+                      start_strengths=(0.5,))
+    record, = plans[6].starts
+    assert record["start_step"] == 3 and set(record["builtin_rmse"]) == {"flow-euler"} and record["serves"] == "plan"
+    plan = plans[(6, 3)]
+    teacher = model.noise_process.teacher_schedule(TEACHER_STEPS)
+    states = schedule_states(model, held_out, h_cond, teacher, [plan.nodes[0], TEACHER_STEPS])
+    assert plan.timesteps.dtype == np.float64 and plan.timesteps[0] == teacher.timesteps[plan.nodes[0]]
+    euler = start_builtins(model.noise_process, plans[6].timesteps, 3)["flow-euler"]
+    errors = [(rollout(rows, model, states[:, 0], h_cond, plan.timesteps) - states[:, 1]).pow(2).mean().sqrt()
+              for rows in (plan.coefficients, euler)]
+    assert errors[0] < 0.5 * errors[1], errors
+
+
 def test_builtin_start_rows_reproduce_ddim_from_the_node():
     """DDIM's OLSS rows over the tail, run from x_start, equal DDIM run step by step from it."""
     model = small_model()
@@ -144,8 +175,8 @@ def test_job_start_plans_equal_in_process_calibrate_and_are_published(local_ray,
     from olss_dist.spec import CalibrationSpec, ExecutionConfig
 
     prompts_path = tmp_path / "prompts.txt"
-    prompts_path.write_text("\n".join(f"a photo of digit {i % 10}, style {i}" for i in range(16)))
-    spec = CalibrationSpec(model="analytic", prompts=str(prompts_path), steps=(4,), teacher_steps=TEACHER_STEPS,
+    prompts_path.write_text("\n".join(f"a photo of digit {i % 10}, style {i}" for i in range(12)))
+    spec = CalibrationSpec(model="analytic", prompts=str(prompts_path), steps=(4,), teacher_steps=JOB_TEACHER_STEPS,
                            guidance_scale=3.0, validation_fraction=0.25, img2img_strengths=(0.5, 0.75))
     result = run_job(spec, ExecutionConfig(output=str(tmp_path / "registry"), shard_size=3, keep_states="disk",
                                            state_dir=str(tmp_path / "states")), quiet=True)
@@ -154,7 +185,7 @@ def test_job_start_plans_equal_in_process_calibrate_and_are_published(local_ray,
     model = load_model("analytic", guidance_scale=3.0)
     expected = calibrate(
         model, model.initial_noise([r.seed for r in fit]), model.encode_prompts([r.prompt for r in fit]),
-        trailing_timesteps(TEACHER_STEPS), model.alphas_cumprod, steps=(4,),
+        trailing_timesteps(JOB_TEACHER_STEPS), model.alphas_cumprod, steps=(4,),
         validation_noise=model.initial_noise([r.seed for r in validation]),
         validation_cond=model.encode_prompts([r.prompt for r in validation]), batch_size=3, start_strengths=(0.5, 0.75),
     )

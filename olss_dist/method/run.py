@@ -233,8 +233,8 @@ def run_method(
     calibration = backend.record_teacher(schedule)
     solvers = process_builtins(process)
     candidates = {k: candidates_for(calibration, k, solvers, builtins, ridges) for k in steps}
-    paths = [(c.nodes, c.step_timesteps(timesteps)) for group in candidates.values() for c in group]
-    backend.keep_train_states({n for nodes, _ in paths for n in nodes}, start_nodes(paths, timesteps, start_strengths))
+    paths = [c.nodes for group in candidates.values() for c in group]
+    backend.keep_train_states({n for nodes in paths for n in nodes}, start_nodes(paths, start_strengths))
     plans = {}
     for k, group in candidates.items():
         scored, errors = [], []

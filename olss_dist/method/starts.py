@@ -36,15 +36,12 @@ def on_teacher_grid(nodes: Sequence[int], timesteps: np.ndarray, teacher_timeste
     return bool(np.array_equal(np.asarray(timesteps, dtype=np.float64), teacher[list(nodes)]))
 
 
-def start_nodes(paths: Iterable[tuple[Sequence[int], np.ndarray]], teacher_timesteps: np.ndarray,
-                strengths: Sequence[float]) -> set[int]:
-    """Every teacher node a start plan of ``paths`` (``(nodes, timesteps)`` of K-step candidates) may start at:
-    ``nodes[s]`` for each start step of ``strengths``, for paths on the teacher's grid."""
-    found: set[int] = set()
-    for nodes, timesteps in paths:
-        if on_teacher_grid(nodes, timesteps, teacher_timesteps):
-            found.update(int(nodes[s]) for _, s in start_steps(len(nodes), strengths))
-    return found
+def start_nodes(paths: Iterable[Sequence[int]], strengths: Sequence[float]) -> set[int]:
+    """Every teacher node a start plan on one of ``paths`` (the nodes of K-step candidates) may start at:
+    ``nodes[s]`` for each start step of ``strengths``. Paths off the teacher's grid count too: a candidate
+    fitted later on their nodes (the trust-region fits around a flow built-in) samples at the teacher's
+    timesteps there. A few states per K, whatever N."""
+    return {int(nodes[s]) for nodes in paths for _, s in start_steps(len(nodes), strengths)}
 
 
 def fit_start_on_policy(backend: RolloutBackend, nodes: Sequence[int], timesteps: np.ndarray, num_teacher_steps: int,
