@@ -23,7 +23,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from olss_dist.core.builtin import LINEAR_BUILTINS, ZERO_SNR_CLAMP, exact_vp_config, process_builtins
+from olss_dist.core.builtin import LINEAR_BUILTINS, ZERO_SNR_CLAMP, builtin_scheduler, exact_vp_config, process_builtins
 from olss_dist.core.noise_process import noise_process_from_config
 from olss_dist.core.onpolicy import apply_step
 from olss_dist.core.teacher import linear_teacher
@@ -107,6 +107,22 @@ def test_builtins_in_olss_form_are_diffusers_solvers_on_the_zero_snr_v_config(na
         # diffusers keeps its schedule in float32 (ours: the exact float64 one); DEIS's reference schedule went
         # through float32 rescaling and back to betas (4e-5 relative in ᾱ); DEIS on the unrescaled schedule is 0.06 off
         torch.testing.assert_close(ours, x, rtol=0, atol=3e-4 if name == "deis" else 1e-5)
+
+
+@pytest.mark.parametrize("name", ["ddim", "pndm", "dpmsolver++", "unipc", "euler", "deis"])
+def test_every_vp_builtin_runs_the_rescaled_schedule_on_v_as_the_model_config_gives_it(name):
+    """``builtin_scheduler`` from the model's own config (evaluate's "config" variant): v prediction, and the
+    zero-SNR schedule even for solvers without ``rescale_betas_zero_snr`` (which from_config would drop)."""
+    config = dict(DDIMScheduler(**ZERO_SNR_DDIM, prediction_type="v_prediction").config)
+    scheduler = builtin_scheduler(name, config, "config")
+    assert scheduler.config.prediction_type == "v_prediction"
+    alphas = scheduler.alphas_cumprod.double().numpy()
+    expected = noise_process_from_config(config).alphas_cumprod
+    assert alphas[-1] == 0.0 or alphas[-1] == pytest.approx(ZERO_SNR_CLAMP, rel=1e-5)  # DDIM / the sigma solvers
+    np.testing.assert_allclose(alphas[:-1], expected[:-1], rtol=1e-3, atol=0)
+    # a model whose ᾱ stays above 0 is served on ε as before, v-prediction or not
+    plain = dict(DDIMScheduler(**{**ZERO_SNR_DDIM, "rescale_betas_zero_snr": False}, prediction_type="v_prediction").config)
+    assert builtin_scheduler(name, plain, "config").config.prediction_type == "epsilon"
 
 
 def test_the_teacher_over_the_models_v_is_diffusers_trailing_ddim_pipeline(folder):
