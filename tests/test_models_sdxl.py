@@ -248,3 +248,35 @@ def test_job_publishes_a_scheduler_that_drives_the_sdxl_pipeline(folders, tmp_pa
     shipped = next(r for r in evaluation.results if r.label == SHIPPED_LABEL)
     assert np.isfinite(shipped.rmse) and all(images.shape[1:] == (16, 16, 3) for images in evaluation.images[10].values())
 
+
+
+def test_a_lora_over_sdxl_is_fused_as_the_pipeline_fuses_it(folders, tmp_path):
+    """``load_model(folder, lora=...)`` on SDXL (the adapter's own pipeline takes the LoRA): a random rank-2 UNet
+    LoRA changes the output, which then equals StableDiffusionXLPipeline's with ``load_lora_weights`` + ``fuse_lora``."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(folders["epsilon"], add_watermarker=False)
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in pipe.unet.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero: a no-op LoRA would test nothing
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    StableDiffusionXLPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+
+    base = load_model(str(folders["epsilon"]), device="cpu", guidance_scale=GUIDANCE_SCALE)
+    model = load_model(str(folders["epsilon"]), device="cpu", guidance_scale=GUIDANCE_SCALE, lora=str(tmp_path / "lora"))
+    assert isinstance(model, StableDiffusionXLModel) and model.digest != base.digest
+    x, cond = model.initial_noise([12, 13]), model.encode_prompts(PROMPTS)
+    output = model(x, 500, cond)
+    assert (output - base(x, 500, cond)).abs().max() > 1e-2
+
+    reference = StableDiffusionXLPipeline.from_pretrained(folders["epsilon"], add_watermarker=False)
+    reference.load_lora_weights(tmp_path / "lora")
+    reference.fuse_lora()
+    reference.scheduler = RecordingDDIM.from_config(reference.scheduler.config)
+    reference.scheduler.fixed_timestep, reference.scheduler.recorded = 500, []
+    reference(prompt=PROMPTS, latents=x.clone(), num_inference_steps=1, height=16, width=16,
+              guidance_scale=GUIDANCE_SCALE, output_type="latent")
+    np.testing.assert_allclose(output.numpy(), reference.scheduler.recorded[0].numpy(), rtol=1e-5, atol=1e-6)
