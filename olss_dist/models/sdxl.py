@@ -64,6 +64,15 @@ def check_sdxl_folder(folder: Path, index: dict[str, Any]) -> None:
     check_components(folder, index, REQUIRED_COMPONENTS, (), "SDXL")
 
 
+def sdxl_resolution(folder: Path, resolution: Any, vae_scale: int) -> tuple[int, int]:
+    """``(height, width)`` of ``resolution`` (an int or a pair), each a positive multiple of ``vae_scale``.
+
+    Raises:
+        ModelLoadError: one line (``resolution: ...``) naming the folder and what it takes.
+    """
+    return parse_resolution(resolution, vae_scale, f"{folder} (SDXL, VAE scale {vae_scale})")
+
+
 class StableDiffusionXLModel(StableDiffusionModel):
     """Classifier-free-guided ε (v converted) of a diffusers SDXL UNet, exactly as ``StableDiffusionXLPipeline`` guides it.
 
@@ -116,7 +125,7 @@ class StableDiffusionXLModel(StableDiffusionModel):
             )
         self.pipeline = pipeline
         self.force_zeros_for_empty_prompt = bool(pipeline.config.get("force_zeros_for_empty_prompt", True))
-        self.resolution = parse_resolution(resolution, vae_scale, f"{folder} (SDXL, VAE scale {vae_scale})")
+        self.resolution = sdxl_resolution(folder, resolution, vae_scale)
         self.latent_shape = (int(self.unet.config.in_channels), *(side // vae_scale for side in self.resolution))
         try:
             # StableDiffusionXLPipeline.__call__ step 7, which also checks the ids fit the UNet's added embedding.
@@ -153,6 +162,8 @@ class StableDiffusionXLModel(StableDiffusionModel):
 
         load = open_folder(folder, check_sdxl_folder, device, torch_dtype)
         vae_scale = vae_scale_factor(load.folder)
+        if resolution is not None:
+            sdxl_resolution(load.folder, resolution, vae_scale)  # refused before gigabytes of weights load
         with load.load_errors():
             unet = load.diffusers_module(UNet2DConditionModel, "unet")
             text_encoder = load.transformers_module(CLIPTextModel, "text_encoder")
