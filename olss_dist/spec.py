@@ -266,7 +266,8 @@ class ExecutionConfig:
     Attributes:
         output: registry root (local path or fsspec URI) the run is published under.
         device: ``"cuda"`` (GPU actors, fails without GPUs), ``"cpu"`` or ``"auto"`` (GPUs when the cluster has any).
-        num_workers: actors; ``None``: one per GPU, or sized to the cluster's CPUs for CPU workers.
+        num_workers: actors; ``None``: one per GPU, or one per CPU of the cluster for CPU workers (every
+            core works during the teacher; the path search runs on the same actors afterwards).
         shard_size: samples per shard (one batch on one worker).
         wait_for_gpus_s: with ``device="cuda"``, seconds to wait for an autoscaler to add GPU nodes.
         keep_states: where workers keep teacher states for the on-policy rounds: ``"disk"`` (node-local
@@ -277,6 +278,8 @@ class ExecutionConfig:
         max_restarts: restarts of each actor after its process dies.
         keep_checkpoints: keep shard checkpoints after publishing (default: remove them).
         storage_options: fsspec options for the output and prompt locations (never sent to submitted jobs).
+        reserve_timeout_s: seconds to wait for the cluster to hold the job's actors (its placement group)
+            while other jobs hold them; ``None``: wait until it can.
     """
 
     output: str = "olss-registry"
@@ -291,6 +294,7 @@ class ExecutionConfig:
     max_restarts: int = 2
     keep_checkpoints: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict)
+    reserve_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         _check_text(self.output, "output", optional=False)
@@ -307,6 +311,8 @@ class ExecutionConfig:
         _check_int(self.max_restarts, "max_restarts", 0)
         if not isinstance(self.storage_options, dict):
             raise SpecError("storage_options", f"must be a mapping, got {type(self.storage_options).__name__}")
+        if self.reserve_timeout_s is not None and not _check_finite(self.reserve_timeout_s, "reserve_timeout_s") >= 0:
+            raise SpecError("reserve_timeout_s", f"must not be negative, got {self.reserve_timeout_s}")
 
     def to_arguments(self) -> list[str]:
         """Command-line form of the fields a submitted job takes (never ``storage_options``: no secrets in job metadata)."""

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import ray
 
 from olss_dist.core.builtin import builtin_plan
 from olss_dist.core.calibration import Calibration
@@ -253,19 +254,31 @@ def test_all_workers_dead_is_one_clear_error(local_ray):
         pool.shutdown()
 
 
-def test_parallel_planner_equals_in_process_planner_exactly(clean_run):
+@pytest.mark.parametrize("on", ["tasks", "actors"])
+def test_parallel_planner_equals_in_process_planner_exactly(clean_run, on):
     calibration = clean_run
-    planner = ParallelPlanner(calibration, parallelism=3)
-    for num_steps in (1, 3, 8):
-        nodes, errors = planner.search_path(num_steps)
-        expected_nodes, expected_errors = search_path(calibration.r_factor, calibration.num_rows, num_steps)
-        assert nodes == expected_nodes
-        np.testing.assert_array_equal(errors, expected_errors)
-    plans = planner.plans([4, 6])
-    for plan in plans:
-        expected = calibration.plan(plan.num_steps)
-        assert plan.nodes == expected.nodes and plan.spacing == expected.spacing
-        np.testing.assert_array_equal(plan.coefficients, expected.coefficients)
+    # "actors": the job's way, the evaluations on the pool's own actors (each keeps one memoised search)
+    pool = WorkerPool(SPEC, 2, TEACHER_STEPS) if on == "actors" else None
+    try:
+        planner = ParallelPlanner(calibration, parallelism=3, pool=pool)
+        for num_steps in (1, 3, 8):
+            nodes, errors = planner.search_path(num_steps)
+            expected_nodes, expected_errors = search_path(calibration.r_factor, calibration.num_rows, num_steps)
+            assert nodes == expected_nodes
+            np.testing.assert_array_equal(errors, expected_errors)
+        plans = planner.plans([4, 6])
+        for plan in plans:
+            expected = calibration.plan(plan.num_steps)
+            assert plan.nodes == expected.nodes and plan.spacing == expected.spacing
+            np.testing.assert_array_equal(plan.coefficients, expected.coefficients)
+        if pool is not None:  # both actors evaluated (each holds its memoised search) and let go of R after
+            searching = lambda actor: ray.get(actor.__ray_call__.remote(lambda self: self._path_search is not None))
+            assert [searching(actor) for actor in pool.actors] == [True, True]
+            planner.release()
+            assert [searching(actor) for actor in pool.actors] == [False, False]
+    finally:
+        if pool is not None:
+            pool.shutdown()
 
 
 def test_published_scheduler_config_carries_the_model_noise_schedule_and_prediction_type():

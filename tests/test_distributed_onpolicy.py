@@ -76,9 +76,10 @@ def test_job_plans_equal_in_process_calibrate(local_ray, tmp_path):
     report = json.loads(open(os.path.join(run_dir, "report.json")).read())
     assert [p["num_steps"] for p in report["plans"]] == [3, 5]
     statistics = report["statistics"]
-    assert statistics["computed_shards"] == 4 and statistics["validation_teacher_runs"] == 2
+    # 4 held-out prompts over 4 workers: one validation shard each, so every worker runs a held-out teacher
+    assert statistics["computed_shards"] == 4 and statistics["validation_teacher_runs"] == 4
     assert statistics["teacher_reruns"] == 0 and statistics["worker_recoveries"] == 0
-    assert len({w["worker"] for w in report["workers"]}) == 3, "one actor per free CPU (4 CPUs, one kept for planning)"
+    assert len({w["worker"] for w in report["workers"]}) == 4, "one actor per CPU (the path search runs on them too)"
     assert OLSSScheduler.from_pretrained(run_dir).available_steps == [3, 5]
 
 

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 SPEC_FIELDS = {f.name for f in dataclasses.fields(CalibrationSpec)}
 EXECUTION_FIELDS = {f.name for f in dataclasses.fields(ExecutionConfig)}
 # Options whose parameter is not named after the field it sets.
-OPTION_FIELDS = {"wait_for_gpus": "wait_for_gpus_s"}
+OPTION_FIELDS = {"wait_for_gpus": "wait_for_gpus_s", "reserve_timeout": "reserve_timeout_s"}
 
 
 def calibrate_job_module():

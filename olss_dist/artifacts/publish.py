@@ -2,6 +2,12 @@
 
 A failure before the manifest leaves no visible run; the pointer moves by compare-and-swap with
 jittered backoff, so concurrent publishers never lose an update. See ``docs/artifacts.md``.
+
+A publisher killed between its manifest and the pointer leaves a complete run that ``latest.json``
+does not name. With ``adopt_unlisted=True`` (the calibration job's rerun) such a run of the same model
+digest and config is adopted: the pointer moves to it and nothing new is written, so a rerun after the
+kill publishes once. A publisher killed before its manifest left only files without a manifest, which
+no reader sees; the rerun publishes its own run.
 """
 
 from __future__ import annotations
@@ -17,12 +23,14 @@ from typing import Any, Mapping, Union
 from olss_dist.artifacts.errors import ArtifactError, PreconditionFailed, storage_errors
 from olss_dist.artifacts.layout import (
     MANIFEST_NAME,
+    POINTER_HISTORY,
     POINTER_NAME,
     build_manifest,
     check_file_content,
     check_file_name,
     check_model_digest,
     document_bytes,
+    is_run_id,
     model_slug,
     new_run_id,
     parse_document,
@@ -110,6 +118,7 @@ def publish_run(
     files: Mapping[str, FileSource],
     extra_manifest: dict[str, Any] | None = None,
     storage_options: dict[str, Any] | None = None,
+    adopt_unlisted: bool = False,
 ) -> PublishedRun:
     """Publish one calibration run under ``root_uri`` and move the model's ``latest.json`` to it.
 
@@ -127,6 +136,9 @@ def publish_run(
         extra_manifest: more JSON fields for the manifest. ``teacher_steps`` (int) and
             ``planned_step_counts`` (list of int) are required here or in ``config``.
         storage_options: fsspec options (``endpoint_url``, ``key``, ``secret``, ``config_kwargs``...).
+        adopt_unlisted: when a complete run of this model digest and config exists that ``latest.json``
+            does not name (its publisher died between manifest and pointer), move the pointer to that
+            run and return it instead of writing a new one.
 
     Returns:
         ``PublishedRun(uri, run_id, manifest)``.
@@ -154,6 +166,17 @@ def publish_run(
     run_key = join_key(slug, model_digest, run_id)
     with storage_errors("cannot publish to", root_uri):
         store.check_root(create=True)
+    if adopt_unlisted:
+        with storage_errors("cannot look for unlisted runs under", store.uri(join_key(slug, model_digest))):
+            orphan = _unlisted_run(store, slug, model_id, model_digest, manifest["config_digest"])
+        if orphan is not None:
+            orphan_manifest, orphan_bytes, orphan_key = orphan
+            logger.warning(
+                "adopting %s: a complete run of this config that latest.json did not name (its publisher stopped "
+                "before moving the pointer)", store.uri(orphan_key)
+            )
+            _advance_pointer(store, slug, model_id, pointer_entry(orphan_manifest, sha256_hex(orphan_bytes)))
+            return PublishedRun(uri=store.uri(orphan_key), run_id=orphan_manifest["run_id"], manifest=orphan_manifest)
     with storage_errors("cannot publish run", store.uri(run_key)):
         try:
             for name, data in payloads.items():
@@ -165,6 +188,44 @@ def publish_run(
     logger.info("published run %s", store.uri(run_key))
     _advance_pointer(store, slug, model_id, pointer_entry(manifest, sha256_hex(manifest_bytes)))
     return PublishedRun(uri=store.uri(run_key), run_id=run_id, manifest=manifest)
+
+
+def _unlisted_run(
+    store: Store, slug: str, model_id: str, model_digest: str, config: str
+) -> tuple[dict[str, Any], bytes, str] | None:
+    """The newest complete run of ``model_digest`` with config digest ``config`` that ``latest.json`` does not
+    name, as ``(manifest, manifest bytes, run key)``; None when every such run is named.
+
+    A run older than the pointer's oldest entry, when its history is full, may simply have aged out of it,
+    and is not adopted.
+    """
+    from olss_dist.artifacts.runs import _read_run_at
+
+    pointer_data = store.read_optional(join_key(slug, POINTER_NAME))
+    pointer = None
+    if pointer_data is not None:
+        pointer = validate_pointer(parse_document(pointer_data, store.uri(join_key(slug, POINTER_NAME))), store.uri(slug))
+    listed = pointer_runs(pointer)
+    named = {run["run_id"] for run in listed}
+    cut = min(run["created_at"] for run in listed) if len(listed) >= POINTER_HISTORY else ""
+    digest_key = join_key(slug, model_digest)
+    candidates = []
+    for entry in store.list_entries(digest_key):
+        if not entry.is_dir or not is_run_id(entry.name) or entry.name in named:
+            continue
+        run = _read_run_at(store, join_key(digest_key, entry.name))
+        if run is None:
+            continue  # no manifest: never visible
+        manifest = run.manifest
+        if manifest["model"]["id"] != model_id or manifest["config_digest"] != config or manifest["created_at"] < cut:
+            continue
+        sizes = store.file_sizes(join_key(digest_key, entry.name))
+        if all(sizes.get(name) == item["size"] for name, item in manifest["files"].items()):
+            candidates.append((manifest["created_at"], manifest["run_id"], manifest, run.manifest_bytes, join_key(digest_key, entry.name)))
+    if not candidates:
+        return None
+    *_, manifest, data, key = max(candidates, key=lambda c: (c[0], c[1]))
+    return manifest, data, key
 
 
 def _read_pointer_versioned(store: Store, key: str) -> tuple[dict[str, Any] | None, str | None]:

@@ -183,7 +183,7 @@ CALIBRATION_HELP = {
     "img2img_strengths": "comma-separated img2img / inpainting strengths to calibrate start plans for ('none': none)",
     "output": "registry root the run is published under: a path or fsspec URI (s3://...)",
     "device": f"worker device: {', '.join(DEVICES)} (auto: GPUs when the cluster has any)",
-    "num_workers": "actors (default: one per GPU, or CPUs minus one)",
+    "num_workers": "actors (default: one per GPU, or one per CPU)",
     "shard_size": "samples per shard (one batch on one worker)",
     "wait_for_gpus_s": "with --device cuda, seconds to wait for the autoscaler to add GPU nodes",
     "keep_states": f"where workers keep teacher states for the on-policy rounds: {' or '.join(KEEP_STATES)} (disk: node-local, survives restarts)",
@@ -192,6 +192,7 @@ CALIBRATION_HELP = {
     "local_cpus": "logical CPUs of a local Ray (default: the machine's)",
     "max_restarts": "restarts of each actor after its process dies",
     "keep_checkpoints": "keep shard checkpoints after publishing",
+    "reserve_timeout_s": "seconds to wait for the cluster to hold the job's actors while other jobs hold them (default: wait until it can)",
 }
 
 
@@ -219,6 +220,7 @@ def calibration_config(
     keep_checkpoints: bool,
     storage_options: str | None,
     quiet: bool,
+    reserve_timeout: float | None = None,
     img2img_strengths: str = format_strengths(SPEC.img2img_strengths),
 ) -> tuple[CalibrationSpec, ExecutionConfig, bool]:
     """``olss-dist calibrate``'s options as the job's spec, execution config and ``quiet``; SpecError otherwise."""
@@ -231,6 +233,7 @@ def calibration_config(
         output=output, device=device, num_workers=num_workers, shard_size=shard_size, wait_for_gpus_s=wait_for_gpus,
         keep_states=keep_states, state_dir=state_dir, address=address, local_cpus=local_cpus, max_restarts=max_restarts,
         keep_checkpoints=keep_checkpoints, storage_options=parse_storage_options(storage_options) or {},
+        reserve_timeout_s=reserve_timeout,
     )  # fmt: skip
     return spec, execution, quiet
 
@@ -268,6 +271,7 @@ def calibrate(
     keep_checkpoints: Annotated[bool, typer.Option(help=CALIBRATION_HELP["keep_checkpoints"])] = EXECUTION.keep_checkpoints,
     storage_options: StorageOptionsFlag = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress output (for cron); the URI is still printed")] = False,
+    reserve_timeout: Annotated[Optional[float], typer.Option(help=CALIBRATION_HELP["reserve_timeout_s"])] = EXECUTION.reserve_timeout_s,
     img2img_strengths: Annotated[str, typer.Option(help=CALIBRATION_HELP["img2img_strengths"])] = format_strengths(SPEC.img2img_strengths),
 ) -> None:
     """Calibrate a model's OLSS schedulers on a Ray cluster and publish the run (see docs/distributed.md).

@@ -44,7 +44,7 @@ def parse_storage_options(text: str | None) -> dict[str, Any] | None:
 
 
 # Flags whose name is not ``flag_name`` of the argument they set.
-FLAGS = {"wait_for_gpus_s": "--wait-for-gpus"}
+FLAGS = {"wait_for_gpus_s": "--wait-for-gpus", "reserve_timeout_s": "--reserve-timeout"}
 
 
 def error_text(error: BaseException) -> str:

@@ -86,7 +86,7 @@ class RayRolloutBackend(RolloutBackend):
         checkpoints: where finished train shards' statistics are saved and resumed from.
         progress: shard progress of the teacher pass.
         planned_steps: step counts whose paths are searched in parallel right after the merge.
-        planner_parallelism: tasks in flight per path search.
+        planner_parallelism: path search evaluations in flight (on the pool's actors) per search.
     """
 
     def __init__(
@@ -135,8 +135,9 @@ class RayRolloutBackend(RolloutBackend):
         _check_timesteps(schedule, calibration)
         self.teacher.record_validation_targets()
         self._num_train_rows = calibration.num_rows
-        planner = ParallelPlanner(calibration, self.planner_parallelism)
+        planner = ParallelPlanner(calibration, self.planner_parallelism, pool=self.pool)  # on the job's own actors
         plans = planner.plans(self.planned_steps)
+        planner.release()
         return PlannedCalibration(calibration, {p.num_steps: p for p in plans})
 
     def keep_train_states(self, nodes: Iterable[int], validation_nodes: Iterable[int] = ()) -> None:

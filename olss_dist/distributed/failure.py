@@ -51,6 +51,37 @@ class WorkersLostError(RuntimeError):
     """Every worker died, or a piece of work kept losing its worker."""
 
 
+class DeviceMemoryError(WorkerError):
+    """The model, or the model with one shard's batch, does not fit in the worker's device memory."""
+
+
+OUT_OF_MEMORY_MARKS = ("CUDA out of memory", "OutOfMemoryError")
+
+
+def is_out_of_memory(error: BaseException | str) -> bool:
+    """Whether a worker's exception (or its text) is the device running out of memory (``torch.OutOfMemoryError``,
+    CUDA's "out of memory"), which redoing elsewhere with the same batch would not fix."""
+    if isinstance(error, BaseException):
+        if type(error).__name__ == "OutOfMemoryError" or any(c.__name__ == "OutOfMemoryError" for c in type(error).__mro__):
+            return True
+        error = str(error)
+    return any(mark in error for mark in OUT_OF_MEMORY_MARKS)
+
+
+def out_of_memory_error(detail: str, loading: bool = False) -> DeviceMemoryError:
+    """The one line for a device out of memory: what ran out, and what to change."""
+    first = next((line.strip() for line in detail.splitlines() if line.strip()), "out of memory")
+    if loading:
+        return DeviceMemoryError(
+            f"the model does not fit on the worker's device (out of memory while loading it: {first}); "
+            "use a device with more memory"
+        )
+    return DeviceMemoryError(
+        f"the model does not fit on the worker's device with this batch (out of memory: {first}); "
+        "use a smaller --shard-size (samples per batch on one worker) or a device with more memory"
+    )
+
+
 WORKER_LOST_ERRORS = (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError, StateLostError)
 """Failures of the worker rather than of the computation (including a restart that lost its state):
 the work is redone. ``RayActorError`` covers ``ActorUnavailableError`` (still restarting) and

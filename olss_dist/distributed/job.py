@@ -6,11 +6,17 @@ search -> on-policy fits and validated choice (``olss_dist.method.run_method`` o
 its wrapper ``jobs/calibrate.py``) is a thin command line over it. The spec and the execution config
 are checked when they are built, the prompt file and the output location before any worker starts,
 and nothing is published unless the run succeeds.
+
+The job reserves its actors up front as one placement group (``cluster.reserve``) and runs its path
+searches on those same actors, so it needs nothing else from the cluster: a second job on a cluster
+too small for both waits (saying so) until the first releases its reservation, and neither starves.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +31,7 @@ from olss_dist.core.noise_process import NoiseProcess, VPProcess, noise_process_
 from olss_dist.core.plan import Plan
 from olss_dist.distributed.backend import RayRolloutBackend, TeacherSummary
 from olss_dist.distributed.checkpoints import ShardCheckpoints, check_writable
-from olss_dist.distributed.cluster import cluster_cpus, cluster_gpus, connect, wait_for_gpus
+from olss_dist.distributed.cluster import ReservationTimeout, cluster_cpus, cluster_gpus, connect, reserve, wait_for_gpus
 from olss_dist.distributed.pool import WorkerError, WorkerPool, WorkerResources, WorkersLostError
 from olss_dist.distributed.progress import ShardProgress
 from olss_dist.distributed.worker import ModelSpec
@@ -73,17 +79,31 @@ def resolve_device(execution: ExecutionConfig) -> str:
 
 
 def worker_layout(execution: ExecutionConfig, device: str) -> tuple[int, WorkerResources]:
-    """Number of actors and each one's resources: one per GPU, or one CPU each leaving one for planning."""
+    """Number of actors and each one's resources: one per GPU, or one per CPU of the cluster.
+
+    Every actor is one bundle of the job's reservation; the path search runs on the same actors after
+    the teacher pass, so no CPU is kept aside for it and every core works during the teacher.
+    """
     if device == "cuda":
         return execution.num_workers or max(1, cluster_gpus()), WorkerResources(1, 1, execution.max_restarts)
-    spare = max(1, cluster_cpus() - 1)
-    if execution.num_workers is not None and execution.num_workers > spare:
+    cpus = max(1, cluster_cpus())
+    if execution.num_workers is not None and execution.num_workers > cpus:
         raise SpecError(
-            "num_workers",
-            f"{execution.num_workers} CPU workers need {execution.num_workers + 1} CPUs "
-            f"(one stays free for planning tasks); the cluster has {cluster_cpus()}",
+            "num_workers", f"{execution.num_workers} CPU workers need {execution.num_workers} CPUs; the cluster has {cluster_cpus()}"
         )
-    return execution.num_workers or spare, WorkerResources(0, 1, execution.max_restarts)
+    return execution.num_workers or cpus, WorkerResources(0, 1, execution.max_restarts)
+
+
+def validation_shard_size(execution: ExecutionConfig, num_validation: int, num_workers: int) -> int:
+    """Samples per validation shard: the shard size, or less so that every worker gets a share of the
+    held-out prompts (their teacher and rollouts run on all workers at once)."""
+    return max(1, min(execution.shard_size, math.ceil(num_validation / num_workers)))
+
+
+def wait_log(message: str) -> None:
+    """Where the reservation's waiting messages go: stderr, also with ``quiet`` (an operator needs to
+    know why a job is not running)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def statistics_config(
@@ -167,7 +187,15 @@ def run_job(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = 
     device = resolve_device(execution)
     num_workers, resources = worker_layout(execution, device)
     model_spec = ModelSpec(spec.model, spec.guidance_scale, device, spec.resolution, spec.lora)
-    pool = WorkerPool(model_spec, num_workers, spec.teacher_steps, resources, execution.keep_states, execution.state_dir)
+    reservation = reserve([resources.bundle()] * num_workers, execution.reserve_timeout_s, wait_log, name="olss-calibrate")
+    try:
+        pool = WorkerPool(
+            model_spec, num_workers, spec.teacher_steps, resources, execution.keep_states, execution.state_dir,
+            reservation=reservation,
+        )  # fmt: skip
+    except BaseException:
+        reservation.release()
+        raise
     try:
         workers = pool.describe()
         model = workers[0]
@@ -189,11 +217,11 @@ def run_job(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = 
         backend = RayRolloutBackend(
             pool,
             train_shards,
-            make_shards(validation, execution.shard_size),
+            make_shards(validation, validation_shard_size(execution, len(validation), num_workers)),
             checkpoints,
             progress,
             planned_steps=spec.steps,
-            planner_parallelism=max(1, cluster_cpus() - num_workers),
+            planner_parallelism=num_workers,
         )
         process = model_process(model)
         plans_by_steps, calibration = run_method(backend, process, spec.teacher_steps, spec.steps, progress=progress.log,
@@ -227,12 +255,14 @@ def run_job(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = 
                 },
             },
             storage_options=execution.storage_options,
+            adopt_unlisted=True,  # a rerun after a publish killed before its pointer moved publishes once
         )
         backend.clear_states()
         if not execution.keep_checkpoints:
             checkpoints.remove_all()
     finally:
         pool.shutdown()
+        reservation.release()
     return JobResult(published.uri, published.run_id, plans, calibration, report, backend.summary)
 
 
@@ -272,8 +302,9 @@ def calibrated_conditions(spec: CalibrationSpec, model: dict[str, Any], records:
     }
 
 
-JOB_ERRORS = (ValueError, ArtifactError, WorkerError, WorkersLostError, OSError)
-"""What a job reports to its user as one error line: bad input, storage failures, failed or lost workers."""
+JOB_ERRORS = (ValueError, ArtifactError, WorkerError, WorkersLostError, OSError, ReservationTimeout)
+"""What a job reports to its user as one error line: bad input, storage failures, failed or lost workers,
+a cluster that could not hold the job in time."""
 
 
 def run_job_from_command(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = False) -> JobResult:

@@ -1,6 +1,7 @@
 """A pool of calibration actors and the loop that feeds them shards and streams results back.
 
-Each actor holds one GPU (``num_gpus=1``, so Ray places one per GPU) or one CPU slot. Shards are
+Each actor holds one GPU (``num_gpus=1``, so Ray places one per GPU) or one CPU slot; with a
+``cluster.Reservation`` actor ``i`` lives in the job's placement group bundle ``i``. Shards are
 handed out one at a time per actor; ``ray.wait`` returns finished shards as they complete, and the
 caller's ``on_result`` merges and checkpoints each one immediately. A worker that dies (its process
 killed, its node lost) fails its in-flight shard; the shard goes back to the front of the queue and
@@ -23,14 +24,18 @@ from typing import Any, Callable, Sequence
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
+from olss_dist.distributed.cluster import Reservation
 from olss_dist.distributed.failure import (
     WORKER_LOST_ERRORS,
+    DeviceMemoryError,
     FailurePolicy,
     LossCounts,
     StateLostError,
     WorkerError,
     WorkerHealth,
     WorkersLostError,
+    is_out_of_memory,
+    out_of_memory_error,
 )
 from olss_dist.distributed.worker import CalibrationWorker, ModelSpec, ShardResult
 from olss_dist.prompts import Shard
@@ -40,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "WORKER_LOST_ERRORS",
+    "DeviceMemoryError",
     "WorkerError",
     "WorkerPool",
     "WorkerResources",
@@ -65,6 +71,13 @@ class WorkerResources:
     num_cpus: float = 1
     max_restarts: int = 2
 
+    def bundle(self) -> dict[str, float]:
+        """The placement group bundle that holds one such actor (``cluster.reserve``)."""
+        bundle = {"CPU": float(self.num_cpus)}
+        if self.num_gpus:
+            bundle["GPU"] = float(self.num_gpus)
+        return bundle
+
 
 class WorkerPool:
     """``num_workers`` actors, each with the model loaded once, and their health under one failure policy.
@@ -79,6 +92,8 @@ class WorkerPool:
         worker_class: the actor body, ``CalibrationWorker`` or a subclass.
         failure: how worker loss is handled; ``None``: the default policy with ``resources.max_restarts``.
             Its ``max_restarts`` must be ``resources.max_restarts`` (Ray's count and the policy's are one).
+        reservation: the job's placement group, bundle ``i`` holding actor ``i`` (at least ``num_workers``
+            bundles of ``resources``); ``None``: actors take free resources anywhere on the cluster.
     """
 
     def __init__(
@@ -91,26 +106,33 @@ class WorkerPool:
         state_dir: str | None = None,
         worker_class: type[CalibrationWorker] = CalibrationWorker,
         failure: FailurePolicy | None = None,
+        reservation: Reservation | None = None,
     ):
         if not isinstance(num_workers, int) or num_workers < 1:
             raise SpecError("num_workers", f"must be at least 1, got {num_workers!r}")
+        if reservation is not None and len(reservation.bundles) < num_workers:
+            raise ValueError(f"the reservation holds {len(reservation.bundles)} bundles, not one per each of {num_workers} workers")
         policy = failure if failure is not None else FailurePolicy(max_restarts=resources.max_restarts)
         if policy.max_restarts != resources.max_restarts:
             raise ValueError(
                 f"failure.max_restarts ({policy.max_restarts}) must equal resources.max_restarts "
                 f"({resources.max_restarts}): Ray restarts the actors that often"
             )
-        actor_class = ray.remote(worker_class).options(
+        options = dict(
             num_gpus=resources.num_gpus,
             num_cpus=resources.num_cpus,
             max_restarts=resources.max_restarts,
             max_task_retries=0,
         )
+        actor_class = ray.remote(worker_class)
         self.policy = policy
         self.health = WorkerHealth(policy, num_workers)
+        self.reservation = reservation
         self.actors = [
-            actor_class.remote(model_spec, num_teacher_steps, keep_states, state_dir)
-            for _ in range(num_workers)
+            actor_class.options(
+                **options, **({} if reservation is None else {"scheduling_strategy": reservation.strategy(i)})
+            ).remote(model_spec, num_teacher_steps, keep_states, state_dir)
+            for i in range(num_workers)
         ]
 
     def describe(self) -> list[dict[str, Any]]:
@@ -231,7 +253,8 @@ def get_or_raise(refs):
     """``ray.get`` that turns an exception raised by worker code into one WorkerError line.
 
     Covers exceptions in a method (``RayTaskError``) and in the actor's constructor (a model that
-    fails to load); the death of the worker itself is passed through for the caller to handle.
+    fails to load); the death of the worker itself is passed through for the caller to handle. A
+    device out of memory is a ``DeviceMemoryError`` whose line says so and names ``--shard-size``.
     """
     try:
         return ray.get(refs)
@@ -239,9 +262,13 @@ def get_or_raise(refs):
         cause = error.cause if error.cause is not None else error
         if isinstance(cause, StateLostError):
             raise cause from error
+        if is_out_of_memory(cause):
+            raise out_of_memory_error(str(cause)) from error
         raise WorkerError(f"{type(cause).__name__}: {cause}") from error
     except RayActorError as error:
         if not error.actor_init_failed:
             raise
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        if is_out_of_memory(str(error)):
+            raise out_of_memory_error(next((l for l in reversed(lines) if is_out_of_memory(l)), lines[-1]), loading=True) from error
         raise WorkerError(f"worker failed to start: {lines[-1]}") from error

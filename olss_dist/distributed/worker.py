@@ -24,6 +24,7 @@ import torch
 
 from olss_dist.core.calibration import Calibration
 from olss_dist.distributed.failure import StateLostError
+from olss_dist.distributed.parallel_search import PathSearchMethods
 from olss_dist.distributed.state_store import TeacherStateStore
 from olss_dist.core.onpolicy import apply_step, step_statistics
 from olss_dist.prompts import Shard
@@ -96,8 +97,9 @@ def state_key(split: str, shard: Shard) -> str:
     return f"{split}-{shard.digest()[:32]}"
 
 
-class CalibrationWorker:
-    """Ray actor body (wrapped with ``ray.remote`` by the pool): a loaded model and its shards' states.
+class CalibrationWorker(PathSearchMethods):
+    """Ray actor body (wrapped with ``ray.remote`` by the pool): a loaded model and its shards' states,
+    and the path search's evaluations between the teacher pass and the rounds (``PathSearchMethods``).
 
     Args:
         model_spec: what to load.
