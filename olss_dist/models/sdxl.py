@@ -6,8 +6,8 @@ first ``decode``. Prompts are encoded by the pipeline's own ``encode_prompt`` an
 own ``_get_add_time_ids`` (a ``StableDiffusionXLPipeline`` holding these modules, without VAE), so the
 penultimate-layer features, the pooled CLIP-G embedding and the zeroed empty negative prompt are diffusers'
 own. The noise process is the folder's scheduler config (Euler or DDIM alike: only its betas, prediction type
-and spacing matter), and the output conversion (v to ε) is ``StableDiffusionModel``'s. Weights are read from
-safetensors only.
+and spacing matter), and the output form (ε, v converted; v kept with zero terminal SNR) is
+``StableDiffusionModel``'s. Weights are read from safetensors only.
 
 The refiner (``StableDiffusionXLImg2ImgPipeline`` with ``requires_aesthetics_score``, CLIP-G only) is refused:
 it is trained on the low-noise end of the schedule only and denoises a partly noised image, so a teacher
@@ -74,7 +74,10 @@ def sdxl_resolution(folder: Path, resolution: Any, vae_scale: int) -> tuple[int,
 
 
 class StableDiffusionXLModel(StableDiffusionModel):
-    """Classifier-free-guided ε (v converted) of a diffusers SDXL UNet, exactly as ``StableDiffusionXLPipeline`` guides it.
+    """Classifier-free-guided output of a diffusers SDXL UNet, exactly as ``StableDiffusionXLPipeline`` guides it.
+
+    The output is ε (v-prediction converted), or the guided v itself with zero terminal SNR
+    (``output_type``, ``StableDiffusionModel.__call__``).
 
     Use ``StableDiffusionXLModel.from_folder``. ``cond`` is a ``TextConditioning`` with ``embeddings (B, 2, L, D)``
     (CLIP-L ⊕ CLIP-G penultimate hidden states) and ``pooled (B, 2, P)`` (CLIP-G's projection), index 0 the
