@@ -124,7 +124,12 @@ class AttemptState:
 def job_arguments(spec: CalibrationSpec, execution: ExecutionConfig) -> list[str]:
     """``jobs/calibrate.py`` arguments of a submitted job: the spec's and the execution's command-line forms,
     and the storage options when there are any, as written: references (``env:NAME``, ``file:PATH``) that the
-    job resolves on the cluster, never their values (``RefitOptions`` refuses literal secrets)."""
+    job resolves on the cluster, never their values.
+
+    Raises:
+        StorageOptionError: a literal secret among the storage options (``RefitOptions`` refuses them first).
+    """
+    check_submittable(execution.storage_options)
     options = ["--storage-options", json.dumps(execution.storage_options, sort_keys=True)]
     return [*spec.to_arguments(), *execution.to_arguments(), *(options if execution.storage_options else []), "--quiet"]
 
