@@ -66,3 +66,13 @@ def test_without_cuda_the_real_run_is_one_clear_error(bench, capsys):
     assert exit_.value.code == 2 and "no CUDA device" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.main(["--dry-run", "--models", "sd3"])
+
+
+def test_the_full_size_unets_are_sd15_and_sdxl_and_run(bench, tmp_path):
+    """The GPU run's own configs, built and called on the meta device (shapes only, no memory): a config error
+    shows here, not first on a lent GPU. Parameter counts are those of the published SD 1.5 and SDXL base UNets."""
+    for size, parameters in ((bench.SD15, 859_520_964), (bench.SDXL, 2_567_463_684)):
+        model = bench.build_model(size, torch.device("meta"), torch.float16, 7.5, tmp_path)
+        assert sum(p.numel() for p in model.unet.parameters()) == parameters, size.name
+        x = torch.empty((2, *model.latent_shape), device="meta")
+        assert model(x, 999, model.encode_prompts(["a", "b"])).shape == x.shape
