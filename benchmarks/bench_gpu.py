@@ -22,7 +22,7 @@ safetensors (no Ray, no transformers, no network). On a GPU machine with torch (
 diffusers, install diffusers from a carried wheel directory first:
 
     pip install --no-deps wheels/diffusers-*.whl      # its own dependencies come with torch / transformers
-    PYTHONPATH=. python benchmarks/bench_gpu.py --json gpu.json        # < 5 min on one H100 / H200
+    PYTHONPATH=. python benchmarks/bench_gpu.py --json gpu.json        # sized for < 5 min on one H100 (untimed)
     PYTHONPATH=. python benchmarks/bench_gpu.py --dry-run             # tiny UNets on the CPU (tests do this)
 """
 
