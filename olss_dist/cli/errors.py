@@ -23,7 +23,9 @@ StorageOptionsFlag = Annotated[
     typer.Option(
         "--storage-options",
         help='fsspec storage options as a JSON object, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'. '
-        "Without it, credentials and endpoint come from the environment (AWS_ENDPOINT_URL, AWS_PROFILE...).",
+        "Without it, credentials and endpoint come from the environment (AWS_ENDPOINT_URL, AWS_PROFILE...). "
+        'A value "env:NAME" or "file:PATH" is read from that variable or file where the store is opened; '
+        "refit passes the options to the jobs it submits and refuses literal secrets there (docs/refit.md).",
     ),
 ]
 
