@@ -1,5 +1,5 @@
-"""The job publishing straight to a bucket (S3 on moto, GCS on fake-gcs-server, both on 127.0.0.1), and loading the
-result by URI."""
+"""The job publishing straight to S3 (moto on 127.0.0.1) and loading the result by URI; missing S3 and GCS
+buckets refused before anything is written (the GCS store's publishing is tested in test_artifacts.py)."""
 
 import s3fs
 
@@ -10,12 +10,12 @@ from olss_dist.distributed.job import run_job
 from olss_dist.spec import CalibrationSpec, ExecutionConfig
 
 
-def test_job_publishes_to_a_bucket_and_the_scheduler_loads_by_uri(local_ray, bucket_root, run_cache, tmp_path):
+def test_job_publishes_to_s3_and_the_scheduler_loads_by_uri(local_ray, s3_root, run_cache, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(f"a sample of class {i % 4}, variant {i}" for i in range(8)))
     spec = CalibrationSpec(model="analytic", prompts=str(prompts), steps=(2, 4), teacher_steps=20, validation_fraction=0.25)
-    result = run_job(spec, ExecutionConfig(output=bucket_root, shard_size=2, keep_states="memory"), quiet=True)
-    assert result.uri.startswith(bucket_root + "/")
+    result = run_job(spec, ExecutionConfig(output=s3_root, shard_size=2, keep_states="memory"), quiet=True)
+    assert result.uri.startswith(s3_root + "/")
     scheduler = OLSSScheduler.from_pretrained(result.uri)
     assert scheduler.available_steps == [2, 4]
     scheduler.set_timesteps(4)
