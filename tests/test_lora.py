@@ -120,6 +120,26 @@ def test_the_digest_covers_base_and_lora_bytes(loras, tmp_path):
     assert all(type(m).__name__ == "Linear" for n, m in fused.unet.named_modules() if n.endswith(".to_q")), "fused"
 
 
+def test_a_lora_from_a_uri_is_copied_once_and_is_the_same_lora(loras, tmp_path, monkeypatch):
+    """A LoRA folder on fsspec storage (memory://, as s3:// would be) is copied to the model cache, once;
+    the fused model and its digest are those of the local LoRA; a URI with no LoRA there is one LoraError."""
+    import fsspec
+
+    from olss_dist.apps.refit import model_digest
+    from olss_dist.models.lora import LoraError, resolve_lora
+
+    monkeypatch.setenv("OLSS_MODEL_CACHE_DIR", str(tmp_path / "cache"))
+    memory = fsspec.filesystem("memory")
+    memory.pipe("/loras/a/pytorch_lora_weights.safetensors", (loras["a"] / "pytorch_lora_weights.safetensors").read_bytes())
+    copy = resolve_lora("memory://loras/a")
+    assert copy.is_relative_to(tmp_path / "cache") and resolve_lora("memory://loras/a") == copy
+    assert resolve_lora("memory://loras/a/pytorch_lora_weights.safetensors").read_bytes() == copy.read_bytes()
+    assert model_digest("embedded", lora="memory://loras/a") == model_digest("embedded", lora=str(loras["a"]))
+    memory.pipe("/loras/empty/notes.txt", b"no weights here")
+    with pytest.raises(LoraError, match="no pytorch_lora_weights.safetensors there"):
+        resolve_lora("memory://loras/empty")
+
+
 def test_a_spec_without_lora_keeps_its_identity():
     """``lora`` enters the identity (and the command line) only when set: runs published before it keep
     their config digest (the value below is the one this spec had before the field existed)."""
