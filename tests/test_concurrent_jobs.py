@@ -81,6 +81,7 @@ sys.stdin.read()
 """
 
 
+@pytest.mark.slow
 def test_a_job_the_cluster_cannot_hold_in_time_is_one_error_line(ray_head, tmp_path):
     # Another driver holds every CPU of the head; a job that may wait 1 s gives up, publishing nothing.
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, ray_head.gcs_address], cwd=REPO, env=ray_head.client_env(),
