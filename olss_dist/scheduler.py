@@ -1,17 +1,22 @@
-"""A diffusers scheduler that replays OLSS plans, for VP models (SD 1.x/2.x) and flow-matching ones (SD3, Flux).
+"""A diffusers scheduler that replays OLSS plans, for VP models (SD 1.x/2.x, SDXL) and flow-matching ones (SD3, Flux).
 
-Each planned step is a fixed linear combination of the initial noise and the model outputs seen so
-far, ``x_{i+1} = c[i, 0] x_T + sum_{j <= i} c[i, j+1] o_j``, ``o_j`` being epsilon (VP; v-prediction and
-sample outputs are converted) or the velocity (flow matching). The scheduler keeps ``x_T`` and the outputs
-of the current run and resets them in ``set_timesteps``.
+Each planned step is a fixed linear combination of the start sample and the model outputs seen so far,
+row ``i`` giving ``x_{i+1} = c[i, 0] x_start + sum_{j <= i} c[i, j+1] o_j``; ``o_j`` is epsilon (VP;
+v-prediction and sample outputs are converted), v or x0 at zero terminal SNR (``vp_output_type``), or the
+velocity (flow matching). The step applies the *change* of row, ``x_{i+1} = x_i + (c_i - c_{i-1}) ·
+[x_start, o_0 … o_i]`` (``c_{-1} = e_0``), which equals the row when nothing touches the latents and lets an
+edit of ``x_i`` (a callback, an inpainting mask) carry forward as with DDIM.
 
-It depends on ``olss_dist.core`` only; ``from_plans(..., scheduler_config=...)`` takes the noise process
-over from any diffusers scheduler config, and ``from_pretrained`` of a published run's URI asks the
-artifact store (``olss_dist.artifacts.fetch_run``) for a verified local copy first.
+Step counts without a plan, and img2img / inpainting starts (``set_begin_index(s)``) without a start plan,
+are served by the ``fallback_solver`` built-in in OLSS form (``core.fallback``), with one warning line.
 
-Why this module is long: one class serves both families as their diffusers pipelines call it (one code
-path for the replay, the timestep checks and the dtypes), next to the translation of a model's scheduler
-config into the settings that name its noise process, which ``from_plans`` needs and nothing else does.
+It depends on ``olss_dist.core`` only at import; ``from_pretrained`` of a published run's URI asks the
+artifact store (``olss_dist.artifacts.fetch_run``) for a verified local copy first. The plans live in
+``olss_plans.json`` beside ``scheduler_config.json`` (``core.scheduler_plans``), not in ``config``.
+
+Why this module is long: one class serves both families as diffusers pipelines call it (plans and
+fallbacks, begin indices, the incremental step, the noise process's add_noise / velocity), and it owns
+its two files (config and plans) in from_pretrained / save_config / from_config.
 """
 
 from __future__ import annotations
@@ -23,30 +28,23 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.configuration_utils import ConfigMixin, FrozenDict, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from olss_dist.core.noise_process import is_flow_config
+from olss_dist.core.fallback import FallbackSolver, ddim_step_coefficients, family_solver_name
+from olss_dist.core.noise_process import vp_output_type
 from olss_dist.core.noise_schedule import alphas_cumprod_from_config
 from olss_dist.core.onpolicy import apply_step
 from olss_dist.core.plan import Plan
-from olss_dist.core.teacher import check_model_timesteps, validate_timesteps
+from olss_dist.core.process_settings import (
+    FLOW_PREDICTION, FLOW_PROCESS_KEYS, VP_PREDICTIONS, VP_PROCESS_DEFAULTS, process_settings,
+)
+from olss_dist.core.scheduler_plans import PLANS_FILE_NAME, json_entry, plan_config, plans_by_key, plans_document, read_plans_document
 
-FLOW_PREDICTION = "flow_prediction"
-VP_PREDICTIONS = ("epsilon", "v_prediction", "sample")
-# What names a VP process in a diffusers config, with diffusers' DDPM defaults for the keys a config lacks.
-VP_PROCESS_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
-                       "trained_betas": None, "rescale_betas_zero_snr": False, "prediction_type": "epsilon"}
-# What names a flow process in a FlowMatchEulerDiscreteScheduler config: its teacher schedule, and the mu that
-# the SD3 / Flux pipelines compute from the image size.
-FLOW_PROCESS_KEYS = ("num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift",
-                     "base_image_seq_len", "max_image_seq_len")
-# FlowMatchEulerDiscreteScheduler settings that change its schedule and that OLSSScheduler does not carry: other
-# values are refused (the teacher would not be the one scheduler_config.json names).
-FLOW_FIXED_SETTINGS = {"invert_sigmas": False, "shift_terminal": None, "use_karras_sigmas": False,
-                       "use_exponential_sigmas": False, "use_beta_sigmas": False, "time_shift_type": "exponential",
-                       "stochastic_sampling": False}
+DEFAULT_FALLBACK = "dpmsolver++"
+# from_pretrained keywords that say where a hub file comes from; the plans file is fetched like the config.
+HUB_KEYWORDS = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision")
 
 
 @dataclass
@@ -62,109 +60,47 @@ class OLSSSchedulerOutput(BaseOutput):
     pred_original_sample: torch.Tensor
 
 
-def plan_config(plan: Plan) -> dict[str, Any]:
-    """The part of a plan the scheduler needs, as plain JSON lists."""
-    return {"num_steps": plan.num_steps, "timesteps": plan.timesteps.tolist(), "coefficients": plan.coefficients.tolist(),
-            "nodes": plan.nodes, "fit": plan.fit, "spacing": plan.spacing}
-
-
-def process_settings(scheduler_config: Mapping[str, Any], mu: float | None = None) -> dict[str, Any]:
-    """The ``OLSSScheduler`` arguments naming the noise process of a diffusers scheduler config.
-
-    Flow (``FlowMatchEulerDiscreteScheduler``): ``FLOW_PROCESS_KEYS`` (diffusers' defaults filled in),
-    ``prediction_type="flow_prediction"`` and ``mu``; VP: ``VP_PROCESS_DEFAULTS``' keys. An ``OLSSScheduler``
-    config gives its own.
-
-    Raises:
-        ValueError: a config whose process OLSSScheduler cannot carry (another flow scheduler class, a setting
-            of ``FLOW_FIXED_SETTINGS`` changed, an unknown flow setting, a VP config with no beta schedule or
-            an unsupported one), or ``mu`` with a fixed shift.
-    """
-    config = dict(scheduler_config)
-    name = config.get("_class_name")
-    if name == OLSSScheduler.__name__ or "plans" in config:
-        keys = [*VP_PROCESS_DEFAULTS, *FLOW_PROCESS_KEYS, "mu"]
-        settings = {key: config[key] for key in keys if key in config}
-        if mu is not None:
-            settings["mu"] = mu
-        return settings
-    if is_flow_config(config):
-        return flow_settings(config, mu)
-    if mu is not None:
-        raise ValueError(f"mu: only flow-matching scheduler configs take a dynamic shift, got mu={mu} for a VP config")
-    if "beta_schedule" not in config and config.get("trained_betas") is None:
-        raise ValueError(
-            f"scheduler_config: {name or 'the config'} names no noise process OLSSScheduler supports (VP configs have "
-            "beta_schedule or trained_betas; flow ones are FlowMatchEulerDiscreteScheduler configs)"
-        )
-    settings = {key: config.get(key, default) for key, default in VP_PROCESS_DEFAULTS.items()}
-    try:
-        alphas_cumprod_from_config(settings)
-    except ValueError as error:
-        raise ValueError(f"scheduler_config: {error}") from None
-    return settings
-
-
-def flow_settings(config: dict[str, Any], mu: float | None) -> dict[str, Any]:
-    """``process_settings`` of a flow config (see there)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    # a diffusers scheduler's .config has no _class_name: other flow solvers are told apart by their own keys
-    name = config.get("_class_name") or ("a use_flow_sigmas solver" if "use_flow_sigmas" in config else None)
-    if name is not None and name != FlowMatchEulerDiscreteScheduler.__name__:
-        raise ValueError(
-            f"scheduler_config: {name} config; flow-matching plans take the model's FlowMatchEulerDiscreteScheduler "
-            "config (its shift and dynamic shifting name the noise process)"
-        )
-    if config.get("prediction_type", FLOW_PREDICTION) != FLOW_PREDICTION:
-        raise ValueError(f"scheduler_config: prediction_type {config['prediction_type']!r} in a flow-matching config")
-    known = {*FLOW_PROCESS_KEYS, *FLOW_FIXED_SETTINGS, "prediction_type"}
-    unknown = sorted(key for key in config if not key.startswith("_") and key not in known)
-    if unknown:
-        raise ValueError(f"scheduler_config: flow settings OLSSScheduler does not carry: {unknown}")
-    for key, default in FLOW_FIXED_SETTINGS.items():
-        if config.get(key, default) != default:
-            raise ValueError(f"scheduler_config: {key}={config[key]!r} changes the flow schedule; OLSSScheduler needs {default!r}")
-    filled = FlowMatchEulerDiscreteScheduler.from_config({k: v for k, v in config.items() if k in FLOW_PROCESS_KEYS}).config
-    if mu is not None and not filled.use_dynamic_shifting:
-        raise ValueError(f"mu: the scheduler config has a fixed shift ({filled.shift}); mu={mu} would be ignored")
-    settings = {key: filled[key] for key in FLOW_PROCESS_KEYS}
-    return {**settings, "prediction_type": FLOW_PREDICTION, "mu": None if mu is None else float(mu)}
+def one_line(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=3)
 
 
 class OLSSScheduler(SchedulerMixin, ConfigMixin):
-    """Replays OLSS plans (one per supported step count) in a standard diffusers sampling loop.
+    """Replays OLSS plans (one per step count, and per img2img start) in a standard diffusers sampling loop.
 
     The config names the model's noise process, so ``scheduler_config.json`` alone rebuilds it
     (``core.noise_process.noise_process_from_config(config, mu=config.mu)``); ``from_plans(plans,
-    scheduler_config=...)`` fills it from the model's own scheduler config.
+    scheduler_config=...)`` fills it from the model's own scheduler config. The plans are ``scheduler.plans``
+    and ``olss_plans.json``, not part of ``config``.
 
     Args:
         num_train_timesteps (`int`, defaults to 1000): train timesteps T of the model.
-        plans (`list[dict]`, defaults to `[]`): one entry per step count K with ``num_steps``, ``timesteps``
-            (K model timesteps, strictly decreasing: int train timesteps in ``[0, T)`` for VP, float
-            ``sigma * T`` in ``[0, T]`` for flow matching), ``coefficients`` (K rows of K+1 floats), and
-            informative ``nodes``, ``fit`` and ``spacing``.
+        plans (`list[dict]`, defaults to `[]`): one entry per step count K (and start step, ``start_step``;
+            ``core.scheduler_plans``) with ``num_steps``, ``timesteps`` (strictly decreasing model timesteps:
+            int train timesteps in ``[0, T)`` for VP, float ``sigma * T`` in ``[0, T]`` for flow matching),
+            ``coefficients`` (K rows of K+1 floats over x_T and the outputs), and informative ``nodes``,
+            ``fit`` and ``spacing``.
         prediction_type (`str`, defaults to `"epsilon"`): what the model outputs. ``"flow_prediction"``: the
-            velocity ``v = noise - x0`` of a flow-matching model (SD3, Flux), which the plans combine as is;
-            ``"epsilon"``, ``"v_prediction"`` and ``"sample"``: a VP model, converted to epsilon with the
-            beta schedule below before the plan is applied.
+            velocity ``v = noise - x0`` of a flow-matching model (SD3, Flux), combined as is; ``"epsilon"``,
+            ``"v_prediction"`` and ``"sample"``: a VP model, converted to epsilon with the beta schedule
+            below (kept as v / x0 at zero terminal SNR) before a row is applied.
         beta_start (`float`, defaults to 0.00085), beta_end (`float`, defaults to 0.012),
         beta_schedule (`str`, defaults to `"scaled_linear"`), trained_betas (`list[float]`, optional),
         rescale_betas_zero_snr (`bool`, defaults to `False`): VP only, the model's noise schedule (as
-            ``noise_schedule.alphas_cumprod_from_config`` reads it), used for that conversion and for
-            ``pred_original_sample``.
+            ``noise_schedule.alphas_cumprod_from_config`` reads it; ᾱ_{T-1} = 0 exactly with the rescale).
         shift (`float`, defaults to 1.0), use_dynamic_shifting (`bool`, defaults to `False`),
         base_shift (`float`, defaults to 0.5), max_shift (`float`, defaults to 1.15),
         base_image_seq_len (`int`, defaults to 256), max_image_seq_len (`int`, defaults to 4096): flow only,
-            the model's ``FlowMatchEulerDiscreteScheduler`` settings (its teacher schedule; Flux and SD3
-            pipelines compute ``mu`` from the last four). Sampling replays the plans' own timesteps.
+            the model's ``FlowMatchEulerDiscreteScheduler`` settings. Sampling replays the plans' own timesteps.
         mu (`float`, optional): flow with dynamic shifting only, the ``mu`` (image size) the plans were
             calibrated at; ``set_timesteps`` warns when a pipeline passes another.
+        fallback_solver (`str`, defaults to `"dpmsolver++"`): the linear built-in (``core.builtin``: ``ddim``,
+            ``dpmsolver++``, ``unipc``, ``deis``; ``flow-`` ones on flow models) that serves step counts and
+            img2img starts without a plan, in OLSS form (DPM-Solver++ 2M, trailing, by default).
     """
 
     order = 1
     init_noise_sigma = 1.0
+    plans_file_name = PLANS_FILE_NAME
 
     @register_to_config
     def __init__(
@@ -184,60 +120,72 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         base_image_seq_len: int = 256,
         max_image_seq_len: int = 4096,
         mu: float | None = None,
+        fallback_solver: str = DEFAULT_FALLBACK,
     ):
+        self.keep_plans_out_of_config()
         if prediction_type not in (*VP_PREDICTIONS, FLOW_PREDICTION):
             raise ValueError(f"unsupported prediction_type {prediction_type!r}; expected one of {[*VP_PREDICTIONS, FLOW_PREDICTION]}")
         self.is_flow = prediction_type == FLOW_PREDICTION
         if mu is not None and not (self.is_flow and use_dynamic_shifting):
             raise ValueError(f"mu: only flow-matching configs with use_dynamic_shifting record a calibration mu, got mu={mu}")
         self.alphas_cumprod: torch.Tensor | None = None
-        if not self.is_flow:
-            schedule = {"num_train_timesteps": num_train_timesteps, "beta_start": beta_start, "beta_end": beta_end,
-                        "beta_schedule": beta_schedule, "trained_betas": trained_betas,
-                        "rescale_betas_zero_snr": rescale_betas_zero_snr}
-            self.alphas_cumprod = torch.from_numpy(alphas_cumprod_from_config(schedule))
-        self.plans_by_steps = {}
-        for entry in plans or []:
-            self.plans_by_steps[int(entry["num_steps"])] = self.checked_plan_entry(entry, num_train_timesteps, self.is_flow)
-        if len(self.plans_by_steps) != len(plans or []):
-            raise ValueError("plans must have distinct num_steps")
+        self.betas = self.alphas = None
+        self.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)  # the last step ends at the clean sample
+        if self.is_flow:
+            self.output_type = FLOW_PREDICTION
+            self.process_config = {key: self.config[key] for key in FLOW_PROCESS_KEYS}
+        else:
+            self.process_config = {"num_train_timesteps": num_train_timesteps, "beta_start": beta_start, "beta_end": beta_end,
+                                   "beta_schedule": beta_schedule, "trained_betas": trained_betas,
+                                   "rescale_betas_zero_snr": rescale_betas_zero_snr}
+            self.alphas_cumprod = torch.from_numpy(alphas_cumprod_from_config(self.process_config))
+            previous = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
+            self.alphas = self.alphas_cumprod / previous
+            self.betas = 1.0 - self.alphas
+            self.output_type = vp_output_type({**self.process_config, "prediction_type": prediction_type})
+        self.fallbacks: dict[float | None, FallbackSolver] = {}
+        self.fallback_name = family_solver_name(fallback_solver, self.is_flow)
+        self.fallback(mu)  # refuses an unknown solver, or one that cannot carry the schedule, here
+        self.plans = [json_entry(entry) for entry in plans or []]
+        self.plans_by_key = plans_by_key(self.plans, num_train_timesteps, self.is_flow)
+        if not self.plans:
+            one_line(f"OLSSScheduler has no plans (they live in {PLANS_FILE_NAME} beside scheduler_config.json): every "
+                     f"step count is served by {self.fallback_name}; load a calibrated run with "
+                     "OLSSScheduler.from_pretrained(<run URI or folder>)")
         self.num_inference_steps: int | None = None
         self.timesteps = torch.empty(0, dtype=torch.float32 if self.is_flow else torch.long)
         self.sigmas = torch.empty(0, dtype=torch.float32)  # flow only: (K+1,) sigma of each state, ending at 0
-        self.coefficients: torch.Tensor | None = None
+        self.coefficients: torch.Tensor | None = None  # (K, K+1) rows from pure noise (plan or fallback)
         self.plan_timesteps: np.ndarray | None = None
+        self.serving: str | None = None  # "plan" or the fallback solver's name, for the step count
+        self.rows: np.ndarray | None = None  # rows from the begin index on
+        self.rows_start = 0
+        self.serving_fallback: FallbackSolver | None = None  # the fallback serving the step count, if any
         self._begin_index: int | None = None
         self.reset_run()
 
-    @staticmethod
-    def checked_plan_entry(entry: dict[str, Any], num_train_timesteps: int, flow: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """``(timesteps (K,) int64 (VP) or float64 (flow), coefficients (K, K+1) float64)`` of a config entry, validated."""
-        steps = int(entry["num_steps"])
-        timesteps = np.asarray(entry["timesteps"])
-        coefficients = np.asarray(entry["coefficients"], dtype=np.float64)
-        if timesteps.shape != (steps,) or coefficients.shape != (steps, steps + 1):
-            raise ValueError(f"plan for {steps} steps has timesteps {timesteps.shape} and coefficients {coefficients.shape}")
-        try:
-            if flow:  # float sigma * T, whole-valued ones included
-                timesteps = check_model_timesteps(timesteps.astype(np.float64), num_train_timesteps)
-            else:
-                timesteps = validate_timesteps(timesteps, num_train_timesteps)
-        except ValueError as error:
-            raise ValueError(f"plan for {steps} steps: {error}") from None
-        if not np.all(np.isfinite(coefficients)):
-            raise ValueError(f"plan for {steps} steps has non-finite coefficients")
-        return timesteps, coefficients
+    def keep_plans_out_of_config(self) -> None:
+        """``register_to_config`` recorded ``plans``; drop them, so that ``config`` (and any scheduler built from
+        it, e.g. ``DDIMScheduler.from_config(olss.config)``) names the process only. The process settings count
+        as given even where they are defaults: diffusers builds other schedulers with *their* defaults for keys
+        in ``_use_default_values``, and theirs (DDPM's linear betas) are not this scheduler's."""
+        internal = {key: value for key, value in self._internal_dict.items() if key != "plans"}
+        if "_use_default_values" in internal:
+            process = {"plans", *VP_PROCESS_DEFAULTS, *FLOW_PROCESS_KEYS}
+            internal["_use_default_values"] = [key for key in internal["_use_default_values"] if key not in process]
+        self._internal_dict = FrozenDict(internal)
+
+    def fallback(self, mu: float | None = None) -> FallbackSolver:
+        """The fallback built-in on this scheduler's process (at a flow model's ``mu``)."""
+        if mu not in self.fallbacks:
+            self.fallbacks[mu] = FallbackSolver(self.fallback_name, self.process_config, self.output_type,
+                                                mu if self.config.use_dynamic_shifting else None)
+        return self.fallbacks[mu]
 
     @classmethod
-    def from_plans(
-        cls,
-        plans: Sequence[Plan],
-        num_train_timesteps: int | None = None,
-        scheduler_config: Mapping[str, Any] | None = None,
-        mu: float | None = None,
-        **config: Any,
-    ) -> "OLSSScheduler":
-        """A scheduler serving every plan in ``plans`` (one per step count).
+    def from_plans(cls, plans: Sequence[Plan], num_train_timesteps: int | None = None,
+                   scheduler_config: Mapping[str, Any] | None = None, mu: float | None = None, **config: Any) -> "OLSSScheduler":
+        """A scheduler serving every plan in ``plans`` (one per step count and start step).
 
         Args:
             scheduler_config: the model's diffusers scheduler config (a ``FlowMatchEulerDiscreteScheduler``'s for
@@ -256,61 +204,123 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         return cls(plans=[plan_config(p) for p in plans], **settings)
 
     @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike | None = None,
-        subfolder: str | None = None,
-        return_unused_kwargs: bool = False,
-        storage_options: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ):
-        """Load from a folder or hub id as diffusers does, or from a published run by URI.
+    def from_config(cls, config: Mapping[str, Any] | None = None, return_unused_kwargs: bool = False, **kwargs: Any):
+        """diffusers' ``from_config``; another scheduler's config (``pipe.scheduler.config``) gives its noise process
+        (``process_settings``: refused with one ``ValueError`` line when it cannot be carried) and no plans, so the
+        fallback serves (with a warning naming ``from_pretrained``). An ``OLSSScheduler`` config that still holds
+        ``plans`` (written before ``olss_plans.json``) loads them; ``plans=`` passes them explicitly."""
+        if isinstance(config, Mapping) and cls.is_foreign_config(config):
+            own = {key: config[key] for key in ("plans", "fallback_solver") if key in config}
+            config = {**process_settings(config), **own}
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @classmethod
+    def is_foreign_config(cls, config: Mapping[str, Any]) -> bool:
+        """True for another scheduler's config: another ``_class_name``, or keys ``__init__`` does not take."""
+        name = config.get("_class_name")
+        if name is not None:
+            return name != cls.__name__
+        return any(not key.startswith("_") and key not in cls._get_init_keys(cls) for key in config)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None = None, subfolder: str | None = None,
+                        return_unused_kwargs: bool = False, storage_options: dict[str, Any] | None = None, **kwargs: Any):
+        """Load ``scheduler_config.json`` and ``olss_plans.json`` from a folder or hub id, or a published run by URI.
 
         ``s3://``, ``gs://``, ``file://`` run URIs, a model's ``latest`` location and local run folders
-        (with ``manifest.json``) are downloaded and verified by ``olss_dist.artifacts.fetch_run`` first.
+        (with ``manifest.json``) are downloaded and verified by ``olss_dist.artifacts.fetch_run`` first. A
+        config that holds its plans itself (runs published before the plans file) needs no plans file.
+
+        Raises:
+            ValueError: a plans file that is not one (``core.scheduler_plans.read_plans_document``).
         """
         # Imported here, not at the top: the scheduler is maths over core/; only a published run's URI needs
         # the artifact store (fsspec), and pipelines that load from a plain folder never import it.
         from olss_dist.artifacts import fetch_run, is_artifact_location
 
-        if pretrained_model_name_or_path is not None and is_artifact_location(pretrained_model_name_or_path):
-            pretrained_model_name_or_path = fetch_run(str(pretrained_model_name_or_path), storage_options=storage_options)
-        return super().from_pretrained(
-            pretrained_model_name_or_path, subfolder=subfolder, return_unused_kwargs=return_unused_kwargs, **kwargs
-        )
+        location = pretrained_model_name_or_path
+        if location is not None and is_artifact_location(location):
+            location = fetch_run(str(location), storage_options=storage_options)
+        hub = {key: kwargs[key] for key in HUB_KEYWORDS if key in kwargs}
+        config, unused = cls.load_config(location, subfolder=subfolder, return_unused_kwargs=True, **kwargs)
+        if "plans" not in config and "plans" not in unused:
+            entries = cls.read_plans_file(location, subfolder, hub)
+            if entries is not None:
+                unused["plans"] = entries
+        return cls.from_config(config, return_unused_kwargs=return_unused_kwargs, **unused)
+
+    @classmethod
+    def read_plans_file(cls, location: str | os.PathLike, subfolder: str | None, hub: dict[str, Any]) -> list[dict] | None:
+        """The entries of ``olss_plans.json`` beside the config (local folder or hub repo), None when there is none."""
+        folder = os.path.join(os.fspath(location), subfolder or "")
+        if os.path.isdir(os.fspath(location)):
+            path = os.path.join(folder, PLANS_FILE_NAME)
+            if not os.path.isfile(path):
+                return None
+        else:
+            from huggingface_hub import hf_hub_download
+            from huggingface_hub.utils import EntryNotFoundError
+
+            try:
+                path = hf_hub_download(os.fspath(location), PLANS_FILE_NAME, subfolder=subfolder, **hub)
+            except EntryNotFoundError:
+                return None
+        with open(path, "rb") as handle:
+            return read_plans_document(handle.read(), path)
+
+    def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """Write ``olss_plans.json`` (the plans) and ``scheduler_config.json`` (the process) into ``save_directory``
+        (``save_pretrained`` calls this)."""
+        if os.path.isfile(save_directory):
+            raise AssertionError(f"Provided path ({save_directory}) should be a directory, not a file")
+        os.makedirs(save_directory, exist_ok=True)
+        with open(os.path.join(save_directory, PLANS_FILE_NAME), "wb") as handle:
+            handle.write(plans_document(self.plans))
+        super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    def scheduler_files(self) -> dict[str, bytes]:
+        """``{file name: bytes}`` of what ``save_pretrained`` writes: ``scheduler_config.json`` and ``olss_plans.json``."""
+        return {self.config_name: self.to_json_string().encode(), PLANS_FILE_NAME: plans_document(self.plans)}
+
+    @property
+    def compatibles(self) -> list[type]:
+        """The diffusers schedulers of the same family that can be built from this config."""
+        import diffusers
+
+        names = (["FlowMatchEulerDiscreteScheduler"] if self.is_flow else
+                 ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+                  "EulerDiscreteScheduler", "PNDMScheduler"])
+        return [getattr(diffusers, name) for name in names]
 
     @property
     def available_steps(self) -> list[int]:
-        return sorted(self.plans_by_steps)
+        """The step counts with a plan from pure noise."""
+        return sorted(steps for steps, start in self.plans_by_key if start == 0)
+
+    @property
+    def available_starts(self) -> dict[int, list[int]]:
+        """``{K: [start steps with a start plan]}``."""
+        return {k: sorted(s for steps, s in self.plans_by_key if steps == k and s) for k in self.available_steps}
 
     @property
     def begin_index(self) -> int | None:
         return self._begin_index
 
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        """Pipelines call this before their loop; OLSS plans start at their first timestep only (index 0)."""
-        if begin_index != 0:
-            raise ValueError(
-                f"begin_index: OLSS plans run from pure noise through their own timesteps (0), got {begin_index}; "
-                "img2img and inpainting starts mid-way are not supported"
-            )
-        self._begin_index = begin_index
+    @property
+    def step_index(self) -> int | None:
+        """The index in ``timesteps`` of the next step; None before the first step of a run."""
+        return self._step_index
 
     def reset_run(self) -> None:
-        """Forget the initial noise and outputs of the previous run."""
+        """Forget the start sample and outputs of the previous run."""
         self.initial_noise: torch.Tensor | None = None
         self.outputs: list[torch.Tensor] = []
-        self.step_index = 0
+        self._step_index: int | None = None
 
-    def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
-        sigmas: Sequence[float] | None = None,
-        mu: float | None = None,
-        timesteps: Sequence[float] | None = None,
-    ) -> None:
-        """Select the plan for ``num_inference_steps`` and start a new run.
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
+                      sigmas: Sequence[float] | None = None, mu: float | None = None,
+                      timesteps: Sequence[float] | None = None) -> None:
+        """Select the plan for ``num_inference_steps`` (or the fallback built-in, with a warning) and start a run.
 
         Flow models: ``sigmas`` (Flux always passes its default ``linspace(1, 1/K, K)``) only give the step
         count when ``num_inference_steps`` is None; the plan's own timesteps are replayed (a warning when
@@ -318,8 +328,7 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
 
         Raises:
             ValueError: custom ``timesteps`` (any model) or ``sigmas`` / ``mu`` (VP models), ``sigmas`` of
-                another length than ``num_inference_steps``, or no plan for that step count (the message
-                names the available ones).
+                another length than ``num_inference_steps``, or a step count that is not a positive integer.
         """
         if timesteps is not None or (sigmas is not None and not self.is_flow):
             raise ValueError("OLSSScheduler uses the timesteps of its plans; custom timesteps or sigmas are not supported")
@@ -330,41 +339,120 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
                 num_inference_steps = len(sigmas)
             elif len(sigmas) != num_inference_steps:
                 raise ValueError(f"sigmas: {len(sigmas)} values for num_inference_steps={num_inference_steps}")
-        if num_inference_steps not in self.plans_by_steps:
-            raise ValueError(
-                f"OLSSScheduler has no plan for {num_inference_steps} steps; available: {self.available_steps}"
-            )
-        plan_timesteps, coefficients = self.plans_by_steps[num_inference_steps]
-        self.num_inference_steps = num_inference_steps
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        steps = int(num_inference_steps)
+        if (steps, 0) in self.plans_by_key:
+            plan_timesteps, coefficients = self.plans_by_key[steps, 0]
+            self.serving, self.serving_fallback = "plan", None
+            if self.is_flow:
+                self.warn_about_pipeline_schedule(steps, sigmas, mu, plan_timesteps)
+        else:
+            fallback = self.fallback(None if mu is None else float(mu)) if self.is_flow else self.fallback()
+            if self.is_flow and fallback.mu is None and self.config.use_dynamic_shifting:
+                fallback = self.fallback(self.config.mu)
+            plan_timesteps, coefficients = fallback.own_rows(steps)
+            self.serving, self.serving_fallback = fallback.name, fallback
+            one_line(f"OLSSScheduler has no plan for {steps} steps (planned: {self.available_steps}); serving "
+                     f"{fallback.name} in OLSS form on its own {steps} timesteps")
+        self.num_inference_steps = steps
         self.plan_timesteps = plan_timesteps
         self.coefficients = torch.from_numpy(coefficients)
         if self.is_flow:
-            self.warn_about_pipeline_schedule(num_inference_steps, sigmas, mu)
             plan_sigmas = np.append(plan_timesteps / self.config.num_train_timesteps, 0.0)
             self.timesteps = torch.from_numpy(plan_timesteps).to(device=device, dtype=torch.float32)
             self.sigmas = torch.from_numpy(plan_sigmas).to(device=device, dtype=torch.float32)
         else:
             self.timesteps = torch.from_numpy(plan_timesteps).to(device)
         self._begin_index = None
+        self.use_rows(coefficients, 0)
         self.reset_run()
 
-    def warn_about_pipeline_schedule(self, num_steps: int, sigmas: Sequence[float] | None, mu: float | None) -> None:
+    def warn_about_pipeline_schedule(self, num_steps: int, sigmas: Sequence[float] | None, mu: float | None,
+                                     plan_timesteps: np.ndarray) -> None:
         """One warning line each when a pipeline's ``sigmas`` or ``mu`` are not what the plans were made for."""
         if sigmas is not None:
             given = np.asarray(sigmas, dtype=np.float64)
             flux_default = np.linspace(1.0, 1.0 / num_steps, num_steps)
-            own = self.plan_timesteps / self.config.num_train_timesteps
+            own = plan_timesteps / self.config.num_train_timesteps
             if not (np.allclose(given, flux_default, rtol=0, atol=1e-6) or np.allclose(given, own, rtol=0, atol=1e-6)):
-                warnings.warn(f"sigmas: OLSSScheduler ignores the custom sigmas and replays its {num_steps}-step plan's own timesteps",
-                              stacklevel=3)
+                one_line(f"sigmas: OLSSScheduler ignores the custom sigmas and replays its {num_steps}-step plan's own timesteps")
         calibrated = self.config.mu
         if mu is not None and calibrated is not None and abs(float(mu) - calibrated) > 1e-6 * max(1.0, abs(calibrated)):
-            warnings.warn(f"mu: the pipeline's mu={float(mu):.6g} (its image size) differs from mu={calibrated:.6g} the plans "
-                          "were calibrated at; the plans' own timesteps are replayed (calibrate at this resolution)",
-                          stacklevel=3)
+            one_line(f"mu: the pipeline's mu={float(mu):.6g} (its image size) differs from mu={calibrated:.6g} the plans "
+                     "were calibrated at; the plans' own timesteps are replayed (calibrate at this resolution)")
+
+    def set_begin_index(self, begin_index: int = 0, quiet: bool = False) -> None:
+        """Start the run at ``timesteps[begin_index]`` (img2img / inpainting: ``K - int(K * strength)``), from the
+        sample of the first step there: the start plan for ``(K, begin_index)`` if there is one, else the fallback
+        built-in on the remaining timesteps (a warning line when the step count itself has a plan).
+
+        Raises:
+            ValueError: ``begin_index`` is not an integer in ``[0, K]``.
+        """
+        steps = self.num_inference_steps
+        if isinstance(begin_index, bool) or not isinstance(begin_index, (int, np.integer)) or begin_index < 0 or (
+                steps is not None and begin_index > steps):
+            raise ValueError(f"begin_index must be an integer in [0, {steps}], got {begin_index!r}")
+        self._begin_index = int(begin_index)
+        self.reset_run()
+        if steps is not None:
+            self.use_rows(self.rows_from(self._begin_index, quiet), self._begin_index)
+
+    def use_rows(self, rows: np.ndarray, start: int) -> None:
+        """Serve ``rows`` from index ``start``, with the factors that carry an edit of the sample (``carry``)."""
+        self.rows, self.rows_start = rows, start
+        self.carry = self.carry_factors(self.plan_timesteps[start:])
+
+    def carry_factors(self, timesteps: np.ndarray) -> np.ndarray:
+        """``(n,)`` what each step multiplies the current sample by, as DDIM does (``x' = a x + b o`` with the output
+        ``o`` held fixed, in the rows' output form; ᾱ = 1 after the last step); 1 for flow models, as Euler does."""
+        if self.is_flow:
+            return np.ones(len(timesteps))
+        alphas = self.alphas_cumprod.numpy()[np.asarray(timesteps, dtype=np.int64)]
+        return ddim_step_coefficients(alphas, np.append(alphas[1:], 1.0), self.output_type)[0]
+
+    def rows_from(self, start: int, quiet: bool = False) -> np.ndarray:
+        """``(K - start, K - start + 1)`` rows over ``[x_start, o_start, ...]`` for a run starting at index ``start``."""
+        steps = self.num_inference_steps
+        if start == 0:
+            return self.coefficients.numpy()
+        if start == steps:
+            return np.zeros((0, 1))
+        if self.serving_fallback is not None:
+            return self.serving_fallback.own_rows(steps, start)[1]
+        if (steps, start) in self.plans_by_key:
+            return self.plans_by_key[steps, start][1]
+        if not quiet:
+            one_line(f"OLSSScheduler has no start plan for {steps} steps from step {start} (planned starts: "
+                     f"{self.available_starts.get(steps, [])}); serving {self.fallback_name} in OLSS form on the plan's "
+                     f"last {steps - start} timesteps")
+        return self.fallback(self.config.mu if self.is_flow else None).rows_on(self.plan_timesteps[start:])
 
     def scale_model_input(self, sample: torch.Tensor, timestep: int | float | None = None) -> torch.Tensor:
         return sample
+
+    def broadcast(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``values (B,)`` or ``(1,)`` float64 as ``like``'s dtype and device, shaped to broadcast over its batch."""
+        return values.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+    def vp_alphas(self, timesteps: int | torch.Tensor, what: str) -> torch.Tensor:
+        if self.is_flow:
+            raise ValueError(f"{what}: flow-matching OLSS schedulers have no VP schedule (use scale_noise)")
+        return self.alphas_cumprod[torch.as_tensor(timesteps).detach().cpu().long().reshape(-1)]
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: int | torch.Tensor) -> torch.Tensor:
+        """``sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) noise`` from the model's schedule, per batch element for ``timesteps (B,)``
+        (a scalar for all), on the device and in the dtype of ``original_samples``. Flow models: ``scale_noise``."""
+        if self.is_flow:
+            return self.scale_noise(original_samples, timesteps, noise)
+        alphas = self.vp_alphas(timesteps, "add_noise")
+        return self.broadcast(alphas.sqrt(), original_samples) * original_samples + self.broadcast((1 - alphas).sqrt(), noise) * noise
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: int | torch.Tensor) -> torch.Tensor:
+        """The v-prediction target ``sqrt(ᾱ_t) noise - sqrt(1 - ᾱ_t) x0`` (VP only)."""
+        alphas = self.vp_alphas(timesteps, "get_velocity")
+        return self.broadcast(alphas.sqrt(), sample) * noise - self.broadcast((1 - alphas).sqrt(), sample) * sample
 
     def scale_noise(self, sample: torch.Tensor, timestep: float | torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Flow only: ``x_sigma = (1 - sigma) sample + sigma noise`` with ``sigma = timestep / T`` (per batch element
@@ -372,8 +460,7 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         if not self.is_flow:
             raise ValueError("scale_noise: only flow-matching OLSS schedulers (prediction_type='flow_prediction') have it")
         sigma = torch.as_tensor(timestep).detach().to(device=sample.device, dtype=torch.float64).reshape(-1)
-        sigma = (sigma / self.config.num_train_timesteps).to(sample.dtype)
-        sigma = sigma.reshape(-1, *([1] * (sample.ndim - 1)))
+        sigma = self.broadcast(sigma / self.config.num_train_timesteps, sample)
         return sigma * noise + (1.0 - sigma) * sample
 
     def epsilon(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor) -> torch.Tensor:
@@ -385,68 +472,95 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
             return alpha**0.5 * model_output + (1 - alpha) ** 0.5 * sample
         return (sample - alpha**0.5 * model_output) / (1 - alpha) ** 0.5
 
-    def vp_original(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, epsilon: torch.Tensor) -> torch.Tensor:
+    def plan_output(self, model_output: torch.Tensor, timestep: int | float, sample: torch.Tensor) -> torch.Tensor:
+        """The model output in the form the rows combine (``output_type``): the velocity, ε, or at zero terminal
+        SNR the model's own v / x0 (``vp_output_type`` equals its prediction type then)."""
+        if self.is_flow or self.output_type != "epsilon":
+            return model_output
+        return self.epsilon(model_output, timestep, sample)
+
+    def vp_original(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor) -> torch.Tensor:
         """The clean sample a VP output predicts; from v directly, so it stays finite at zero terminal SNR (alpha 0)."""
         alpha = float(self.alphas_cumprod[timestep])
         if self.config.prediction_type == "v_prediction":
             return alpha**0.5 * sample - (1 - alpha) ** 0.5 * model_output
         if self.config.prediction_type == "sample":
             return model_output
-        return (sample - (1 - alpha) ** 0.5 * epsilon) / alpha**0.5
+        return (sample - (1 - alpha) ** 0.5 * model_output) / alpha**0.5
 
-    def checked_timestep(self, i: int, timestep: int | float | torch.Tensor) -> int | float:
-        """``timestep`` as the plan's ``timesteps[i]`` (int for VP, float for flow), or ValueError if it is another."""
-        expected = self.plan_timesteps[i]
-        given = float(timestep) if self.is_flow else int(timestep)
-        # flow timesteps reach the pipeline as float32; the plan keeps them in float64
-        if (self.is_flow and abs(given - expected) > 1e-5 * max(1.0, abs(expected))) or (not self.is_flow and given != expected):
-            shown = f"{float(expected):g}" if self.is_flow else f"{int(expected)}"
-            raise ValueError(
-                f"step {i} of the {self.num_inference_steps}-step plan expects timestep {shown}, got "
-                f"{given}; OLSS plans run from pure noise through their own timesteps (no img2img start)"
-            )
-        return float(expected) if self.is_flow else int(expected)
+    def matches(self, index: int, timestep: int | float | torch.Tensor) -> bool:
+        """Whether ``timestep`` is ``timesteps[index]`` (flow: to float32 precision)."""
+        expected = self.plan_timesteps[index]
+        if self.is_flow:
+            return abs(float(timestep) - expected) <= 1e-5 * max(1.0, abs(expected))
+        return int(timestep) == expected
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: int | float | torch.Tensor,
-        sample: torch.Tensor,
-        return_dict: bool = True,
-        **kwargs: Any,
-    ) -> OLSSSchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
-        """Apply row ``i`` of the plan, ``i`` being the number of steps taken since ``set_timesteps``.
+    def position(self, timestep: int | float | torch.Tensor) -> int:
+        """The index of this step in ``timesteps``: the next one of the run; at a run's first step the index of
+        ``timestep`` (a pipeline that starts mid-way without ``set_begin_index``). A timestep off the schedule
+        starts a new run there from this sample (the last index when it is not on the schedule, as diffusers'
+        schedulers do), with a warning line."""
+        steps, index = self.num_inference_steps, self._step_index
+        if index is None:
+            index = self._begin_index if self._begin_index is not None else 0
+            if index < steps and self.matches(index, timestep):
+                if self._begin_index is None:
+                    self.set_begin_index(index)
+                return index
+        elif index < steps and self.matches(index, timestep):
+            return index
+        found = next((i for i in range(steps) if self.matches(i, timestep)), None)
+        if self._step_index is None and self._begin_index is None and found is not None:
+            self.set_begin_index(found)
+            return found
+        shown = "the end of the run" if index >= steps else f"{float(self.plan_timesteps[index]):g}"
+        start = steps - 1 if found is None else found
+        one_line(f"step: timestep {float(timestep):g} is not the {steps}-step schedule's next one ({shown}); "
+                 f"starting a new run at step {start} from this sample")
+        self.set_begin_index(start, quiet=True)
+        return start
+
+    def step(self, model_output: torch.Tensor, timestep: int | float | torch.Tensor, sample: torch.Tensor,
+             return_dict: bool = True, **kwargs: Any) -> OLSSSchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
+        """One step of the run: ``x_{i+1} = a_r x_i + (c_r - a_r c_{r-1}) · [x_start, o_0 … o_r]`` with ``r`` the
+        step's row (``i`` minus the begin index), ``x_i = sample`` as the pipeline hands it over (edits included)
+        and ``a_r`` DDIM's factor on the sample (``carry_factors``; 1 for flow). Without an edit ``x_i`` is
+        ``c_{r-1} · [...]`` and this is row ``r`` itself; an edit is carried forward as DDIM carries it.
 
         Computed in float32 (float64 samples: float64); returned in the dtype of ``sample``.
 
         Args:
             model_output: ``(B, *latent_shape)`` the model's (guided) output at ``timestep``: epsilon /
                 v / sample (VP) or the velocity (flow).
-            timestep: the model timestep of this step; must be the plan's ``timesteps[i]``.
-            sample: ``(B, *latent_shape)`` the current state (``x_T`` at the first step).
+            timestep: the model timestep of this step, ``timesteps[i]``.
+            sample: ``(B, *latent_shape)`` the current state (``x_start`` at the first step).
 
         Returns:
             ``prev_sample`` and ``pred_original_sample`` (flow: ``sample - sigma * v``).
+
+        Raises:
+            ValueError: ``set_timesteps`` was not called.
         """
-        if self.coefficients is None:
+        if self.num_inference_steps is None:
             raise ValueError("call set_timesteps(num_inference_steps) before step()")
-        i = self.step_index
-        if i >= self.num_inference_steps:
-            raise ValueError(f"all {self.num_inference_steps} steps of this run are done; call set_timesteps again")
-        t = self.checked_timestep(i, timestep)
+        i = self.position(timestep)
+        r = i - self.rows_start
+        t = float(self.plan_timesteps[i]) if self.is_flow else int(self.plan_timesteps[i])
         work = torch.float64 if sample.dtype == torch.float64 else torch.float32
         current = sample.to(work)
-        if i == 0:
-            self.initial_noise = current
+        if r == 0:
+            self.initial_noise, self.outputs = current, []
+        raw = model_output.to(work)
         if self.is_flow:
-            output = model_output.to(work)
-            pred_original = current - (t / self.config.num_train_timesteps) * output
+            pred_original = current - (t / self.config.num_train_timesteps) * raw
         else:
-            output = self.epsilon(model_output.to(work), t, current)
-            pred_original = self.vp_original(model_output.to(work), t, current, output)
-        self.outputs.append(output)
-        prev = apply_step(self.coefficients[i, : i + 2].tolist(), self.initial_noise, self.outputs)
-        self.step_index = i + 1
+            pred_original = self.vp_original(raw, t, current)
+        self.outputs.append(self.plan_output(raw, t, current))
+        previous = self.rows[r - 1, : r + 2] if r else np.eye(1, r + 2)[0]
+        carry = float(self.carry[r])
+        change = self.rows[r, : r + 2] - carry * previous
+        prev = carry * current + apply_step(change.tolist(), self.initial_noise, self.outputs)
+        self._step_index = i + 1
         prev, pred_original = prev.to(sample.dtype), pred_original.to(sample.dtype)
         if not return_dict:
             return prev, pred_original
@@ -454,4 +568,3 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
-

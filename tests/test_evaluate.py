@@ -149,12 +149,12 @@ def publish_calibrated_run(model, spec: str, root: Path, prompt_file: Path, num_
     plans, calibration = run_method(backend, model.noise_process, teacher_steps, planned)
     with tempfile.TemporaryDirectory() as directory:
         OLSSScheduler.from_plans(list(plans.values())).save_pretrained(directory)
-        scheduler_config = (Path(directory) / "scheduler_config.json").read_bytes()
+        scheduler_files = {name: (Path(directory) / name).read_bytes() for name in ("scheduler_config.json", "olss_plans.json")}
     config = {"model": spec, "prompts": str(prompt_file), "seed": 0, "guidance_scale": model.guidance_scale}
     published = publish_run(
         str(root), model_id=model.model_id, model_digest=model.digest, config=config,
         files={
-            "scheduler_config.json": scheduler_config,
+            **scheduler_files,
             "calibration.safetensors": calibration.to_bytes(),
             "plans.json": json.dumps([p.to_dict() for p in plans.values()]).encode(),
         },

@@ -90,6 +90,8 @@ def check_artifact(run: Path, resolution: list[int], planned=(4, 6)) -> dict:
     manifest = json.loads((run / "manifest.json").read_text())
     report = json.loads((run / "report.json").read_text())
     config = json.loads((run / "scheduler_config.json").read_text())
+    assert "plans" not in config  # the plans have their own file beside it
+    config["plans"] = json.loads((run / "olss_plans.json").read_text())["plans"]
     assert manifest["resolution"] == resolution and report["model"]["resolution"] == resolution
     assert manifest["noise_process"]["kind"] == "flow"
     assert manifest["teacher_steps"] == 40 and manifest["planned_step_counts"] == list(planned)

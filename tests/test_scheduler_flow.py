@@ -112,7 +112,9 @@ def test_vp_process_is_taken_from_a_vp_config():
     x_T, x0 = torch.randn(2, 4), torch.randn(2, 4)
     out = scheduler.step(-x0, 999, x_T)
     torch.testing.assert_close(out.pred_original_sample, x0)
-    torch.testing.assert_close(out.prev_sample, 0.5 * x_T + 0.1 * x_T)  # epsilon = v at alpha 0 is x_T
+    # zero-SNR plans combine the model's v itself (contract C1, core.noise_process.vp_output_type)
+    assert scheduler.output_type == "v_prediction"
+    torch.testing.assert_close(out.prev_sample, 0.5 * x_T + 0.1 * -x0)
 
 
 @pytest.mark.parametrize(
@@ -170,8 +172,9 @@ def test_set_timesteps_takes_what_flux_passes():
         scheduler.set_timesteps(timesteps=[1000.0, 700.0, 400.0, 100.0])
     with pytest.raises(ValueError, match="^sigmas: 4 values for num_inference_steps=3"):
         scheduler.set_timesteps(3, sigmas=np.linspace(1.0, 1 / 4, 4))
-    with pytest.raises(ValueError, match=r"no plan for 5 steps; available: \[4\]"):
-        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 5, 5), mu=mu)
+    with pytest.warns(UserWarning, match=r"no plan for 5 steps \(planned: \[4\]\); serving flow-dpmsolver\+\+"):
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 5, 5), mu=mu)  # served, never an exception
+    assert len(scheduler.timesteps) == 5 and len(scheduler.sigmas) == 6
 
 
 def test_vp_schedulers_still_refuse_sigmas_and_mu():
@@ -188,8 +191,13 @@ def test_step_dtypes_prediction_and_wrong_timestep():
     x0, noise = torch.randn(2, 4, 3, 3, dtype=torch.float64), torch.randn(2, 4, 3, 3, dtype=torch.float64)
     scheduler.set_timesteps(3)
     t = scheduler.timesteps[1]
-    with pytest.raises(ValueError, match=r"step 0 of the 3-step plan expects timestep 1000, got"):
+    # a loop that starts at timesteps[1] without set_begin_index (an img2img start) is served from there
+    with pytest.warns(UserWarning, match=r"no start plan for 3 steps from step 1"):
         scheduler.step(noise - x0, t, noise)
+    assert scheduler.begin_index == 1 and scheduler.step_index == 2
+    with pytest.warns(UserWarning, match=r"timestep 777 is not the 3-step schedule's next one \([0-9.]+\); starting a new run"):
+        scheduler.step(noise - x0, 777.0, noise)  # off the schedule: a warning, not an exception
+    scheduler.set_timesteps(3)
     sigma = float(scheduler.timesteps[0]) / 1000
     x = (1 - sigma) * x0 + sigma * noise
     out = scheduler.step(noise - x0, scheduler.timesteps[0], x)
@@ -216,10 +224,31 @@ def test_scale_noise_and_begin_index_follow_flow_match_euler():
         torch.testing.assert_close(scheduler.scale_noise(image, t.expand(2), noise), reference.scale_noise(image, t.expand(2), noise))
     scheduler.set_begin_index(0)
     assert scheduler.begin_index == 0 and scheduler.scale_model_input(image, 1000.0) is image
-    with pytest.raises(ValueError, match="^begin_index: OLSS plans run from pure noise"):
+    with pytest.warns(UserWarning, match=r"no start plan for 5 steps from step 2 .*flow-dpmsolver\+\+"):
         scheduler.set_begin_index(2)
+    assert scheduler.begin_index == 2 and scheduler.step_index is None
+    with pytest.raises(ValueError, match=r"^begin_index must be an integer in \[0, 5\]"):
+        scheduler.set_begin_index(6)
     with pytest.raises(ValueError, match="^scale_noise: only flow-matching"):
         OLSSScheduler().scale_noise(image, 500, noise)
+
+
+def test_a_flow_start_without_a_plan_is_flow_match_euler_from_there_with_the_euler_fallback():
+    """SD3 img2img: set_timesteps(K), set_begin_index(s), scale_noise to timesteps[s], the loop from there."""
+    plan = euler_plan(SD3_CONFIG, 6)
+    plan.coefficients[:, 1:] *= 0.9  # any plan from pure noise; the start at 3 has none
+    scheduler = OLSSScheduler.from_plans([plan], scheduler_config=SD3_CONFIG, fallback_solver="euler")
+    field = lambda x, t: torch.tanh(x) * (t / 1000.0) - 0.3 * x  # noqa: E731
+    image, noise = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    scheduler.set_timesteps(6)
+    with pytest.warns(UserWarning, match=r"no start plan for 6 steps from step 3 .*flow-euler"):
+        scheduler.set_begin_index(3)
+    x = expected = scheduler.scale_noise(image, scheduler.timesteps[3:4], noise)
+    sigmas = np.append(plan.timesteps[3:] / 1000, 0.0)
+    for i, t in enumerate(scheduler.timesteps[3:]):
+        x = scheduler.step(field(x, float(t)), t, x).prev_sample
+        expected = expected + float(sigmas[i + 1] - sigmas[i]) * field(expected, float(t))  # Euler from there
+    torch.testing.assert_close(x, expected, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------- the diffusers pipelines
@@ -272,8 +301,8 @@ def test_sd3_pipeline_runs_a_planned_step_count_to_a_finite_image(sd3):
     olss = type(sd3)(**{**sd3.components, "scheduler": OLSSScheduler.from_plans([plan], scheduler_config=config)})
     images = run_pipeline(olss, 3, output_type="np", guidance_scale=3.0)
     assert images.shape == (1, RESOLUTION, RESOLUTION, 3) and np.isfinite(images).all()
-    with pytest.raises(ValueError, match=r"no plan for 5 steps; available: \[3\]"):
-        run_pipeline(olss, 5)
+    with pytest.warns(UserWarning, match=r"no plan for 5 steps \(planned: \[3\]\)"):
+        assert torch.isfinite(run_pipeline(olss, 5)).all()
 
 
 def test_flux_pipeline_with_the_euler_plan_equals_flow_match_euler(flux):

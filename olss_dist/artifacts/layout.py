@@ -28,11 +28,13 @@ POINTER_NAME = "latest.json"
 STAGING_DIR = "_staging"
 
 # The files of a calibrated run: the job writes exactly these, readers look for them by these names.
-SCHEDULER_CONFIG_FILE = "scheduler_config.json"  # OLSSScheduler config (plans + the model's noise process)
+SCHEDULER_CONFIG_FILE = "scheduler_config.json"  # OLSSScheduler config: the model's noise process (runs before
+# the plans file also hold the plans here, under "plans"; OLSSScheduler still loads them)
+SCHEDULER_PLANS_FILE = "olss_plans.json"  # the plans OLSSScheduler serves (core.scheduler_plans.PLANS_FILE_NAME)
 CALIBRATION_FILE = "calibration.safetensors"  # the merged statistics R, counts and timesteps
 PLANS_FILE = "plans.json"  # one Plan.to_dict() per step count
 REPORT_FILE = "report.json"  # model identity, config, statistics counts, every candidate's scores
-RUN_FILES = (SCHEDULER_CONFIG_FILE, CALIBRATION_FILE, PLANS_FILE, REPORT_FILE)
+RUN_FILES = (SCHEDULER_CONFIG_FILE, SCHEDULER_PLANS_FILE, CALIBRATION_FILE, PLANS_FILE, REPORT_FILE)
 
 
 def is_artifact_location(location: str | os.PathLike) -> bool:

@@ -76,8 +76,9 @@ def show(
     documents = {
         name: json.loads(read_run_file(run, name, options)) for name in run.manifest["files"] if name.endswith(".json")
     }
-    plans = [plan for name, doc in documents.items() if name != "scheduler_config.json" for plan in find_plans(doc)]
-    plans = plans or find_plans(documents.get("scheduler_config.json"))
+    scheduler_files = ("olss_plans.json", "scheduler_config.json")  # what the scheduler serves, if nothing else
+    plans = [plan for name, doc in documents.items() if name not in scheduler_files for plan in find_plans(doc)]
+    plans = plans or find_plans(documents.get(scheduler_files[0])) or find_plans(documents.get(scheduler_files[1]))
     plans.sort(key=lambda plan: len(plan["timesteps"]))
     if plans:
         console.print(plans_table(plans))

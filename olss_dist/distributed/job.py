@@ -25,7 +25,7 @@ import numpy as np
 import ray
 
 from olss_dist.artifacts import ArtifactError, config_digest, publish_run, staging_uri
-from olss_dist.artifacts.layout import CALIBRATION_FILE, PLANS_FILE, REPORT_FILE, SCHEDULER_CONFIG_FILE
+from olss_dist.artifacts.layout import CALIBRATION_FILE, PLANS_FILE, REPORT_FILE
 from olss_dist.core.calibration import Calibration
 from olss_dist.core.noise_process import NoiseProcess, VPProcess, noise_process_from_config
 from olss_dist.core.plan import Plan
@@ -134,14 +134,14 @@ def model_process(model: dict[str, Any]) -> NoiseProcess:
     return noise_process_from_config(model["scheduler_config"], mu=model.get("mu"))
 
 
-def scheduler_config_bytes(
+def job_scheduler(
     plans: list[Plan],
     alphas_cumprod: np.ndarray | None,
     prediction_type: str,
     scheduler_config: dict[str, Any] | None = None,
     mu: float | None = None,
-) -> bytes:
-    """``scheduler_config.json`` of an ``OLSSScheduler`` serving ``plans`` in the model's own pipeline.
+) -> OLSSScheduler:
+    """The ``OLSSScheduler`` serving ``plans`` in the model's own pipeline.
 
     VP (``scheduler_config`` None): the UNet's ``prediction_type`` and its exact noise schedule
     ``alphas_cumprod (T,)`` (as trained betas). Flow matching: the model's own ``scheduler_config`` (its noise
@@ -149,17 +149,30 @@ def scheduler_config_bytes(
     ``OLSSScheduler.from_plans(..., scheduler_config=..., mu=...)`` carries.
     """
     if scheduler_config is None:
-        scheduler = OLSSScheduler.from_plans(plans, **builtin_config(alphas_cumprod), prediction_type=prediction_type)
-    else:
-        scheduler = OLSSScheduler.from_plans(plans, scheduler_config=dict(scheduler_config), mu=mu)
-    return scheduler.to_json_string().encode()
+        return OLSSScheduler.from_plans(plans, **builtin_config(alphas_cumprod), prediction_type=prediction_type)
+    return OLSSScheduler.from_plans(plans, scheduler_config=dict(scheduler_config), mu=mu)
 
 
-def model_scheduler_config_bytes(plans: list[Plan], model: dict[str, Any]) -> bytes:
-    """``scheduler_config_bytes`` for the workers' model (``CalibrationWorker.describe``)."""
+def scheduler_config_bytes(
+    plans: list[Plan],
+    alphas_cumprod: np.ndarray | None,
+    prediction_type: str,
+    scheduler_config: dict[str, Any] | None = None,
+    mu: float | None = None,
+) -> bytes:
+    """``scheduler_config.json`` of ``job_scheduler(...)``: the model's noise process (the plans are its
+    ``olss_plans.json``, ``OLSSScheduler.scheduler_files``)."""
+    return job_scheduler(plans, alphas_cumprod, prediction_type, scheduler_config, mu).to_json_string().encode()
+
+
+def model_scheduler_files(plans: list[Plan], model: dict[str, Any]) -> dict[str, bytes]:
+    """``scheduler_config.json`` and ``olss_plans.json`` of ``job_scheduler`` for the workers' model
+    (``CalibrationWorker.describe``), as ``OLSSScheduler.save_pretrained`` writes them."""
     if model.get("noise_process", "vp") == "vp":
-        return scheduler_config_bytes(plans, np.asarray(model["alphas_cumprod"], dtype=np.float64), model["prediction_type"])
-    return scheduler_config_bytes(plans, None, model["prediction_type"], model["scheduler_config"], model.get("mu"))
+        scheduler = job_scheduler(plans, np.asarray(model["alphas_cumprod"], dtype=np.float64), model["prediction_type"])
+    else:
+        scheduler = job_scheduler(plans, None, model["prediction_type"], model["scheduler_config"], model.get("mu"))
+    return scheduler.scheduler_files()
 
 
 def run_job(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = False) -> JobResult:
@@ -236,7 +249,7 @@ def run_job(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = 
             model_digest=model["model_digest"],
             config=run_config,
             files={
-                SCHEDULER_CONFIG_FILE: model_scheduler_config_bytes(plans + start_plans, model),
+                **model_scheduler_files(plans + start_plans, model),
                 CALIBRATION_FILE: calibration.to_bytes(),
                 PLANS_FILE: json.dumps([p.to_dict() for p in plans + start_plans], indent=1).encode(),
                 REPORT_FILE: json.dumps(report, indent=1).encode(),

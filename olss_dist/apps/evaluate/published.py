@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from olss_dist.artifacts.layout import CALIBRATION_FILE, PLANS_FILE, SCHEDULER_CONFIG_FILE
+from olss_dist.artifacts.layout import CALIBRATION_FILE, PLANS_FILE, SCHEDULER_CONFIG_FILE, SCHEDULER_PLANS_FILE
 from olss_dist.core.calibration import Calibration
 from olss_dist.core.plan import Plan
+from olss_dist.core.scheduler_plans import read_plans_document
 from olss_dist.scheduler import OLSSScheduler
 
 
@@ -25,7 +26,8 @@ class CalibratedRun:
         uri: where it was resolved from.
         directory: its verified local copy.
         manifest: its validated manifest (model id and digest, config, teacher steps).
-        scheduler_config: the shipped ``OLSSScheduler`` config (``SCHEDULER_CONFIG_FILE``).
+        scheduler_config: the shipped ``OLSSScheduler`` config (``SCHEDULER_CONFIG_FILE``) with its plans under
+            ``"plans"`` (from ``SCHEDULER_PLANS_FILE``; runs published before that file hold them there already).
         plans: ``{K: Plan}`` from ``PLANS_FILE`` (nodes, fit, candidates).
         calibration: the teacher statistics (``CALIBRATION_FILE``), ``None`` when the run has none.
     """
@@ -62,6 +64,9 @@ def load_calibrated_run(uri: str, storage_options: dict[str, Any] | None = None)
     scheduler_config = json.loads((directory / SCHEDULER_CONFIG_FILE).read_text())
     if scheduler_config.get("_class_name") != OLSSScheduler.__name__:
         raise ValueError(f"run {uri}: {SCHEDULER_CONFIG_FILE} is not an OLSSScheduler config")
+    if "plans" not in scheduler_config and SCHEDULER_PLANS_FILE in manifest["files"]:
+        scheduler_config["plans"] = read_plans_document((directory / SCHEDULER_PLANS_FILE).read_bytes(),
+                                                        f"run {uri}: {SCHEDULER_PLANS_FILE}")
     plans = {}
     for entry in json.loads((directory / PLANS_FILE).read_text()):
         plan = Plan.from_dict(entry)

@@ -74,10 +74,11 @@ def olss_sampler(
     """An ``OLSSScheduler`` serving ``plans`` (one per step count); ``scheduler_config`` and ``mu``: a flow
     model's own config (its noise process) and dynamic shift, None for VP models."""
     if scheduler_config is None:
-        config = OLSSScheduler.from_plans(plans, num_train_timesteps=num_train_timesteps).config
+        scheduler = OLSSScheduler.from_plans(plans, num_train_timesteps=num_train_timesteps)
     else:
-        config = OLSSScheduler.from_plans(plans, scheduler_config=dict(scheduler_config), mu=mu).config
-    return Sampler(name, variant, lambda: OLSSScheduler.from_config(config))
+        scheduler = OLSSScheduler.from_plans(plans, scheduler_config=dict(scheduler_config), mu=mu)
+    config, entries = scheduler.config, scheduler.plans  # the plans are not part of the config
+    return Sampler(name, variant, lambda: OLSSScheduler.from_config(config, plans=entries))
 
 
 def shipped_sampler(run: CalibratedRun, flow: bool = False) -> Sampler:
