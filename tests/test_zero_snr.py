@@ -10,6 +10,9 @@ the model's guided v. An ε model with zero terminal SNR is refused in one line.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -149,3 +152,57 @@ def test_an_epsilon_model_with_zero_terminal_snr_is_refused_in_one_line(tmp_path
     with pytest.raises(ModelLoadError, match="prediction_type 'epsilon' with zero terminal SNR") as error:
         StableDiffusionModel.from_folder(epsilon_folder, device="cpu")
     assert "\n" not in str(error.value) and str(epsilon_folder) in str(error.value)
+
+
+PROMPTS = ["a tiny red square", "a blue circle", "a green line", "a yellow dot", "an orange cross", "a purple ring",
+           "a black star", "a white box"]  # 6 fit, 2 held out: the job's work stays small
+
+
+def calibrate(output: Path, model: Path) -> subprocess.CompletedProcess:
+    """``jobs/calibrate.py --teacher-steps 100 --steps 5,10`` on 8 prompts, a 2-CPU local Ray (test_flow_pipelines_e2e)."""
+    from test_flow_pipelines_e2e import JOB_TIMEOUT_S, job_env
+
+    prompts = output.parent / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    command = [
+        sys.executable, "jobs/calibrate.py", "--output", str(output), "--model", str(model), "--teacher-steps", "100",
+        "--steps", "5,10", "--prompts", str(prompts), "--shard-size", "4", "--device", "cpu", "--local-cpus", "2",
+        "--quiet",
+    ]
+    return subprocess.run(command, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+
+
+@pytest.mark.slow
+def test_the_job_publishes_v_plans_that_drive_stable_diffusion_pipeline(folder, tmp_path):
+    """The published scheduler replays its plans over the pipeline's guided v: each image at 5 and 10 steps is
+    finite, and its latents are the plan's rows applied to the adapter's v outputs (not to ε)."""
+    from test_flow_pipelines_e2e import published_run
+
+    from olss_dist.scheduler import OLSSScheduler
+
+    output = tmp_path / "registry"
+    run = published_run(calibrate(output, folder), output)
+    manifest = json.loads((run / "manifest.json").read_text())
+    config = json.loads((run / "scheduler_config.json").read_text())
+    assert manifest["teacher_steps"] == 100 and manifest["planned_step_counts"] == [5, 10]
+    assert config["prediction_type"] == "v_prediction"  # and the exact schedule, ᾱ = 0 at t = 999
+    assert config["trained_betas"][-1] == 1.0
+    # the shipped plans from pure noise (img2img plans, with a start step, are served by the same scheduler)
+    plans = {p["num_steps"]: p for p in json.loads((run / "plans.json").read_text()) if p.get("start_step", 0) == 0}
+    assert sorted(plans) == [5, 10] and all(p["timesteps"][0] == 999 for p in plans.values())
+
+    model = StableDiffusionModel.from_folder(folder, device="cpu", guidance_scale=GUIDANCE_SCALE)
+    cond = model.encode_prompts([PROMPT])
+    x_T = model.initial_noise([3])
+    pipe = StableDiffusionPipeline.from_pretrained(
+        folder, scheduler=OLSSScheduler.from_pretrained(str(run)), safety_checker=None, requires_safety_checker=False
+    )
+    for num_steps in (5, 10):
+        latents = pipe(PROMPT, num_inference_steps=num_steps, guidance_scale=GUIDANCE_SCALE, latents=x_T.clone(),
+                       output_type="latent").images
+        plan = plans[num_steps]
+        expected = replay(np.asarray(plan["coefficients"]), plan["timesteps"], model, x_T, cond)
+        torch.testing.assert_close(latents, expected, rtol=0, atol=1e-4)
+        image = pipe(PROMPT, num_inference_steps=num_steps, guidance_scale=GUIDANCE_SCALE, latents=x_T.clone(),
+                     output_type="np").images[0]
+        assert image.shape == (16, 16, 3) and np.isfinite(image).all()
