@@ -35,6 +35,7 @@ from olss_dist.artifacts.options import resolve_storage_options
 S3_CONNECT_TIMEOUT_S = 5
 S3_READ_TIMEOUT_S = 8
 S3_ATTEMPTS = 2
+GCS_ATTEMPTS = 2  # gcsfs retries with backoff 1-2 s between its attempts
 READ_BLOCK_BYTES = 8 * 2**20
 
 
@@ -385,7 +386,10 @@ def _default_options(protocol: str) -> dict[str, Any]:
             },
         }
     if protocol in {"gs", "gcs"}:
-        options: dict[str, Any] = {"use_listings_cache": False}
+        import aiohttp  # gcsfs's HTTP client
+
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=S3_CONNECT_TIMEOUT_S, sock_read=S3_READ_TIMEOUT_S)
+        options: dict[str, Any] = {"use_listings_cache": False, "requests_timeout": timeout}
         if os.environ.get("STORAGE_EMULATOR_HOST"):
             options["token"] = "anon"  # an emulator authenticates nobody (google-cloud-storage does the same)
         return options
@@ -403,6 +407,7 @@ def _merge_options(defaults: dict[str, Any], overrides: dict[str, Any]) -> dict[
     return merged
 
 
+_BOUNDED_GCS: type | None = None
 _FILESYSTEMS: dict[str, fsspec.AbstractFileSystem] = {}
 _FILESYSTEMS_LOCK = threading.Lock()
 # fsspec caches filesystems by their arguments only; credentials and endpoints from these variables are
@@ -415,16 +420,28 @@ def _gcs_filesystem_class() -> type:
     experimental ``ExtendedGcsFileSystem``). That one first asks the Storage Control gRPC API for each bucket's
     layout, which an endpoint override (an emulator, a private endpoint) does not serve: 60 s of retries per
     bucket there. Every request this store makes is a JSON-API one; zonal (Rapid) buckets are not supported.
+    Requests get ``GCS_ATTEMPTS`` attempts (gcsfs makes 6, with backoff up to 32 s: ~35 s on a closed port,
+    30 minutes on a silent one with aiohttp's 5-minute default timeout) and the S3 connect / read timeouts.
 
     gcsfs logs a traceback (``logger.exception``) when it gives up retrying; without a handler, Python's
     last-resort handler would print it under our one error line, so its logger gets a ``NullHandler`` (records
     still reach the handlers an application configures)."""
+    global _BOUNDED_GCS
     from gcsfs.core import GCSFileSystem
+    from gcsfs.retry import retry_request
 
     logger = logging.getLogger("gcsfs")
     if not any(isinstance(handler, logging.NullHandler) for handler in logger.handlers):
         logger.addHandler(logging.NullHandler())
-    return GCSFileSystem
+    request = getattr(GCSFileSystem._request, "__wrapped__", None)  # the request without gcsfs's 6 attempts
+    if request is None:
+        return GCSFileSystem
+    if _BOUNDED_GCS is None:
+        _BOUNDED_GCS = type("BoundedGCSFileSystem", (GCSFileSystem,), {
+            "__doc__": f"gcsfs's GCSFileSystem making {GCS_ATTEMPTS} attempts per request instead of 6.",
+            "_request": retry_request(retries=GCS_ATTEMPTS)(request),
+        })  # fmt: skip
+    return _BOUNDED_GCS
 
 
 def _filesystem(protocol: str, options: dict[str, Any]) -> fsspec.AbstractFileSystem:
