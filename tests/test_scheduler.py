@@ -374,3 +374,23 @@ def test_published_runs_of_both_layouts_load_by_uri(plans, tmp_path, run_cache, 
         assert torch.equal(loaded.coefficients, scheduler.coefficients)
     shipped = load_calibrated_run(run.uri)  # what evaluate reads: the config with its plans
     assert [p["num_steps"] for p in shipped.scheduler_config["plans"]] == [3, 5, 8] and shipped.planned_steps == [3, 5, 8]
+
+
+def test_config_survives_compatible_schedulers_and_a_save_load_round_trip(tmp_path):
+    """diffusers' contract: a compatible scheduler built from the config hands the same config back; save and
+    load keep it; no **kwargs without deprecated ones; unknown attributes are AttributeErrors."""
+    config = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
+    with pytest.warns(UserWarning):
+        scheduler = OLSSScheduler(**config, fallback_solver="unipc")
+    for compatible in scheduler.compatibles:
+        with pytest.warns(UserWarning, match="no plans"):
+            back = OLSSScheduler.from_config(compatible.from_config(scheduler.config).config)
+        assert {k: v for k, v in back.config.items() if k in scheduler.config} == dict(scheduler.config)
+        assert not set(back.config) - set(scheduler.config) & set(OLSSScheduler._get_init_keys(OLSSScheduler))
+    scheduler.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning):
+        loaded = OLSSScheduler.from_pretrained(tmp_path)
+    assert {k: v for k, v in scheduler.config.items() if k != "_use_default_values"} == loaded.config
+    assert "kwargs" not in OLSSScheduler._get_init_keys(OLSSScheduler) and not OLSSScheduler._deprecated_kwargs
+    with pytest.raises(AttributeError, match="^'OLSSScheduler' object has no attribute 'does_not_exist'$"):
+        scheduler.does_not_exist

@@ -63,8 +63,7 @@ class FallbackSolver:
         mu: a flow model's dynamic shift (``set_timesteps(mu=...)``), else None.
 
     Raises:
-        ValueError: ``name`` is no linear built-in of the family, or the solver cannot carry the schedule
-            (DEIS has no zero-terminal-SNR rescale).
+        ValueError: ``name`` is no linear built-in of the family.
     """
 
     name: str
@@ -82,17 +81,15 @@ class FallbackSolver:
         self.flow = flow
         if not flow:
             self.process_config = {k: self.process_config[k] for k in VP_PROCESS_KEYS if k in self.process_config}
-            if self.process_config.get("rescale_betas_zero_snr") and not self.solver.accepts("rescale_betas_zero_snr"):
-                raise ValueError(f"fallback_solver {self.name!r} has no zero-terminal-SNR schedule (rescale_betas_zero_snr)")
         self.mu = None if self.mu is None else float(self.mu)
 
     def scheduler(self):
-        """A fresh diffusers scheduler of the solver: VP trailing timesteps (last step to the clean sample) with
-        the output type as its prediction type, no clipping; flow with the model's shift."""
+        """A fresh diffusers scheduler of the solver as ``core.builtin`` builds the calibration's candidates: VP
+        trailing timesteps (last step to the clean sample), no clipping, predicting the output type (ε; v / x0
+        on diffusers' zero-SNR schedules, ``builtin.zero_snr_solver_config``); flow with the model's shift."""
         if self.flow:
             return builtin_scheduler(self.name, dict(self.process_config), "config", linear=True)
-        overrides = {**self.solver.overrides("trailing", linear=True), "prediction_type": self.output_type}
-        return self.solver.scheduler_class.from_config(dict(self.process_config), **overrides)
+        return builtin_scheduler(self.name, {**self.process_config, "prediction_type": self.output_type}, "trailing", linear=True)
 
     def set_timesteps(self, scheduler, num_steps: int) -> None:
         scheduler.set_timesteps(num_steps, **({} if self.mu is None else {"mu": self.mu}))
