@@ -328,3 +328,19 @@ def test_flux_pipeline_at_another_resolution_warns_about_mu(flux):
     with pytest.warns(UserWarning, match="^mu: the pipeline's mu=.* differs from mu=1 the plans were calibrated at"):
         latents = run_pipeline(olss, 3, guidance_scale=3.5)
     assert torch.isfinite(latents).all()
+
+
+def test_flux_pipeline_at_a_step_count_without_a_plan_is_flow_dpm_solver_pp(flux):
+    """Flux passes its sigmas and mu; no plan for 5 steps: DPM-Solver++ 2M with flow sigmas at the pipeline's mu."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    config, steps = flux.scheduler.config, 3
+    plan = euler_plan(config, steps, sigmas=np.linspace(1.0, 1 / steps, steps), mu=1.0)
+    olss = type(flux)(**{**flux.components, "scheduler": OLSSScheduler.from_plans([plan], scheduler_config=config, mu=1.0)})
+    with pytest.warns(UserWarning, match=r"no plan for 5 steps \(planned: \[3\]\); serving flow-dpmsolver\+\+"):
+        latents = run_pipeline(olss, 5, guidance_scale=3.5)
+    dpm = DPMSolverMultistepScheduler.from_config(
+        {k: v for k, v in config.items() if k in ("use_dynamic_shifting", "num_train_timesteps")},
+        use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=config.shift, solver_order=2)
+    reference = type(flux)(**{**flux.components, "scheduler": dpm})
+    torch.testing.assert_close(latents, run_pipeline(reference, 5, guidance_scale=3.5), rtol=1e-4, atol=1e-4)
