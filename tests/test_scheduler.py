@@ -394,3 +394,29 @@ def test_config_survives_compatible_schedulers_and_a_save_load_round_trip(tmp_pa
     assert "kwargs" not in OLSSScheduler._get_init_keys(OLSSScheduler) and not OLSSScheduler._deprecated_kwargs
     with pytest.raises(AttributeError, match="^'OLSSScheduler' object has no attribute 'does_not_exist'$"):
         scheduler.does_not_exist
+
+
+def test_a_hub_repo_gives_both_files(plans, tmp_path, monkeypatch):
+    """A hub id (here a snapshot in the local hub cache, as huggingface_hub lays it out): the plans file is
+    fetched beside the config, from the same subfolder and revision."""
+    import huggingface_hub
+
+    revision = "0" * 40
+    repo = tmp_path / "hub" / "models--tiny-org--olss"
+    OLSSScheduler.from_plans(plans).save_pretrained(repo / "snapshots" / revision / "scheduler")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    loaded = OLSSScheduler.from_pretrained("tiny-org/olss", subfolder="scheduler", local_files_only=True)
+    assert loaded.available_steps == [3, 5, 8]
+    # A repo saved before the plans file: no olss_plans.json there, the plans in the config.
+    folder = repo / "snapshots" / revision / "scheduler"
+    config = json.loads((folder / "scheduler_config.json").read_text())
+    (folder / "scheduler_config.json").write_text(json.dumps({**config, "plans": loaded.plans}))
+    (folder / "olss_plans.json").unlink()
+    old = OLSSScheduler.from_pretrained("tiny-org/olss", subfolder="scheduler", local_files_only=True)
+    assert old.available_steps == [3, 5, 8]
+    (folder / "scheduler_config.json").write_text(json.dumps(config))  # neither: the fallback, with a warning
+    with pytest.warns(UserWarning, match="no plans"):
+        assert OLSSScheduler.from_pretrained("tiny-org/olss", subfolder="scheduler", local_files_only=True).plans == []
