@@ -3,9 +3,10 @@
 Each planned step is a fixed linear combination of the start sample and the model outputs seen so far,
 row ``i`` giving ``x_{i+1} = c[i, 0] x_start + sum_{j <= i} c[i, j+1] o_j``; ``o_j`` is epsilon (VP;
 v-prediction and sample outputs are converted), v or x0 at zero terminal SNR (``vp_output_type``), or the
-velocity (flow matching). The step applies the *change* of row, ``x_{i+1} = x_i + (c_i - c_{i-1}) ·
-[x_start, o_0 … o_i]`` (``c_{-1} = e_0``), which equals the row when nothing touches the latents and lets an
-edit of ``x_i`` (a callback, an inpainting mask) carry forward as with DDIM.
+velocity (flow matching). The step applies the *change* of row to the current sample,
+``x_{i+1} = a_i x_i + (c_i - a_i c_{i-1}) · [x_start, o_0 … o_i]`` (``c_{-1} = e_0``, ``a_i`` DDIM's factor on
+the sample, 1 for flow), which equals the row when nothing touches the latents and carries an edit of ``x_i``
+(a callback, an inpainting mask) forward as DDIM does.
 
 Step counts without a plan, and img2img / inpainting starts (``set_begin_index(s)``) without a start plan,
 are served by the ``fallback_solver`` built-in in OLSS form (``core.fallback``), with one warning line.
