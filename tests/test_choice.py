@@ -109,13 +109,14 @@ def mixture_samples(model, count: int, seed: int):
 
 @pytest.fixture(scope="module")
 def calibrated():
-    """The analytic mixture calibrated at N=40 twice: on 3 fit samples (thin) and on 24 (enough)."""
+    """The analytic mixture calibrated at N=40 twice: on 3 fit samples (thin) and on 32 (enough; 4 steps get
+    a node search)."""
     model = GaussianMixtureModel()
     validation = mixture_samples(model, 16, 2)
     common = dict(timesteps=trailing_timesteps(TEACHER_STEPS), alphas_cumprod=model.alphas_cumprod, steps=(4, 8),
                   validation_noise=validation[0], validation_cond=validation[1])
     thin = calibrate(model, *mixture_samples(model, 3, 1), **common)
-    enough = calibrate(model, *mixture_samples(model, 24, 1), **common)
+    enough = calibrate(model, *mixture_samples(model, 32, 1), **common)
     return model, thin, enough
 
 
@@ -203,3 +204,37 @@ def test_evaluate_refuses_bad_condition_flags_in_one_line(flag, value, message, 
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------- the 5-step frontier
+
+
+def test_node_search_lowers_the_train_error_and_keeps_valid_nodes():
+    from olss_dist.core.path_search import even_nodes
+    from olss_dist.method.node_search import refine_coefficients, search_nodes
+    from olss_dist.method.rollouts import InProcessBackend
+
+    model = GaussianMixtureModel()
+    noise, cond = mixture_samples(model, 16, 1)
+    backend = InProcessBackend(model, noise, cond)
+    schedule = model.noise_process.teacher_schedule(TEACHER_STEPS)
+    backend.record_train_states(schedule, range(TEACHER_STEPS + 1))
+    timesteps = schedule.stored_timesteps()
+    found = search_nodes(backend, even_nodes(TEACHER_STEPS, 4), timesteps, 1e-6, max_evaluations=20)
+    assert found.train_rmse < found.start_rmse and found.evaluations <= 20
+    assert found.nodes[0] == 0 and all(a < b for a, b in zip(found.nodes, found.nodes[1:])) and found.nodes[-1] < TEACHER_STEPS
+    assert [rmse for _, rmse in found.history] == sorted((rmse for _, rmse in found.history), reverse=True)
+    refined, history = refine_coefficients(found.coefficients, model, noise, cond, timesteps[found.nodes],
+                                           backend.train_states[TEACHER_STEPS], iterations=1)
+    assert history[0] == pytest.approx(found.train_rmse, rel=1e-6) and history[-1] <= history[0]
+    assert refined.shape == found.coefficients.shape and not refined[np.triu_indices(4, k=2, m=5)].any()
+
+
+def test_calibrate_offers_the_searched_nodes_as_a_candidate(calibrated):
+    _, thin, enough = calibrated
+    assert not any(c["spacing"] == "searched" for c in thin[4].candidates)  # 3 fit samples: no search
+    names = [c["name"] for c in enough[4].candidates]
+    searched = [c for c in enough[4].candidates if c["spacing"] == "searched"]
+    assert len(searched) == 1 and searched[0]["name"].startswith("on_policy/searched/")
+    assert not any(c["spacing"] == "searched" for c in enough[8].candidates)  # 8 steps are not searched
+    assert len(names) == len(set(names))

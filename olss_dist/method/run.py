@@ -52,6 +52,7 @@ from olss_dist.core.teacher import (
 )
 from olss_dist.core.tsqr import merge_r_factors
 from olss_dist.method.choice import DEFAULT_RULES, ChoiceRules, choose
+from olss_dist.method.node_search import NODE_SEARCH_MIN_SAMPLES, searched_candidate
 from olss_dist.method.rollouts import (
     TRAIN,
     VALIDATION,
@@ -69,6 +70,9 @@ DEFAULT_BUILTINS = LINEAR_BUILTINS  # every VP built-in solver with an exact OLS
 DEFAULT_TEACHER_STEPS = CalibrationSpec.teacher_steps
 DEFAULT_RIDGES = (DEFAULT_RIDGE, 10 * DEFAULT_RIDGE)
 DEFAULT_TRUST_RIDGES = (1e-4, 1e-2)
+DEFAULT_NODE_SEARCH_STEPS = (4, 5, 6)
+"""Step counts whose nodes are searched on-policy (``method.node_search``): where node positions matter most."""
+DEFAULT_NODE_SEARCH_EVALUATIONS = 40
 """Ridges of the trust-region candidates: on-policy fits on the best built-in's nodes pulled towards its rows."""
 
 
@@ -207,6 +211,8 @@ def run_method(
     trust_ridges: Sequence[float] = DEFAULT_TRUST_RIDGES,
     choice_rules: ChoiceRules = DEFAULT_RULES,
     start_strengths: Sequence[float] = (),
+    node_search_steps: Sequence[int] = DEFAULT_NODE_SEARCH_STEPS,
+    node_search_evaluations: int = DEFAULT_NODE_SEARCH_EVALUATIONS,
 ) -> tuple[dict[int, Plan], Calibration]:
     """The method on any backend: returns the validated best plan per step count and the calibration.
 
@@ -221,6 +227,9 @@ def run_method(
         progress: called with a line per scored candidate.
         trust_ridges: ridges of the trust-region candidates (``trust_region_candidates``); () for none.
         choice_rules: the robust choice's thresholds (``method.choice``).
+        node_search_steps: step counts that also get an on-policy node search candidate (``searched_candidate``),
+            with at least ``NODE_SEARCH_MIN_SAMPLES`` fit samples.
+        node_search_evaluations: on-policy fits each node search may try (K model calls per train sample each).
         start_strengths: img2img strengths to fit start plans for after the start-0 plans
             (``method.starts.fit_start_plans``); their plans are returned under keys ``(K, start_step)``
             and each K-step plan's ``starts`` records what serves each start.
@@ -233,6 +242,10 @@ def run_method(
     calibration = backend.record_teacher(schedule)
     solvers = process_builtins(process)
     candidates = {k: candidates_for(calibration, k, solvers, builtins, ridges) for k in steps}
+    searched_steps = [k for k in steps if k in node_search_steps and calibration.num_samples >= NODE_SEARCH_MIN_SAMPLES]
+    for k in searched_steps:  # before states are dropped: the search reaches any node
+        searched = searched_candidate(backend, candidates[k], timesteps, node_search_evaluations, progress)
+        candidates[k] += [] if searched is None else [searched]
     paths = [c.nodes for group in candidates.values() for c in group]
     backend.keep_train_states({n for nodes in paths for n in nodes}, start_nodes(paths, start_strengths))
     plans = {}
