@@ -206,3 +206,15 @@ def test_the_job_publishes_v_plans_that_drive_stable_diffusion_pipeline(folder, 
         image = pipe(PROMPT, num_inference_steps=num_steps, guidance_scale=GUIDANCE_SCALE, latents=x_T.clone(),
                      output_type="np").images[0]
         assert image.shape == (16, 16, 3) and np.isfinite(image).all()
+
+    # olss-dist evaluate on the run: its teacher, the shipped plan, the refits and the built-ins, all over v
+    from olss_dist.apps.evaluate import SHIPPED_LABEL, run_evaluation
+
+    evaluation = run_evaluation(str(folder), str(run), steps=[5], num_samples=2, uniform_fit_samples=2, device="cpu")
+    results = {r.label: r for r in evaluation.results}
+    linear = [SHIPPED_LABEL, "olss-paper (same nodes)", "olss-onpolicy (uniform)",
+              *(f"{name} ({spacing})" for name in LINEAR_BUILTINS for spacing in ("config", "trailing"))]
+    assert all(results[label].note == "" and np.isfinite(results[label].rmse) for label in linear), results
+    fit = plans[5]["fit"]
+    if fit.startswith("builtin:"):  # the shipped plan is a built-in in OLSS form: it scores as diffusers' own does
+        assert results[SHIPPED_LABEL].rmse == pytest.approx(results[f"{fit.split(':')[1]} (trailing)"].rmse, rel=1e-4)

@@ -35,7 +35,7 @@ from olss_dist.apps.evaluate.samplers import (
     shipped_sampler,
 )
 from olss_dist.spec import CalibrationSpec, SpecError
-from olss_dist.core.builtin import check_builtins, family_builtins
+from olss_dist.core.builtin import check_builtins, exact_vp_config, family_builtins
 from olss_dist.core.path_search import check_num_steps, even_nodes
 from olss_dist.core.teacher import Denoiser, TeacherSchedule, ddim_schedule, schedule_states, trailing_timesteps
 from olss_dist.core.teacher import model_timestep as flow_timestep
@@ -281,8 +281,8 @@ def run_evaluation(
         fit_timesteps = run.calibration.timesteps if run.calibration is not None else trailing_timesteps(
             int(run.manifest["teacher_steps"]), model.num_train_timesteps)
         reference_timesteps = fit_timesteps if teacher_steps is None else trailing_timesteps(teacher_steps, model.num_train_timesteps)
-        fit_teacher = ddim_schedule(fit_timesteps, model.alphas_cumprod)
-        reference_teacher = ddim_schedule(reference_timesteps, model.alphas_cumprod)
+        fit_teacher = ddim_schedule(fit_timesteps, model.alphas_cumprod, process.output_type)  # v at zero SNR
+        reference_teacher = ddim_schedule(reference_timesteps, model.alphas_cumprod, process.output_type)
     for k in steps:
         check_num_steps(len(fit_timesteps), k)
 
@@ -298,7 +298,9 @@ def run_evaluation(
                                    [len(reference_timesteps)], batch_size)[:, 0]
 
     own_config = dict(model.scheduler_config) if flow else None
-    samplers = [shipped_sampler(run, flow)]
+    if not flow and process.output_type != "epsilon":  # zero terminal SNR: refits combine v on the exact schedule
+        own_config = {**exact_vp_config(model.alphas_cumprod), "prediction_type": process.output_type}
+    samplers = [shipped_sampler(run, flow, process.output_type)]
     if run.calibration is not None:
         n = run.calibration.num_teacher_steps
         samplers.append(olss_sampler("olss-paper", "same nodes", paper_plans(

@@ -81,12 +81,12 @@ def olss_sampler(
     return Sampler(name, variant, lambda: OLSSScheduler.from_config(config, plans=entries))
 
 
-def shipped_sampler(run: CalibratedRun, flow: bool = False) -> Sampler:
-    """The run's ``scheduler_config.json`` loaded as users load it (VP: epsilon outputs, as adapters return;
-    flow: as published, velocity outputs)."""
+def shipped_sampler(run: CalibratedRun, flow: bool = False, output_type: str = "epsilon") -> Sampler:
+    """The run's ``scheduler_config.json`` loaded as users load it (VP: the adapters' outputs, ``output_type``:
+    epsilon, or v at zero terminal SNR; flow: as published, velocity outputs)."""
     if flow:
         return Sampler("olss", "shipped", lambda: OLSSScheduler.from_config(run.scheduler_config))
-    return Sampler("olss", "shipped", lambda: OLSSScheduler.from_config(run.scheduler_config, prediction_type="epsilon"))
+    return Sampler("olss", "shipped", lambda: OLSSScheduler.from_config(run.scheduler_config, prediction_type=output_type))
 
 
 def paper_plans(calibration: Calibration, nodes_by_steps: dict[int, Sequence[int]], spacing: str) -> list[Plan]:
