@@ -11,9 +11,13 @@ own local Ray (``jobs/calibrate.py`` as a subprocess, wall time from start to th
 script prints both wall times, their ratio, and compares the published validation figures: every
 candidate's held-out RMSE, the shipped plan per step count and its nodes.
 
-    python benchmarks/bench_default_job.py                    # full size (N = 1000): ~20 min on 2 cores
-    python benchmarks/bench_default_job.py --quick            # N = 100, ~4 min
+    python benchmarks/bench_default_job.py                    # full size (N = 1000): two default jobs in a row
+    python benchmarks/bench_default_job.py --quick            # N = 100 (the same on-policy rounds, a tenth of the teacher)
     python benchmarks/bench_default_job.py --json out.json    # also write the figures
+    python benchmarks/bench_default_job.py --quick -- --steps 10,20 --img2img-strengths none   # options for both jobs
+
+Both jobs must publish the same config (the script stops otherwise: on a working tree others edit,
+the defaults could change between the two runs).
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="N = 100 (same layouts, a few minutes)")
     parser.add_argument("--order", default="before,after", help="layouts in run order (default: before,after)")
     parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument("job_options", nargs="*", help="after --: more jobs/calibrate.py options, for both layouts")
     arguments = parser.parse_args()
     pin_threads()
     teacher_steps = 100 if arguments.quick else arguments.teacher_steps
@@ -92,14 +97,19 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_default_job_") as root:
         for name in arguments.order.split(","):
-            results[name] = run_layout(name, layouts[name], Path(root), teacher_steps, ["--quiet"])
+            results[name] = run_layout(name, layouts[name], Path(root), teacher_steps, ["--quiet", *arguments.job_options])
             workers = len(results[name]["report"]["workers"])
             print(f"{name}: {workers} workers, {results[name]['seconds']:.1f} s", flush=True)
+    configs = {name: r["report"]["config"] for name, r in results.items()}
+    if configs["before"] != configs["after"]:
+        raise SystemExit(f"error: the two jobs ran different configs: {configs}")
     figures = {name: validation_figures(r["report"]) for name, r in results.items()}
     agreement = compare(figures["before"], figures["after"])
     summary = {
         "machine": describe_machine(),
         "teacher_steps": teacher_steps,
+        "job_options": arguments.job_options,
+        "config": configs["after"],
         "cpus": cpus,
         "seconds": {name: r["seconds"] for name, r in results.items()},
         "workers": {name: len(r["report"]["workers"]) for name, r in results.items()},
