@@ -75,6 +75,10 @@ def test_job_plans_equal_in_process_calibrate(local_ray, tmp_path):
     run_dir = result.uri
     report = json.loads(open(os.path.join(run_dir, "report.json")).read())
     assert [p["num_steps"] for p in report["plans"]] == [3, 5]
+    for entry, plan in zip(report["plans"], result.plans):  # why each plan ships (method.choice), as the plan says
+        assert entry["choice"] == plan.choice and entry["choice"]["shipped"] in [c["name"] for c in entry["candidates"]]
+        assert entry["choice"]["validation_samples"] == 4 and entry["choice"]["reason"]
+    assert report["calibrated_conditions"] == {"guidance_scales": [GUIDANCE], "resolutions": None, "negative_prompts": []}
     statistics = report["statistics"]
     # 4 held-out prompts over 4 workers: one validation shard each, so every worker runs a held-out teacher
     assert statistics["computed_shards"] == 4 and statistics["validation_teacher_runs"] == 4
