@@ -93,7 +93,8 @@ def run_scheduler(scheduler, model, start: torch.Tensor, cond, num_steps: int, s
     """An img2img run as the pipeline steps it (``set_timesteps(K)``, ``set_begin_index(s)``) from ``start``."""
     scheduler.set_timesteps(num_steps)
     s = start_step(num_steps, strength)
-    scheduler.set_begin_index(s)
+    if hasattr(scheduler, "set_begin_index"):  # as the img2img pipeline does (DDIM has none)
+        scheduler.set_begin_index(s)
     x = start
     for t in scheduler.timesteps[s:]:
         x = scheduler.step(model(x, int(t), cond), t, x).prev_sample
