@@ -148,10 +148,17 @@ def test_the_teacher_over_the_models_v_is_diffusers_trailing_ddim_pipeline(folde
 
 
 def test_an_epsilon_model_with_zero_terminal_snr_is_refused_in_one_line(tmp_path):
+    """By the adapter, and by the job before Ray starts: one ``error:`` line, exit status 1, nothing published."""
+    from test_flow_pipelines_e2e import assert_one_error_line
+
     epsilon_folder = zero_snr_folder(tmp_path, prediction_type="epsilon")
     with pytest.raises(ModelLoadError, match="prediction_type 'epsilon' with zero terminal SNR") as error:
         StableDiffusionModel.from_folder(epsilon_folder, device="cpu")
     assert "\n" not in str(error.value) and str(epsilon_folder) in str(error.value)
+    output = tmp_path / "registry"
+    result = calibrate(output, epsilon_folder)
+    assert_one_error_line(result, "prediction_type 'epsilon' with zero terminal SNR", output)
+    assert "worker failed to start" not in result.stderr, "the driver refuses it before any worker starts"
 
 
 PROMPTS = ["a tiny red square", "a blue circle", "a green line", "a yellow dot", "an orange cross", "a purple ring",

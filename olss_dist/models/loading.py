@@ -37,6 +37,7 @@ import torch
 from olss_dist.models.base import DiffusionModel
 from olss_dist.spec import CalibrationSpec
 from olss_dist.models.common import ModelLoadError, parse_resolution, read_json, vae_scale_factor
+from olss_dist.models.stable_diffusion import StableDiffusionModel, check_scheduler_config
 
 # What a Stable Diffusion (1.x/2.x) folder needs, as hub allow-patterns and as remote-copy prefixes.
 HUB_FILES = (
@@ -143,15 +144,15 @@ BUILTIN_MODELS = ("embedded", "embedded-flow", "analytic", "analytic-flow")
 def check_local_model(spec: str) -> None:
     """Refuse, before any worker starts, a local diffusers folder of a family no adapter serves.
 
-    Only what the driver can see for free is checked (a local folder's ``model_index.json``); hub ids, URIs
-    and the built-in specs are checked where they load.
+    Only what the driver can see for free is checked (a local folder's ``model_index.json`` and VP scheduler
+    config, ``check_scheduler_config``); hub ids, URIs and the built-in specs are checked where they load.
 
     Raises:
-        ModelLoadError: one line naming the folder's pipeline class and the supported ones.
+        ModelLoadError: one line naming the folder's pipeline class and the supported ones, or its config's fault.
     """
     folder = None if spec in BUILTIN_MODELS else local_path(spec)
     if folder is not None and (folder / "model_index.json").is_file():
-        pipeline_class(read_json(folder / "model_index.json"), str(folder))
+        check_scheduler_config(folder, pipeline_class(read_json(folder / "model_index.json"), str(folder)))
 
 
 def load_model(
@@ -247,8 +248,6 @@ def load_folder(
         from olss_dist.models.flux import FluxModel
 
         return FluxModel.from_folder(folder, model_id=model_id, resolution=resolution, **options)
-    from olss_dist.models.stable_diffusion import StableDiffusionModel
-
     if resolution is not None:
         check_sd_resolution(folder, resolution)
     return StableDiffusionModel.from_folder(folder, model_id=model_id, **options)

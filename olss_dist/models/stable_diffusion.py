@@ -25,6 +25,7 @@ from olss_dist.models.common import (
     decode_latents,
     load_vae,
     open_folder,
+    read_json,
     read_model_index,
     vae_scale_factor,
 )
@@ -51,6 +52,23 @@ def check_model_index(folder: Path, index: dict[str, Any]) -> None:
     missing = [c for c in REQUIRED_COMPONENTS if not (folder / c).is_dir()]
     if missing:
         raise ModelLoadError(f"{folder} is not a diffusers Stable Diffusion folder: no {', '.join(missing)}/")
+
+
+VP_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+"""The pipeline classes whose folders this adapter (and its SDXL subclass) serves: VP scheduler configs."""
+
+
+def check_scheduler_config(folder: Path, pipeline: str = "StableDiffusionPipeline") -> None:
+    """``ModelLoadError`` (one line naming ``folder``) unless its scheduler config names outputs the method can
+    calibrate (``vp_output_type``): a known beta schedule, and no ε prediction with zero terminal SNR. What the
+    job's driver checks before any worker starts (``pipeline``: the folder's class; others than ``VP_PIPELINES``
+    are not checked here); a folder without a scheduler config is left to the loader."""
+    path = Path(folder) / "scheduler" / "scheduler_config.json"
+    if pipeline in VP_PIPELINES and path.is_file():
+        try:
+            vp_output_type(read_json(path))
+        except ValueError as error:
+            raise ModelLoadError(f"{folder}: {error}") from None
 
 
 class StableDiffusionModel(DiffusionModel):
