@@ -147,14 +147,22 @@ def test_the_teacher_over_the_models_v_is_diffusers_trailing_ddim_pipeline(folde
     torch.testing.assert_close(final, latents, rtol=0, atol=1e-4)
 
 
-def test_an_epsilon_model_with_zero_terminal_snr_is_refused_in_one_line(tmp_path):
-    """By the adapter, and by the job before Ray starts: one ``error:`` line, exit status 1, nothing published."""
-    from test_flow_pipelines_e2e import assert_one_error_line
+@pytest.fixture(scope="module")
+def epsilon_folder(tmp_path_factory) -> Path:
+    return zero_snr_folder(tmp_path_factory.mktemp("zero_snr_epsilon"), prediction_type="epsilon")
 
-    epsilon_folder = zero_snr_folder(tmp_path, prediction_type="epsilon")
+
+def test_an_epsilon_model_with_zero_terminal_snr_is_refused_in_one_line(epsilon_folder):
     with pytest.raises(ModelLoadError, match="prediction_type 'epsilon' with zero terminal SNR") as error:
         StableDiffusionModel.from_folder(epsilon_folder, device="cpu")
     assert "\n" not in str(error.value) and str(epsilon_folder) in str(error.value)
+
+
+@pytest.mark.slow  # the job's command line imports Ray and diffusers (~30 s on the loaded test machine)
+def test_the_job_refuses_an_epsilon_zero_snr_folder_before_ray_starts(epsilon_folder, tmp_path):
+    """One ``error:`` line, exit status 1, nothing published, no worker started."""
+    from test_flow_pipelines_e2e import assert_one_error_line
+
     output = tmp_path / "registry"
     result = calibrate(output, epsilon_folder)
     assert_one_error_line(result, "prediction_type 'epsilon' with zero terminal SNR", output)
