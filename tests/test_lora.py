@@ -263,6 +263,43 @@ def test_loras_that_cannot_load_are_one_lora_error(loras, tmp_path, problem):
         load_model("analytic", lora=str(loras["a"]))
 
 
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_a_lora_fuses_into_the_sdxl_and_sd3_adapters(family, tmp_path):
+    """The same loading serves the UNet of an SDXL folder (a pipeline built around the adapter's networks)
+    and the transformer of an SD3 folder (the adapter's own pipeline), in peft's key layout: the driver's
+    header check passes, the fused output differs from the base's, the digest and id name the LoRA."""
+    import diffusers
+    from safetensors import safe_open
+
+    from olss_dist.models import load_model
+    from olss_dist.models.lora import check_local_lora
+
+    if family == "sdxl":
+        from tiny_sdxl import tiny_sdxl_pipeline as build
+        component, pipeline_class, argument = "unet", diffusers.StableDiffusionXLPipeline, "unet_lora_layers"
+    else:
+        from tiny_flow import tiny_sd3_pipeline as build
+        component, pipeline_class, argument = "transformer", diffusers.StableDiffusion3Pipeline, "transformer_lora_layers"
+    build(tmp_path)
+    folder = tmp_path / "model"
+    generator = torch.Generator().manual_seed(0)
+    layers = {}
+    with safe_open(str(folder / component / "diffusion_pytorch_model.safetensors"), "pt") as weights:
+        for key in sorted(weights.keys()):
+            module = key.removesuffix(".weight")
+            if key.endswith(".weight") and module.endswith(tuple(f".{m}" for m in LORA_TARGET_MODULES)):
+                out_features, in_features = weights.get_slice(key).get_shape()
+                layers[f"{module}.lora_A.weight"] = 0.3 * torch.randn(2, in_features, generator=generator)
+                layers[f"{module}.lora_B.weight"] = 0.3 * torch.randn(out_features, 2, generator=generator)
+    pipeline_class.save_lora_weights(tmp_path / "lora", **{argument: layers}, safe_serialization=True)
+    check_local_lora(str(folder), str(tmp_path / "lora"))
+    base = load_model(str(folder), device="cpu")
+    fused = load_model(str(folder), device="cpu", lora=str(tmp_path / "lora"))
+    assert fused.digest != base.digest and fused.model_id == f"{folder}+lora:{tmp_path / 'lora'}"
+    x, cond = base.initial_noise([0, 1]), base.encode_prompts(["a red square", "a cat"])
+    assert not torch.allclose(fused(x, 500, cond), base(x, 500, cond), atol=1e-4)
+
+
 def test_registry_lora_key_is_relative_to_the_registry_and_one_base_may_have_several(tmp_path):
     from olss_dist.apps.refit import parse_registry_document
     from olss_dist.spec import CalibrationSpec
