@@ -210,3 +210,11 @@ def test_job_start_plans_equal_in_process_calibrate_and_are_published(local_ray,
     scheduler = OLSSScheduler.from_pretrained(result.uri)
     assert scheduler.available_starts == {4: sorted(s for _, s in kept)}
     assert not any((tmp_path / "states").rglob("*.npy")), "validation states at start nodes are cleared too"
+
+
+def test_show_labels_start_plans_by_their_step_count_and_start():
+    from olss_dist.cli.tables import plans_table, steps_label
+
+    start_plan = Plan([21, 25, 31], [474, 374, 224], np.zeros((3, 4)), [0.0] * 3, [np.nan] * 3, start_step=5).to_dict()
+    assert steps_label(start_plan) == "8 from 5" and steps_label({"timesteps": [999, 499]}) == "2"
+    assert plans_table([start_plan]).row_count == 1

@@ -87,6 +87,12 @@ def find_plans(document: Any) -> list[dict[str, Any]]:
     return [item for item in document if _is_plan(item)] if isinstance(document, list) else []
 
 
+def steps_label(plan: dict[str, Any]) -> str:
+    """``"10"``, or ``"10 from 5"`` for a plan that starts mid-way (img2img: ``start_step``)."""
+    start = int(plan.get("start_step") or 0)
+    return f"{len(plan['timesteps']) + start} from {start}" if start else str(len(plan["timesteps"]))
+
+
 def plans_table(plans: list[dict[str, Any]]) -> Table:
     """One row per plan, in the order given."""
     table = Table(title="plans", title_justify="left")
@@ -96,7 +102,7 @@ def plans_table(plans: list[dict[str, Any]]) -> Table:
         errors = [e for e in plan.get("step_errors") or [] if e is not None]
         largest = max((abs(c) for row in plan["coefficients"] for c in row), default=0.0)
         table.add_row(
-            str(len(plan["timesteps"])),
+            steps_label(plan),
             str(plan.get("fit", "-")),
             str(plan.get("spacing", "-")),
             " ".join(map(str, plan["timesteps"])),
@@ -109,7 +115,7 @@ def plans_table(plans: list[dict[str, Any]]) -> Table:
 def step_errors_table(plans: list[dict[str, Any]]) -> Table | None:
     """Mean squared error per latent element of each step: one row per step, one column per plan in the
     order given (so a 20-step plan stays readable at 80 columns); None when no plan has them."""
-    columns = [(len(plan["timesteps"]), plan["step_errors"]) for plan in plans if plan.get("step_errors")]
+    columns = [(steps_label(plan), plan["step_errors"]) for plan in plans if plan.get("step_errors")]
     if not columns:
         return None
     table = Table(title="step errors (MSE per element)", title_justify="left")
