@@ -45,9 +45,13 @@ def run_layout(name: str, workers: int | None, root: Path, teacher_steps: int, e
         command += ["--num-workers", str(workers)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # always a private local Ray
     env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    started = time.perf_counter()
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - started
+    for attempt in range(2):  # a local Ray that timed out starting (a loaded machine) is started once more
+        started = time.perf_counter()
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - started
+        if result.returncode == 0 or "timed out during startup" not in result.stderr:
+            break
+        print(f"{name}: the local Ray timed out starting; starting it once more", flush=True)
     if result.returncode != 0:
         raise SystemExit(f"error: the {name} layout failed: {result.stderr.strip().splitlines()[-1:]}")
     run = Path(result.stdout.strip().splitlines()[-1])
