@@ -146,9 +146,10 @@ class CalibrationSpec:
             test model), a diffusers folder, a hub id or an fsspec URI.
         prompts: Parquet (column ``prompt``; optional ``negative_prompt``, ``seed``) or text file, path or URI;
             ``None`` uses the model's default prompts.
-        steps: step counts K to plan, each between 1 and ``teacher_steps``. The default is dense (every
-            count from 4 to 12, then 15 ... 50, the pipelines' default included); the scheduler serves any
-            other count with a built-in solver. Each K costs K model calls per sample per candidate.
+        steps: step counts K to plan, each between 1 and ``teacher_steps`` (default 5, 10, 20); the scheduler
+            serves any other count with a built-in solver in OLSS form and a warning. A dense set (e.g.
+            ``4,5,6,7,8,9,10,11,12,15,20,25,30,40,50``) costs K model calls per sample per candidate: 2.5x the default's
+            candidate calls (benchmarks/bench_default_steps.py), so it is an option, not the default.
         teacher_steps: N, the teacher's step count.
         guidance_scale: classifier-free guidance scale (finite).
         validation_fraction: share of prompts held out of the fit to choose each plan, in (0, 1).
@@ -164,7 +165,7 @@ class CalibrationSpec:
 
     model: str = "embedded"
     prompts: str | None = None
-    steps: tuple[int, ...] = (4, 5, 6, 7, 8, 9, 10, 11, 12, 15, 20, 25, 30, 40, 50)
+    steps: tuple[int, ...] = (5, 10, 20)
     teacher_steps: int = 1000
     guidance_scale: float = 7.5
     validation_fraction: float = 0.2

@@ -164,7 +164,7 @@ def test_registry_file_defaults_overrides_and_relative_paths(tmp_path):
         ([{"uri": "a", "model": "b"}], "unknown settings ['model']"),
         ([{"uri": "a", "steps": [2.5]}], "model 1 (a): steps: expected a list of integers"),
         ([{"uri": "a", "teacher_steps": "50"}], "teacher_steps: must be an integer"),
-        ([{"uri": "a", "teacher_steps": 10}], "steps: 11 must be between 1 and teacher_steps (10)"),
+        ([{"uri": "a", "teacher_steps": 10}], "steps: 20 must be between 1 and teacher_steps (10)"),
         ({"defaults": {"guidance_scale": float("nan")}, "models": ["a"]}, "defaults: guidance_scale: must be a finite number"),
         (["a", {"uri": "a"}], "listed more than once: ['a']"),
         ([{"prompts": "p.txt"}], "model 1: expected a URI string"),
