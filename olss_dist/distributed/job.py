@@ -18,6 +18,7 @@ import json
 import math
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,7 +201,10 @@ def run_job(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = 
     device = resolve_device(execution)
     num_workers, resources = worker_layout(execution, device)
     model_spec = ModelSpec(spec.model, spec.guidance_scale, device, spec.resolution, spec.lora)
-    reservation = reserve([resources.bundle()] * num_workers, execution.reserve_timeout_s, wait_log, name="olss-calibrate")
+    # a unique name: the jobs of one driver (inline refits) share a Ray namespace, where a second group of the same
+    # name fails to register
+    group_name = f"olss-calibrate-{uuid.uuid4().hex[:8]}"
+    reservation = reserve([resources.bundle()] * num_workers, execution.reserve_timeout_s, wait_log, name=group_name)
     try:
         pool = WorkerPool(
             model_spec, num_workers, spec.teacher_steps, resources, execution.keep_states, execution.state_dir,
