@@ -199,6 +199,24 @@ class TextConditioning:
         return TextConditioning(self.embeddings.to(*args, **kwargs), self.pooled.to(*args, **kwargs))
 
 
+def guided_pooled_output(
+    network, x: torch.Tensor, t: Any, cond: TextConditioning, guidance_scale: float, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """``y_u + s (y_c − y_u)`` in float32 on ``device`` from one ``network(sample, t, embeddings, pooled)`` call on
+    ``[x; x]``; ``y_c`` alone for ``s ≤ 1`` (the SDXL and SD3 pipelines guide only when ``guidance_scale > 1``)."""
+    sample = x.to(device, dtype)
+    embeddings = cond.embeddings.to(device, dtype)
+    pooled = cond.pooled.to(device, dtype)
+    if guidance_scale <= 1.0:
+        return network(sample, t, embeddings[:, 1], pooled[:, 1]).float()
+    both = network(
+        torch.cat([sample, sample]), t,
+        torch.cat([embeddings[:, 0], embeddings[:, 1]]), torch.cat([pooled[:, 0], pooled[:, 1]]),
+    ).float()
+    unconditional, conditional = both.chunk(2)
+    return unconditional + guidance_scale * (conditional - unconditional)
+
+
 def encode_distinct(texts: list[str], encode, batch_size: int = 64) -> tuple[list[torch.Tensor], dict[str, int]]:
     """Each distinct string of ``texts`` through ``encode(chunk) -> tuple of (n, ...) tensors`` once, in chunks.
 

@@ -21,6 +21,7 @@ from olss_dist.models.common import (
     check_prompt_lists,
     decode_latents,
     encode_distinct,
+    guided_pooled_output,
     index_has_component,
     open_folder,
     parse_resolution,
@@ -201,17 +202,7 @@ class StableDiffusion3Model(FlowTransformerModel):
 
     def guided_velocity(self, x: torch.Tensor, t: float, cond: TextConditioning) -> torch.Tensor:
         """``v_u + s (v_c − v_u)`` in float32 on ``self.device`` from one transformer call on ``[x; x]``; ``v_c`` for ``s ≤ 1``."""
-        sample = x.to(self.device, self.dtype)
-        embeddings = cond.embeddings.to(self.device, self.dtype)
-        pooled = cond.pooled.to(self.device, self.dtype)
-        if self.guidance_scale <= 1.0:  # StableDiffusion3Pipeline.do_classifier_free_guidance is guidance_scale > 1
-            return self.velocity(sample, t, embeddings[:, 1], pooled[:, 1]).float()
-        both = self.velocity(
-            torch.cat([sample, sample]), t,
-            torch.cat([embeddings[:, 0], embeddings[:, 1]]), torch.cat([pooled[:, 0], pooled[:, 1]]),
-        ).float()
-        unconditional, conditional = both.chunk(2)
-        return unconditional + self.guidance_scale * (conditional - unconditional)
+        return guided_pooled_output(self.velocity, x, t, cond, self.guidance_scale, self.device, self.dtype)
 
     def velocity(self, sample: torch.Tensor, t: float, embeddings: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         """The transformer's output at ``t`` (a float32 timestep per sample, as the pipeline passes it)."""

@@ -28,6 +28,7 @@ from olss_dist.models.common import (
     check_components,
     check_prompt_lists,
     encode_distinct,
+    guided_pooled_output,
     open_folder,
     parse_resolution,
     pixels_to_uint8,
@@ -227,17 +228,7 @@ class StableDiffusionXLModel(StableDiffusionModel):
 
     def guided_network_output(self, x: torch.Tensor, t: int, cond: TextConditioning) -> torch.Tensor:
         """``ŷ_u + s (ŷ_c − ŷ_u)`` in float32 on ``self.device`` from one UNet call on ``[x; x]``; ``ŷ_c`` for ``s ≤ 1``."""
-        sample = x.to(self.device, self.dtype)
-        embeddings = cond.embeddings.to(self.device, self.dtype)
-        pooled = cond.pooled.to(self.device, self.dtype)
-        if self.guidance_scale <= 1.0:  # StableDiffusionXLPipeline.do_classifier_free_guidance is guidance_scale > 1
-            return self.network_output(sample, t, embeddings[:, 1], pooled[:, 1]).float()
-        both = self.network_output(
-            torch.cat([sample, sample]), t,
-            torch.cat([embeddings[:, 0], embeddings[:, 1]]), torch.cat([pooled[:, 0], pooled[:, 1]]),
-        ).float()
-        unconditional, conditional = both.chunk(2)
-        return unconditional + self.guidance_scale * (conditional - unconditional)
+        return guided_pooled_output(self.network_output, x, t, cond, self.guidance_scale, self.device, self.dtype)
 
     def network_output(self, sample: torch.Tensor, t: int, embeddings: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         """The UNet's output at train timestep ``t`` with the pooled embeddings and the size ids (one row per sample)."""
