@@ -33,17 +33,20 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _wait_until_serving(endpoint: str, process: subprocess.Popen | None, timeout_s: float) -> None:
+def _wait_until_serving(
+    endpoint: str, process: subprocess.Popen | None, timeout_s: float, probe: str = "/moto-api/", name: str = "moto server"
+) -> None:
+    """Return once ``endpoint + probe`` answers; RuntimeError if ``process`` exits first or ``timeout_s`` passes."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"moto server exited with code {process.returncode} before serving {endpoint}")
+            raise RuntimeError(f"{name} exited with code {process.returncode} before serving {endpoint}")
         try:
-            with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1):
+            with urllib.request.urlopen(f"{endpoint}{probe}", timeout=1):
                 return
         except OSError:
             time.sleep(0.2)
-    raise RuntimeError(f"moto server at {endpoint} did not answer within {timeout_s} s")
+    raise RuntimeError(f"{name} at {endpoint} did not answer within {timeout_s} s")
 
 
 @pytest.fixture(scope="session")
@@ -135,16 +138,7 @@ def fake_gcs_server_binary() -> str | None:
 
 
 def _wait_until_gcs_serves(endpoint: str, process: subprocess.Popen | None, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"GCS emulator exited with code {process.returncode} before serving {endpoint}")
-        try:
-            with urllib.request.urlopen(f"{endpoint}/storage/v1/b?project=olss-test", timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"GCS emulator at {endpoint} did not answer within {timeout_s} s")
+    _wait_until_serving(endpoint, process, timeout_s, probe="/storage/v1/b?project=olss-test", name="GCS emulator")
 
 
 @pytest.fixture(scope="session")
