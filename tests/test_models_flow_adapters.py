@@ -270,7 +270,7 @@ def test_incomplete_flow_folder_is_refused(folders, tmp_path):
 
 @pytest.mark.parametrize(
     "family, resolution",
-    [("sd3", 17), ("sd3", 0), ("sd3", -16), ("sd3", (16, 18)), ("sd3", "16"), ("sd3", True), ("flux", 18), ("sd", 32)],
+    [("sd3", 17), ("sd3", 0), ("sd3", -16), ("sd3", (16, 18)), ("sd3", "16"), ("sd3", True), ("flux", 18), ("sd", 17)],
 )
 def test_bad_resolution_is_one_clear_line(folders, family, resolution):
     with pytest.raises(ModelLoadError, match="^resolution: ") as error:

@@ -36,7 +36,7 @@ import torch
 
 from olss_dist.models.base import DiffusionModel
 from olss_dist.spec import CalibrationSpec
-from olss_dist.models.common import ModelLoadError, parse_resolution, read_json, vae_scale_factor
+from olss_dist.models.common import ModelLoadError, read_json
 from olss_dist.models.stable_diffusion import StableDiffusionModel, check_scheduler_config
 
 # What a Stable Diffusion (1.x/2.x) folder needs, as hub allow-patterns and as remote-copy prefixes.
@@ -175,8 +175,8 @@ def load_model(
         device: where the network runs; default CUDA when available, else CPU.
         torch_dtype: network dtype; default fp16 on CUDA (bf16 for Flux), fp32 on CPU.
         storage_options: fsspec options for URI specs (credentials, ``endpoint_url``...).
-        resolution: pixels (an int, or ``(height, width)``) SDXL, SD3 and Flux models calibrate at; default the
-            model's own. SD 1.x/2.x models take only their own; the analytic models none.
+        resolution: pixels (an int, or ``(height, width)``) an image model (SD 1.x/2.x, SDXL, SD3, Flux) calibrates
+            at; default the model's own. The analytic models take none.
         lora: a diffusers LoRA (safetensors file or folder, path or URI) fused into the model after it loads
             (``olss_dist.models.lora``); its digest then covers base and LoRA.
 
@@ -248,28 +248,7 @@ def load_folder(
         from olss_dist.models.flux import FluxModel
 
         return FluxModel.from_folder(folder, model_id=model_id, resolution=resolution, **options)
-    if resolution is not None:
-        check_sd_resolution(folder, resolution)
-    return StableDiffusionModel.from_folder(folder, model_id=model_id, **options)
-
-
-def check_sd_resolution(folder: Path, resolution: Any) -> None:
-    """``ModelLoadError`` unless ``resolution`` is the SD 1.x/2.x model's own (UNet sample size × VAE scale).
-
-    The UNet adapter samples at the UNet's configured size only; a folder without ``unet/config.json`` is
-    left to the adapter's own error.
-    """
-    config = folder / "unet" / "config.json"
-    if not config.is_file():
-        return
-    size = read_json(config)["sample_size"]
-    scale = vae_scale_factor(folder)
-    native = tuple(side * scale for side in ((size, size) if isinstance(size, int) else size))
-    if parse_resolution(resolution, 1, f"{folder} (Stable Diffusion 1.x/2.x)") != native:
-        raise ModelLoadError(
-            f"resolution: {folder} is a Stable Diffusion 1.x/2.x model, which calibrates at its own resolution "
-            f"{native[0]}x{native[1]} only; got {resolution!r}"
-        )
+    return StableDiffusionModel.from_folder(folder, model_id=model_id, resolution=resolution, **options)
 
 
 def local_path(spec: str) -> Path | None:

@@ -1,7 +1,9 @@
 """Stable Diffusion (1.x / 2.x) adapter: a local diffusers folder as a guided ε (or, zero-SNR, v) denoiser.
 
 Only what the denoiser needs is loaded up front (UNet, text encoder, tokenizer, scheduler config);
-the VAE is loaded on the first ``decode``. Weights are read from safetensors only (never pickle).
+the VAE is loaded on the first ``decode``. Weights are read from safetensors only (never pickle). The model
+samples at a stated resolution (a multiple of the VAE scale, as ``StableDiffusionPipeline(height=, width=)``
+takes it) or at its UNet's own (``sample_size × VAE scale``, the pipeline's default).
 The denoiser's outputs are in the form of ``core.noise_process.vp_output_type`` (contract C1): ε, v-prediction
 converted with the model's ᾱ_t, unless the schedule has zero terminal SNR (``rescale_betas_zero_snr``, ᾱ = 0
 at t = T-1), where the guided v is returned as is (ε is infinite there) and an ε model is refused.
@@ -25,6 +27,7 @@ from olss_dist.models.common import (
     decode_latents,
     load_vae,
     open_folder,
+    parse_resolution,
     read_json,
     read_model_index,
     vae_scale_factor,
@@ -71,6 +74,21 @@ def check_scheduler_config(folder: Path, pipeline: str = "StableDiffusionPipelin
             raise ModelLoadError(f"{folder}: {error}") from None
 
 
+def sd_resolution(folder: Path, resolution: Any, vae_scale: int) -> tuple[int, int]:
+    """``(height, width)`` of ``resolution`` (an int or a pair), each a positive multiple of ``vae_scale``.
+
+    Raises:
+        ModelLoadError: one line (``resolution: ...``) naming the folder and what it takes.
+    """
+    return parse_resolution(resolution, vae_scale, f"{folder} (Stable Diffusion, VAE scale {vae_scale})")
+
+
+def own_resolution(sample_size: Any, vae_scale: int) -> tuple[int, int]:
+    """``(height, width)`` pixels of a UNet's ``sample_size`` (an int or a pair): the pipeline's default size."""
+    height, width = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
+    return int(height) * vae_scale, int(width) * vae_scale
+
+
 class StableDiffusionModel(DiffusionModel):
     """Classifier-free-guided ε of a diffusers Stable Diffusion UNet with its CLIP text encoder.
 
@@ -91,6 +109,8 @@ class StableDiffusionModel(DiffusionModel):
         digest: ``content_digest(folder)``.
         guidance_scale: classifier-free guidance scale (1 runs the conditional branch only).
         prompts: default prompts; ``None`` uses a generic list of 24.
+        resolution: ``(height, width)`` pixels (or an int, square), a positive multiple of the VAE scale; ``None``:
+            the UNet's own. The latent shape is ``(in_channels, height / scale, width / scale)``.
     """
 
     def __init__(
@@ -105,6 +125,7 @@ class StableDiffusionModel(DiffusionModel):
         digest: str,
         guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         prompts: Sequence[str] | None = None,
+        resolution: Any = None,
     ):
         prediction_type = scheduler_config.get("prediction_type", "epsilon")
         if prediction_type not in PREDICTION_TYPES:
@@ -125,11 +146,10 @@ class StableDiffusionModel(DiffusionModel):
             raise ModelLoadError(f"{folder}: {error}") from None
         self.device = unet.device
         self.dtype = unet.dtype
-        size = unet.config.sample_size
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
-        self.latent_shape = (int(unet.config.in_channels), int(height), int(width))
         scale = vae_scale_factor(self.folder)
-        self.resolution = (int(height) * scale, int(width) * scale)  # the UNet's own; the only one it calibrates at
+        own = own_resolution(unet.config.sample_size, scale)
+        self.resolution = own if resolution is None else sd_resolution(self.folder, resolution, scale)
+        self.latent_shape = (int(unet.config.in_channels), *(side // scale for side in self.resolution))
         self.prompts = list(prompts) if prompts is not None else list(GENERIC_PROMPTS)
         self.vae = None
 
@@ -143,17 +163,22 @@ class StableDiffusionModel(DiffusionModel):
         device: str | torch.device | None = None,
         torch_dtype: torch.dtype | None = None,
         prompts: Sequence[str] | None = None,
+        resolution: int | tuple[int, int] | None = None,
     ) -> "StableDiffusionModel":
         """Load UNet, text encoder, tokenizer and scheduler config from a local diffusers SD folder.
 
-        Defaults: CUDA when available; fp16 weights on CUDA, fp32 on CPU. Raises ``ModelLoadError``
-        (a ``ValueError``) naming the folder when it is missing, incomplete, SDXL (``StableDiffusionXLModel``'s) or
-        unreadable.
+        ``resolution``: pixels, an int (square) or ``(height, width)``, a positive multiple of the VAE scale; default
+        the UNet's own (``sample_size × VAE scale``, the pipeline's default). Defaults: CUDA when available; fp16
+        weights on CUDA, fp32 on CPU. Raises ``ModelLoadError`` (a ``ValueError``) naming the folder when it is
+        missing, incomplete, SDXL (``StableDiffusionXLModel``'s) or unreadable, or the resolution is invalid (before
+        any weights load).
         """
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         load = open_folder(folder, check_model_index, device, torch_dtype)
+        if resolution is not None:
+            sd_resolution(load.folder, resolution, vae_scale_factor(load.folder))  # refused before weights load
         with load.load_errors():
             unet = load.diffusers_module(UNet2DConditionModel, "unet")
             text_encoder = load.transformers_module(CLIPTextModel, "text_encoder")
@@ -168,6 +193,7 @@ class StableDiffusionModel(DiffusionModel):
             digest=content_digest(load.folder),
             guidance_scale=guidance_scale,
             prompts=prompts,
+            resolution=resolution,
         )
 
     def default_prompts(self) -> list[str]:
