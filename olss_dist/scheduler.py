@@ -10,6 +10,8 @@ the sample, 1 for flow), which equals the row when nothing touches the latents a
 
 Step counts without a plan, and img2img / inpainting starts (``set_begin_index(s)``) without a start plan,
 are served by the ``fallback_solver`` built-in in OLSS form (``core.fallback``), with one warning line.
+Latents of another shape than the plans were calibrated at (another resolution) get one warning line too
+(``core.scheduler_plans.ConditionsCheck``); guidance scale and negative prompt never reach a scheduler.
 
 It depends on ``olss_dist.core`` only at import; ``from_pretrained`` of a published run's URI asks the
 artifact store (``olss_dist.artifacts.fetch_run``) for a verified local copy first. The plans live in
@@ -41,7 +43,9 @@ from olss_dist.core.plan import Plan
 from olss_dist.core.process_settings import (
     FLOW_PREDICTION, FLOW_PROCESS_KEYS, VP_PREDICTIONS, VP_PROCESS_DEFAULTS, process_settings,
 )
-from olss_dist.core.scheduler_plans import PLANS_FILE_NAME, json_entry, plan_config, plans_by_key, plans_document, read_plans_document
+from olss_dist.core.scheduler_plans import (
+    PLANS_FILE_NAME, ConditionsCheck, check_conditions, json_entry, plan_config, plans_by_key, plans_document, read_plans_file,
+)
 
 DEFAULT_FALLBACK = "dpmsolver++"
 # from_pretrained keywords that say where a hub file comes from; the plans file is fetched like the config.
@@ -97,6 +101,9 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         fallback_solver (`str`, defaults to `"dpmsolver++"`): the linear built-in (``core.builtin``: ``ddim``,
             ``dpmsolver++``, ``unipc``, ``deis``; ``flow-`` ones on flow models) that serves step counts and
             img2img starts without a plan, in OLSS form (DPM-Solver++ 2M, trailing, by default).
+        calibrated_conditions (`dict`, optional): what the plans were calibrated under (``olss_plans.json``, not
+            ``config``): the run's guidance scales, resolutions, negative prompts and ``latent_shapes``; ``step``
+            warns once per latent shape outside them. None (older runs): no warning.
     """
 
     order = 1
@@ -122,6 +129,7 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         max_image_seq_len: int = 4096,
         mu: float | None = None,
         fallback_solver: str = DEFAULT_FALLBACK,
+        calibrated_conditions: dict[str, Any] | None = None,
     ):
         self.keep_plans_out_of_config()
         if prediction_type not in (*VP_PREDICTIONS, FLOW_PREDICTION):
@@ -149,6 +157,7 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         self.fallback(mu)  # refuses an unknown solver, or one that cannot carry the schedule, here
         self.plans = [json_entry(entry) for entry in plans or []]
         self.plans_by_key = plans_by_key(self.plans, num_train_timesteps, self.is_flow)
+        self.calibrated_conditions = calibrated_conditions
         if not self.plans:
             one_line(f"OLSSScheduler has no plans (they live in {PLANS_FILE_NAME} beside scheduler_config.json): every "
                      f"step count is served by {self.fallback_name}; load a calibrated run with "
@@ -166,15 +175,26 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         self.reset_run()
 
     def keep_plans_out_of_config(self) -> None:
-        """``register_to_config`` recorded ``plans``; drop them, so that ``config`` (and any scheduler built from
-        it, e.g. ``DDIMScheduler.from_config(olss.config)``) names the process only. The process settings count
+        """``register_to_config`` recorded ``plans`` and ``calibrated_conditions``; drop them, so that ``config`` (and
+        any scheduler built from it, e.g. ``DDIMScheduler.from_config(olss.config)``) names the process only. The process settings count
         as given even where they are defaults: diffusers builds other schedulers with *their* defaults for keys
         in ``_use_default_values``, and theirs (DDPM's linear betas) are not this scheduler's."""
-        internal = {key: value for key, value in self._internal_dict.items() if key != "plans"}
+        internal = {key: value for key, value in self._internal_dict.items() if key not in ("plans", "calibrated_conditions")}
         if "_use_default_values" in internal:
-            process = {"plans", *VP_PROCESS_DEFAULTS, *FLOW_PROCESS_KEYS}
+            process = {"plans", "calibrated_conditions", *VP_PROCESS_DEFAULTS, *FLOW_PROCESS_KEYS}
             internal["_use_default_values"] = [key for key in internal["_use_default_values"] if key not in process]
+            if not internal["_use_default_values"]:  # as diffusers leaves it when every key was given
+                del internal["_use_default_values"]
         self._internal_dict = FrozenDict(internal)
+
+    @property
+    def calibrated_conditions(self) -> dict[str, Any] | None:
+        """What the plans were calibrated under (saved in ``olss_plans.json``); setting it checks it."""
+        return self.conditions_check.conditions
+
+    @calibrated_conditions.setter
+    def calibrated_conditions(self, conditions: Mapping[str, Any] | None) -> None:
+        self.conditions_check = ConditionsCheck(None if conditions is None else check_conditions(conditions))
 
     def fallback(self, mu: float | None = None) -> FallbackSolver:
         """The fallback built-in on this scheduler's process (at a flow model's ``mu``)."""
@@ -233,7 +253,7 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         config that holds its plans itself (runs published before the plans file) needs no plans file.
 
         Raises:
-            ValueError: a plans file that is not one (``core.scheduler_plans.read_plans_document``).
+            ValueError: a plans file that is not one (``core.scheduler_plans.read_plans_file``).
         """
         # Imported here, not at the top: the scheduler is maths over core/; only a published run's URI needs
         # the artifact store (fsspec), and pipelines that load from a plain folder never import it.
@@ -245,19 +265,23 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         hub = {key: kwargs[key] for key in HUB_KEYWORDS if key in kwargs}
         config, unused = cls.load_config(location, subfolder=subfolder, return_unused_kwargs=True, **kwargs)
         if "plans" not in config and "plans" not in unused:
-            entries = cls.read_plans_file(location, subfolder, hub)
+            entries, conditions = cls.read_plans_file(location, subfolder, hub)
             if entries is not None:
                 unused["plans"] = entries
+            if conditions is not None:
+                unused.setdefault("calibrated_conditions", conditions)
         return cls.from_config(config, return_unused_kwargs=return_unused_kwargs, **unused)
 
     @classmethod
-    def read_plans_file(cls, location: str | os.PathLike, subfolder: str | None, hub: dict[str, Any]) -> list[dict] | None:
-        """The entries of ``olss_plans.json`` beside the config (local folder or hub repo), None when there is none."""
+    def read_plans_file(cls, location: str | os.PathLike, subfolder: str | None, hub: dict[str, Any]
+                        ) -> tuple[list[dict] | None, dict | None]:
+        """``(entries, calibrated conditions)`` of ``olss_plans.json`` beside the config (local folder or hub repo);
+        None for what it does not hold, or both when there is none."""
         folder = os.path.join(os.fspath(location), subfolder or "")
         if os.path.isdir(os.fspath(location)):
             path = os.path.join(folder, PLANS_FILE_NAME)
             if not os.path.isfile(path):
-                return None
+                return None, None
         else:
             from huggingface_hub import hf_hub_download
             from huggingface_hub.utils import EntryNotFoundError
@@ -265,9 +289,9 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
             try:
                 path = hf_hub_download(os.fspath(location), PLANS_FILE_NAME, subfolder=subfolder, **hub)
             except EntryNotFoundError:
-                return None
+                return None, None
         with open(path, "rb") as handle:
-            return read_plans_document(handle.read(), path)
+            return read_plans_file(handle.read(), path)
 
     def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
         """Write ``olss_plans.json`` (the plans) and ``scheduler_config.json`` (the process) into ``save_directory``
@@ -276,12 +300,13 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
             raise AssertionError(f"Provided path ({save_directory}) should be a directory, not a file")
         os.makedirs(save_directory, exist_ok=True)
         with open(os.path.join(save_directory, PLANS_FILE_NAME), "wb") as handle:
-            handle.write(plans_document(self.plans))
+            handle.write(plans_document(self.plans, self.calibrated_conditions))
         super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     def scheduler_files(self) -> dict[str, bytes]:
         """``{file name: bytes}`` of what ``save_pretrained`` writes: ``scheduler_config.json`` and ``olss_plans.json``."""
-        return {self.config_name: self.to_json_string().encode(), PLANS_FILE_NAME: plans_document(self.plans)}
+        return {self.config_name: self.to_json_string().encode(),
+                PLANS_FILE_NAME: plans_document(self.plans, self.calibrated_conditions)}
 
     @property
     def compatibles(self) -> list[type]:
@@ -551,6 +576,9 @@ class OLSSScheduler(SchedulerMixin, ConfigMixin):
         current = sample.to(work)
         if r == 0:
             self.initial_noise, self.outputs = current, []
+        message = self.conditions_check.message(sample.shape[1:])
+        if message:
+            one_line(message)
         raw = model_output.to(work)
         if self.is_flow:
             pred_original = current - (t / self.config.num_train_timesteps) * raw

@@ -30,6 +30,7 @@ from olss_dist.artifacts.layout import CALIBRATION_FILE, PLANS_FILE, REPORT_FILE
 from olss_dist.core.calibration import Calibration
 from olss_dist.core.noise_process import NoiseProcess, VPProcess, noise_process_from_config
 from olss_dist.core.plan import Plan
+from olss_dist.core.scheduler_plans import scheduler_conditions
 from olss_dist.distributed.backend import RayRolloutBackend, TeacherSummary
 from olss_dist.distributed.checkpoints import ShardCheckpoints, check_writable
 from olss_dist.distributed.cluster import ReservationTimeout, cluster_cpus, cluster_gpus, connect, reserve, wait_for_gpus
@@ -166,13 +167,15 @@ def scheduler_config_bytes(
     return job_scheduler(plans, alphas_cumprod, prediction_type, scheduler_config, mu).to_json_string().encode()
 
 
-def model_scheduler_files(plans: list[Plan], model: dict[str, Any]) -> dict[str, bytes]:
+def model_scheduler_files(plans: list[Plan], model: dict[str, Any], conditions: dict[str, Any] | None = None) -> dict[str, bytes]:
     """``scheduler_config.json`` and ``olss_plans.json`` of ``job_scheduler`` for the workers' model
-    (``CalibrationWorker.describe``), as ``OLSSScheduler.save_pretrained`` writes them."""
+    (``CalibrationWorker.describe``), as ``OLSSScheduler.save_pretrained`` writes them; the plans file records the run's
+    ``conditions`` (``calibrated_conditions``) with the model's latent shape, for the scheduler's warning outside them."""
     if model.get("noise_process", "vp") == "vp":
         scheduler = job_scheduler(plans, np.asarray(model["alphas_cumprod"], dtype=np.float64), model["prediction_type"])
     else:
         scheduler = job_scheduler(plans, None, model["prediction_type"], model["scheduler_config"], model.get("mu"))
+    scheduler.calibrated_conditions = scheduler_conditions(conditions, model.get("latent_shape"))
     return scheduler.scheduler_files()
 
 
@@ -253,7 +256,7 @@ def run_job(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = 
             model_digest=model["model_digest"],
             config=run_config,
             files={
-                **model_scheduler_files(plans + start_plans, model),
+                **model_scheduler_files(plans + start_plans, model, conditions),
                 CALIBRATION_FILE: calibration.to_bytes(),
                 PLANS_FILE: json.dumps([p.to_dict() for p in plans + start_plans], indent=1).encode(),
                 REPORT_FILE: json.dumps(report, indent=1).encode(),
