@@ -1,11 +1,12 @@
 """Shared test fixtures.
 
-Sections: S3 (a moto server on 127.0.0.1), GCS (fake-gcs-server on 127.0.0.1), both stores (``bucket_root``).
-Other sections (Ray) go below their own header.
+Sections: S3 (a moto server on 127.0.0.1), GCS (fake-gcs-server on 127.0.0.1), both stores (``bucket_root``),
+Ray (a local Ray per module) and the token-authenticated Ray head (``ray_head``, one per session).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -235,7 +237,7 @@ def run_cache(tmp_path, monkeypatch) -> Path:
 # ``local_ray`` gives a test module its own local Ray (4 logical CPUs, no dashboard), shut down after the
 # module. Classes and functions defined in the test module are shipped to workers by value, since
 # workers cannot import test modules. The job-submit tests use a separate token-authenticated head
-# (tests/ray_head.sh; CI exports OLSS_TEST_RAY_ADDRESS for it).
+# (``ray_head``, below).
 
 LOCAL_RAY_CPUS = 4
 
@@ -256,3 +258,55 @@ def local_ray(request):
     finally:
         ray.cloudpickle.unregister_pickle_by_value(request.module)
         ray.shutdown()
+
+
+# ------------------------------------------------------------------------------------- Ray head (token auth)
+#
+# ``ray_head`` is the token-authenticated Ray head the `ray job submit` tests (test_job_submit,
+# test_concurrent_jobs, test_refit_submit) submit to: the one CI started (OLSS_TEST_RAY_ADDRESS,
+# OLSS_TEST_RAY_GCS_ADDRESS, OLSS_TEST_RAY_AUTH_TOKEN_PATH; see tests/ray_head.sh) or one started with
+# tests/ray_head.sh once per session (a head start costs tens of seconds on 2 shared cores), as CI shares
+# its head among all modules.
+
+RAY_HEAD_SCRIPT = Path(__file__).resolve().parent / "ray_head.sh"
+
+
+@dataclass(frozen=True)
+class RayHead:
+    address: str  # job API, http://127.0.0.1:PORT
+    gcs_address: str  # ray.init address, 127.0.0.1:PORT
+    token_path: str
+
+    @property
+    def token(self) -> str:
+        return Path(self.token_path).read_text().strip()
+
+    def client_env(self) -> dict[str, str]:
+        """Environment of a client of this head: token auth on, the head's token, nothing else of ours."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=self.token_path, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+        return env
+
+    def api(self, path: str, token: str | None = "default") -> dict:
+        request = urllib.request.Request(f"{self.address}{path}")
+        if token is not None:
+            request.add_header("Authorization", f"Bearer {self.token if token == 'default' else token}")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """The token-authenticated head: CI's (``OLSS_TEST_RAY_*``), or one started once for the session and stopped."""
+    configured = os.environ.get("OLSS_TEST_RAY_ADDRESS")
+    if configured:
+        yield RayHead(configured, os.environ["OLSS_TEST_RAY_GCS_ADDRESS"], os.environ["OLSS_TEST_RAY_AUTH_TOKEN_PATH"])
+        return
+    state = tmp_path_factory.mktemp("ray_head")
+    started = subprocess.run(["bash", str(RAY_HEAD_SCRIPT), "start", str(state)], capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, started.stderr
+    exports = dict(line.removeprefix("export ").split("=", 1) for line in started.stdout.splitlines())
+    try:
+        yield RayHead(exports["OLSS_TEST_RAY_ADDRESS"], exports["OLSS_TEST_RAY_GCS_ADDRESS"], exports["OLSS_TEST_RAY_AUTH_TOKEN_PATH"])
+    finally:
+        subprocess.run(["bash", str(RAY_HEAD_SCRIPT), "stop", str(state)], capture_output=True, timeout=120)

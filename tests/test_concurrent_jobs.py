@@ -1,7 +1,7 @@
 """Several calibration jobs on one Ray cluster: each reserves its actors up front (one placement group)
 and plans on them, so jobs that do not fit together run one after the other instead of starving.
 
-The head is the token-authenticated one of tests/ray_head.sh (2 CPUs; CI's or one this module starts).
+The head is the token-authenticated one of tests/ray_head.sh (2 CPUs; CI's or the session's, ``ray_head`` in conftest).
 """
 
 from __future__ import annotations
@@ -14,13 +14,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-from test_job_submit import (  # noqa: F401 (ray_head: the module-scoped head fixture)
+from test_job_submit import (
     REPO,
     RayHead,
     assert_one_error_line,
     calibrate_command,
     published_runs,
-    ray_head,
     run_calibrate,
     wait_for_job,
 )
@@ -50,7 +49,8 @@ def job_logs(head: RayHead, submission_id: str) -> str:
 @pytest.mark.slow
 def test_two_jobs_too_big_to_run_together_finish_one_after_the_other(ray_head, tmp_path):
     # Each job takes one CPU worker per CPU of the cluster (the default): together they need twice the head.
-    options = ["--teacher-steps", "40", "--steps", "3,5", "--shard-size", "3", "--guidance-scale", "3"]
+    options = ["--teacher-steps", "40", "--steps", "3,5", "--shard-size", "3", "--guidance-scale", "3",
+               "--img2img-strengths", "none"]
     outputs = [tmp_path / "first", tmp_path / "second"]
     ids = [submit(ray_head, output, *options) for output in outputs]
 

@@ -2,13 +2,13 @@
 job is killed, and one clear error line for bad input.
 
 The head is the one CI started (``OLSS_TEST_RAY_ADDRESS``, ``OLSS_TEST_RAY_GCS_ADDRESS``,
-``OLSS_TEST_RAY_AUTH_TOKEN_PATH``, see tests/ray_head.sh) or one this module starts and stops.
+``OLSS_TEST_RAY_AUTH_TOKEN_PATH``, see tests/ray_head.sh) or one the test session starts once and stops
+(``ray_head`` in tests/conftest.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,59 +16,18 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import RayHead
 
 from olss_dist.core.calibration import Calibration
 from olss_dist.scheduler import OLSSScheduler
 
 REPO = Path(__file__).resolve().parents[1]
-RAY_HEAD = REPO / "tests" / "ray_head.sh"
 JOB_TIMEOUT_S = 300
 TERMINAL_STATUSES = {"SUCCEEDED", "FAILED", "STOPPED"}
-
-
-@dataclass(frozen=True)
-class RayHead:
-    address: str  # job API, http://127.0.0.1:PORT
-    gcs_address: str  # ray.init address, 127.0.0.1:PORT
-    token_path: str
-
-    @property
-    def token(self) -> str:
-        return Path(self.token_path).read_text().strip()
-
-    def client_env(self) -> dict[str, str]:
-        """Environment of a client of this head: token auth on, the head's token, nothing else of ours."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=self.token_path, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-        return env
-
-    def api(self, path: str, token: str | None = "default") -> dict:
-        request = urllib.request.Request(f"{self.address}{path}")
-        if token is not None:
-            request.add_header("Authorization", f"Bearer {self.token if token == 'default' else token}")
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())
-
-
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    configured = os.environ.get("OLSS_TEST_RAY_ADDRESS")
-    if configured:
-        yield RayHead(configured, os.environ["OLSS_TEST_RAY_GCS_ADDRESS"], os.environ["OLSS_TEST_RAY_AUTH_TOKEN_PATH"])
-        return
-    state = tmp_path_factory.mktemp("ray_head")
-    started = subprocess.run(["bash", str(RAY_HEAD), "start", str(state)], capture_output=True, text=True, timeout=180)
-    assert started.returncode == 0, started.stderr
-    exports = dict(line.removeprefix("export ").split("=", 1) for line in started.stdout.splitlines())
-    try:
-        yield RayHead(exports["OLSS_TEST_RAY_ADDRESS"], exports["OLSS_TEST_RAY_GCS_ADDRESS"], exports["OLSS_TEST_RAY_AUTH_TOKEN_PATH"])
-    finally:
-        subprocess.run(["bash", str(RAY_HEAD), "stop", str(state)], capture_output=True, timeout=120)
 
 
 def wait_for_job(head: RayHead, submission_id: str) -> dict:
@@ -103,7 +62,8 @@ def test_ray_job_submit_runs_the_job_and_publishes_a_loadable_scheduler(ray_head
     submission_id = f"olss-test-{uuid.uuid4().hex[:8]}"
     output = tmp_path / "registry"
     entrypoint = " ".join(
-        calibrate_command(output, "--teacher-steps", "40", "--steps", "3,5", "--shard-size", "3", "--guidance-scale", "3")
+        calibrate_command(output, "--teacher-steps", "40", "--steps", "3,5", "--shard-size", "3", "--guidance-scale", "3",
+                          "--img2img-strengths", "none")
     ).replace(sys.executable, "python")
     submit = subprocess.run(
         ["ray", "job", "submit", "--address", ray_head.address, "--submission-id", submission_id,
@@ -140,7 +100,7 @@ def shard_marks(root: Path) -> list[Path]:
 def test_killed_job_resumes_from_its_checkpoints_and_recomputes_no_finished_shard(ray_head, tmp_path):
     # N=1000 makes each shard take about a second, long enough to kill the job between shards.
     options = ["--teacher-steps", "1000", "--steps", "4", "--shard-size", "2", "--guidance-scale", "3",
-               "--validation-fraction", "0.2", "--keep-states", "disk", "--keep-checkpoints"]
+               "--validation-fraction", "0.2", "--keep-states", "disk", "--keep-checkpoints", "--img2img-strengths", "none"]
     resumed_root = tmp_path / "resumed"
     job = subprocess.Popen([*calibrate_command(resumed_root, *options), "--address", ray_head.gcs_address],
                            cwd=REPO, env=ray_head.client_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from test_job_submit import REPO, RayHead, ray_head  # noqa: F401 (ray_head: the module-scoped head fixture)
+from test_job_submit import REPO, RayHead
 from test_refit import PROMPTS, fake_target, tiny_model  # noqa: F401 (tiny_model: the module-scoped tiny SD folder)
 
 from olss_dist.apps.refit import AttemptStatus, RefitOptions, RefitRecord, Refitter, Status
