@@ -27,7 +27,7 @@ from olss_dist.models.embedded_lora import LORA_TARGET_MODULES
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 600
-PROMPTS = [digit_prompt(d, s) for d in (1, 4, 7) for s in ("thick", "thin", None)] * 2  # 18: 14 fit, 4 held out
+PROMPTS = [digit_prompt(d, s) for d in (1, 4, 7) for s in ("thick", "thin", None)]  # 9: 7 fit, 2 held out
 
 
 def make_lora(folder: Path, seed: int, rank: int = 2, scale: float = 0.3) -> Path:
@@ -64,11 +64,12 @@ def prompts_file(tmp_path_factory) -> Path:
 
 
 def calibrate(output: Path, lora: Path | str, prompts: Path) -> subprocess.CompletedProcess:
-    """``python jobs/calibrate.py --model embedded --lora LORA`` at N=100, K in {5, 10}, on a 2-CPU local Ray."""
+    """``python jobs/calibrate.py --model embedded --lora LORA`` at N=100, K in {5, 10}, no start plans, on a
+    2-CPU local Ray."""
     command = [
         sys.executable, "jobs/calibrate.py", "--output", str(output), "--model", "embedded", "--lora", str(lora),
-        "--prompts", str(prompts), "--teacher-steps", "100", "--steps", "5,10", "--shard-size", "7",
-        "--device", "cpu", "--local-cpus", "2", "--quiet",
+        "--prompts", str(prompts), "--teacher-steps", "100", "--steps", "5,10", "--shard-size", "4",
+        "--device", "cpu", "--local-cpus", "2", "--img2img-strengths", "none", "--quiet",  # start plans: not under test
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", OMP_WAIT_POLICY="PASSIVE")
@@ -193,7 +194,7 @@ def test_refit_skips_the_calibrated_lora_and_would_run_another(lora_run, loras, 
 
     store, run = lora_run
     shutil.copytree(loras["b"], tmp_path / "b")
-    settings = {"prompts": str(prompts_file), "teacher_steps": 100, "steps": "5,10"}
+    settings = {"prompts": str(prompts_file), "teacher_steps": 100, "steps": "5,10", "img2img_strengths": "none"}
     registry = tmp_path / "models.yaml"
     registry.write_text(json.dumps({"defaults": settings, "models": [{"uri": "embedded", "lora": str(loras["a"])},
                                                                     {"uri": "embedded", "lora": "./b"}]}))

@@ -207,7 +207,7 @@ def test_job_publishes_a_scheduler_that_drives_the_sdxl_pipeline(folders, tmp_pa
     command = [
         sys.executable, "jobs/calibrate.py", "--output", str(output), "--model", str(folders["epsilon"]), "--prompts",
         str(prompts), "--teacher-steps", "100", "--steps", "5,10", "--shard-size", "4", "--device", "cpu",
-        "--local-cpus", "2", "--quiet",
+        "--local-cpus", "2", "--quiet",  # the default start plans kept: one pipeline test of a run that has both kinds
     ]
     result = subprocess.run(command, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
     run = published_run(result, output)

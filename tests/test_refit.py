@@ -48,8 +48,9 @@ from olss_dist.spec import CalibrationSpec, ExecutionConfig
 REPO = Path(__file__).resolve().parents[1]
 UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
 PROMPTS = ["a red cat", "a blue dog", "a green bird", "a cat and a dog"]
-# Small enough for seconds per calibration on two shared cores: N=20, K in {2, 4}, one held-out prompt.
-FAST = CalibrationSpec(steps=(2, 4), teacher_steps=20, validation_fraction=0.25)
+# Small enough for seconds per calibration on two shared cores: N=20, K in {2, 4}, one held-out prompt, no
+# img2img start plans (refits do not depend on them; tests/test_start_plans.py tests them).
+FAST = CalibrationSpec(steps=(2, 4), teacher_steps=20, validation_fraction=0.25, img2img_strengths=())
 
 
 # ------------------------------------------------------------------------------------------- fixtures

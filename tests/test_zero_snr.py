@@ -174,7 +174,8 @@ PROMPTS = ["a tiny red square", "a blue circle", "a green line", "a yellow dot",
 
 
 def calibrate(output: Path, model: Path) -> subprocess.CompletedProcess:
-    """``jobs/calibrate.py --teacher-steps 100 --steps 5,10`` on 8 prompts, a 2-CPU local Ray (test_flow_pipelines_e2e)."""
+    """``jobs/calibrate.py --teacher-steps 100 --steps 5,10`` on 8 prompts, no start plans, a 2-CPU local Ray
+    (test_flow_pipelines_e2e)."""
     from test_flow_pipelines_e2e import JOB_TIMEOUT_S, job_env
 
     prompts = output.parent / "prompts.txt"
@@ -182,7 +183,7 @@ def calibrate(output: Path, model: Path) -> subprocess.CompletedProcess:
     command = [
         sys.executable, "jobs/calibrate.py", "--output", str(output), "--model", str(model), "--teacher-steps", "100",
         "--steps", "5,10", "--prompts", str(prompts), "--shard-size", "4", "--device", "cpu", "--local-cpus", "2",
-        "--quiet",
+        "--img2img-strengths", "none", "--quiet",  # no start plans: not under test here (tests/test_start_plans.py)
     ]
     return subprocess.run(command, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
 
@@ -202,7 +203,7 @@ def test_the_job_publishes_v_plans_that_drive_stable_diffusion_pipeline(folder, 
     assert manifest["teacher_steps"] == 100 and manifest["planned_step_counts"] == [5, 10]
     assert config["prediction_type"] == "v_prediction"  # and the exact schedule, ᾱ = 0 at t = 999
     assert config["trained_betas"][-1] == 1.0
-    # the shipped plans from pure noise (img2img plans, with a start step, are served by the same scheduler)
+    # the shipped plans from pure noise (the job fits no img2img start plans here)
     plans = {p["num_steps"]: p for p in json.loads((run / "plans.json").read_text()) if p.get("start_step", 0) == 0}
     assert sorted(plans) == [5, 10] and all(p["timesteps"][0] == 999 for p in plans.values())
 
