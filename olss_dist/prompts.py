@@ -227,6 +227,21 @@ def split_validation(
     return fit, validation
 
 
+def screen_records(records: Sequence[PromptRecord], count: int, base_seed: int = 0) -> list[PromptRecord]:
+    """``count`` samples of the tail screen (``olss_dist.method.screen``): the ``records``' prompts cycled, each
+    with a fresh seed (a hash in the screen's own domain, so never a calibration or evaluation seed by design),
+    numbered ``0..count-1``."""
+    if count < 0:
+        raise ValueError(f"screen samples must be at least 0, got {count}")
+    if count and not records:
+        raise ValueError("no prompts to draw screen samples from")
+    chosen = [records[i % len(records)] for i in range(count)]
+    return [
+        PromptRecord(i, r.prompt, r.negative_prompt, derive_seed(i, f"screen\x00{r.index}\x00{r.prompt}", base_seed))
+        for i, r in enumerate(chosen)
+    ]
+
+
 def make_shards(records: Sequence[PromptRecord], shard_size: int) -> list[Shard]:
     """Consecutive shards of ``shard_size`` records (the last may be smaller).
 

@@ -17,7 +17,7 @@ from olss_dist.distributed.progress import ShardProgress
 from olss_dist.distributed.worker import ModelSpec
 from olss_dist.method.run import calibrate, run_method
 from olss_dist.models import load_model
-from olss_dist.prompts import make_shards, read_prompts, records_from_prompts, split_validation
+from olss_dist.prompts import make_shards, read_prompts, records_from_prompts, screen_records, split_validation
 from olss_dist.method.rollouts import TRAIN
 from olss_dist.scheduler import OLSSScheduler
 from olss_dist.spec import CalibrationSpec, ExecutionConfig
@@ -29,9 +29,12 @@ SHARD_SIZE = 3
 
 
 def in_process_plans(fit, validation, steps, **method_options):
-    """``olss_dist.calibrate`` in this process on the same samples, batched like the job's shards."""
+    """``olss_dist.calibrate`` in this process on the same samples (the tail screen's too), batched like the job's shards."""
     model = load_model("analytic", guidance_scale=GUIDANCE)
     prompts = [r.prompt for r in fit]
+    screen = screen_records(fit, CalibrationSpec.screen_samples)
+    method_options.setdefault("screen_noise", model.initial_noise([r.seed for r in screen]))
+    method_options.setdefault("screen_cond", model.encode_prompts([r.prompt for r in screen]))
     return calibrate(
         model,
         model.initial_noise([r.seed for r in fit]),
@@ -64,6 +67,7 @@ def test_job_plans_equal_in_process_calibrate(local_ray, tmp_path):
         teacher_steps=TEACHER_STEPS,
         guidance_scale=GUIDANCE,
         validation_fraction=0.25,
+        img2img_strengths=(),  # as the in-process reference (start plans on Ray: tests/test_start_plans.py)
     )
     execution = ExecutionConfig(output=str(tmp_path / "registry"), shard_size=SHARD_SIZE, keep_states="memory")
     result = run_job(spec, execution, quiet=True)

@@ -161,13 +161,13 @@ def test_flow_job_plans_equal_in_process_calibrate_and_publish_the_flow_process(
 
     from olss_dist.distributed.job import run_job
     from olss_dist.models import load_model
-    from olss_dist.prompts import read_prompts, split_validation
+    from olss_dist.prompts import read_prompts, screen_records, split_validation
     from olss_dist.spec import CalibrationSpec, ExecutionConfig
 
     prompts_path = tmp_path / "prompts.txt"
     prompts_path.write_text("\n".join(f"a sample of class {i % 10}, style {i}" for i in range(16)))
     spec = CalibrationSpec(model="analytic-flow", prompts=str(prompts_path), steps=(3, 5), teacher_steps=RAY_TEACHER_STEPS,
-                           guidance_scale=4.0, validation_fraction=0.25)
+                           guidance_scale=4.0, validation_fraction=0.25, img2img_strengths=())  # as the reference
     execution = ExecutionConfig(output=str(tmp_path / "registry"), shard_size=RAY_SHARD_SIZE, keep_states="memory")
     result = run_job(spec, execution, quiet=True)
 
@@ -179,6 +179,8 @@ def test_flow_job_plans_equal_in_process_calibrate_and_publish_the_flow_process(
         validation_noise=model.initial_noise([r.seed for r in validation]),
         validation_cond=model.encode_prompts([r.prompt for r in validation]),
         batch_size=RAY_SHARD_SIZE, num_teacher_steps=RAY_TEACHER_STEPS,
+        screen_noise=model.initial_noise([r.seed for r in screen_records(fit, CalibrationSpec.screen_samples)]),
+        screen_cond=model.encode_prompts([r.prompt for r in screen_records(fit, CalibrationSpec.screen_samples)]),
     )
     for plan in result.plans:
         reference = expected[plan.num_steps]

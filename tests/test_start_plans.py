@@ -171,7 +171,7 @@ def test_in_process_backend_starts_validation_rollouts_from_kept_states():
 def test_job_start_plans_equal_in_process_calibrate_and_are_published(local_ray, tmp_path):
     from olss_dist.distributed.job import run_job
     from olss_dist.models import load_model
-    from olss_dist.prompts import read_prompts, split_validation
+    from olss_dist.prompts import read_prompts, screen_records, split_validation
     from olss_dist.spec import CalibrationSpec, ExecutionConfig
 
     prompts_path = tmp_path / "prompts.txt"
@@ -188,6 +188,8 @@ def test_job_start_plans_equal_in_process_calibrate_and_are_published(local_ray,
         trailing_timesteps(JOB_TEACHER_STEPS), model.alphas_cumprod, steps=(4,),
         validation_noise=model.initial_noise([r.seed for r in validation]),
         validation_cond=model.encode_prompts([r.prompt for r in validation]), batch_size=3, start_strengths=(0.5, 0.75),
+        screen_noise=model.initial_noise([r.seed for r in screen_records(fit, CalibrationSpec.screen_samples)]),
+        screen_cond=model.encode_prompts([r.prompt for r in screen_records(fit, CalibrationSpec.screen_samples)]),
     )
     report = json.loads(open(os.path.join(result.uri, "report.json")).read())
     starts = report["plans"][0]["starts"]

@@ -41,7 +41,7 @@ from olss_dist.distributed.parallel_search import ParallelPlanner
 from olss_dist.distributed.pool import WorkerPool, get_or_raise
 from olss_dist.distributed.progress import ShardProgress
 from olss_dist.distributed.teacher_pass import TeacherPass, TeacherSummary
-from olss_dist.method.rollouts import TRAIN, VALIDATION, RolloutBackend
+from olss_dist.method.rollouts import SCREEN, TRAIN, VALIDATION, RolloutBackend
 from olss_dist.prompts import Shard
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,8 @@ class RayRolloutBackend(RolloutBackend):
         progress: shard progress of the teacher pass.
         planned_steps: step counts whose paths are searched in parallel right after the merge.
         planner_parallelism: path search evaluations in flight (on the pool's actors) per search.
+        screen_shards: shards of the tail screen's fresh samples (``method.rollouts.SCREEN``; no teacher runs on
+            them, their rollouts are replayed like the others when a worker is lost); none: no screen.
     """
 
     def __init__(
@@ -98,9 +100,12 @@ class RayRolloutBackend(RolloutBackend):
         progress: ShardProgress,
         planned_steps: Sequence[int],
         planner_parallelism: int,
+        screen_shards: Sequence[Shard] = (),
     ):
         self.pool = pool
         self.shards = {TRAIN: list(train_shards), VALIDATION: list(validation_shards)}
+        if screen_shards:
+            self.shards[SCREEN] = list(screen_shards)
         self.planned_steps = list(planned_steps)
         self.planner_parallelism = planner_parallelism
         self.summary = TeacherSummary()
@@ -178,6 +183,17 @@ class RayRolloutBackend(RolloutBackend):
             self._on_owners(split, lambda actor, shards: actor.rollout_final_errors.remote(handle, split, shards))
         )
         return np.concatenate([errors[shard.shard_id] for shard in self.shards[split]])
+
+    def has_split(self, split: str) -> bool:
+        return split in self.shards
+
+    def final_differences(self, handle: int, reference: int) -> np.ndarray:
+        split = self.history[handle].split
+        if self.history[reference].split != split:
+            raise ValueError(f"rollouts {handle} and {reference} are of different splits")
+        differences = _merged_by_shard(self._on_owners(
+            split, lambda actor, shards: actor.rollout_final_differences.remote(handle, reference, shards)))
+        return np.concatenate([differences[shard.shard_id] for shard in self.shards[split]])
 
     def close(self, handle: int) -> None:
         self.history.pop(handle, None)

@@ -37,11 +37,12 @@ from olss_dist.distributed.cluster import ReservationTimeout, cluster_cpus, clus
 from olss_dist.distributed.pool import WorkerError, WorkerPool, WorkerResources, WorkersLostError
 from olss_dist.distributed.progress import ShardProgress
 from olss_dist.distributed.worker import ModelSpec
+from olss_dist.method.choice import ChoiceRules
 from olss_dist.method.rollouts import TRAIN
 from olss_dist.method.run import builtin_config, run_method
 from olss_dist.models.loading import check_local_model
 from olss_dist.models.lora import check_local_lora
-from olss_dist.prompts import PromptRecord, make_shards, prompts_digest, read_prompts, spec_prompt_records, split_validation
+from olss_dist.prompts import PromptRecord, make_shards, prompts_digest, read_prompts, screen_records, spec_prompt_records, split_validation
 from olss_dist.scheduler import OLSSScheduler
 from olss_dist.spec import CalibrationSpec, ExecutionConfig, SpecError
 
@@ -242,10 +243,13 @@ def run_job(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = 
             progress,
             planned_steps=spec.steps,
             planner_parallelism=num_workers,
+            screen_shards=make_shards(screen_records(fit, spec.screen_samples, spec.seed),  # the tail screen's samples
+                                      validation_shard_size(execution, spec.screen_samples, num_workers)) if spec.screen_samples else (),
         )
         process = model_process(model)
         plans_by_steps, calibration = run_method(backend, process, spec.teacher_steps, spec.steps, progress=progress.log,
-                                                 start_strengths=spec.img2img_strengths)
+                                                 start_strengths=spec.img2img_strengths,
+                                                 choice_rules=ChoiceRules(screen_samples=spec.screen_samples))
         plans = [plans_by_steps[k] for k in spec.steps]
         start_plans = served_start_plans(plans_by_steps)
         conditions = calibrated_conditions(spec, model, records)

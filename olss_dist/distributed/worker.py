@@ -23,13 +23,13 @@ import ray
 import torch
 
 from olss_dist.core.calibration import Calibration
+from olss_dist.core.onpolicy import apply_step, step_statistics
+from olss_dist.core.teacher import schedule_trajectories
 from olss_dist.distributed.failure import StateLostError
 from olss_dist.distributed.parallel_search import PathSearchMethods
 from olss_dist.distributed.state_store import TeacherStateStore
-from olss_dist.core.onpolicy import apply_step, step_statistics
+from olss_dist.method.rollouts import SCREEN, TRAIN, Rollout, per_sample_mse
 from olss_dist.prompts import Shard
-from olss_dist.method.rollouts import TRAIN, Rollout, per_sample_mse
-from olss_dist.core.teacher import schedule_trajectories
 
 
 @dataclass(frozen=True)
@@ -182,6 +182,8 @@ class CalibrationWorker(PathSearchMethods):
         """
         runs = 0
         for split, shard in shards:
+            if split == SCREEN:  # fresh samples of the tail screen: no teacher states
+                continue
             needed = sorted(set(nodes if split == TRAIN else validation_nodes) | {self.final_node})
             runs += self.ensure_states(split, shard, needed)
             self.states.restrict(state_key(split, shard), needed)
@@ -253,6 +255,13 @@ class CalibrationWorker(PathSearchMethods):
             reference = self._teacher_state(split, shard, self.final_node)
             errors[shard.shard_id] = per_sample_mse(batch.state, reference)
         return errors
+
+    def rollout_final_differences(self, handle: int, reference: int, shards: Sequence[Shard]) -> dict[int, np.ndarray]:
+        """``{shard_id: (B,)}`` mean squared difference per element between the last states of two rollouts."""
+        return {
+            shard.shard_id: per_sample_mse(self._batch(handle, shard).state, self._batch(reference, shard).state)
+            for shard in shards
+        }
 
     def close_rollout(self, handle: int) -> None:
         self.rollouts.pop(handle, None)

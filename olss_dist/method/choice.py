@@ -15,9 +15,14 @@ coefficients grew into the thousands on few samples, wins the validation and los
 3. **Criterion.** Eligible candidates and built-ins are ranked by the upper end of the bootstrap
    interval of their pooled RMSE (``rmse_upper``): a candidate whose error comes from one or two
    blown-up samples has a wide bootstrap distribution and ranks below a steady one of equal RMSE.
+   With a tail screen the certain error of each candidate's tail on the fresh samples is added in
+   quadrature (``tails``), so a plan that sends a few of them to another mode ranks below a steady one.
 4. **Significance.** A fitted winner ships only if the upper end of the paired bootstrap interval of
    its pooled RMSE over the best built-in's (``ratio_interval``, the same resampled samples for both)
    is below 1; otherwise the best built-in ships and the record says so.
+5. **Tail screen** (``method.screen``, around ``choose``): a fitted winner must also not be worse than the
+   best built-in on ``screen_samples`` fresh samples, scored against a fine-step reference sampler where the
+   teacher would cost N calls each; one that fails is ``excluded`` and the choice is made again.
 
 The bootstrap is seeded (``ChoiceRules.seed``): the same errors give the same choice on every backend.
 Pure numpy; ``method.run.run_method`` calls ``choose`` once per step count.
@@ -45,8 +50,15 @@ class ChoiceRules:
             ``|w|`` of the built-ins at the same step count.
         seed: of the bootstrap's random resampling.
         criterion: ``"robust"`` (the four steps above) or ``"rmse"``: the lowest pooled validation RMSE
-            ships, with no trust region, evidence or significance rule (the choice before these rules,
-            kept for comparisons; the bootstrap interval is still recorded).
+            ships, with no trust region, evidence, significance rule or tail screen (the choice before these
+            rules, kept for comparisons; the bootstrap interval is still recorded).
+        screen_samples: fresh samples of the tail screen (``method.screen``) that a fitted winner must pass
+            against the best built-in; 0: no screen. ``calibrate`` draws them; the job's come from
+            ``CalibrationSpec.screen_samples``.
+        screen_reference_steps: the screen's reference sampler's steps (at most N); fixed, so a K-step plan does
+            not depend on which other step counts are calibrated with it.
+        screen_bound_factor: the reference's distance to the teacher is bounded by this many times its worst
+            per-sample RMSE on the validation samples.
     """
 
     confidence: float = 0.9
@@ -56,6 +68,9 @@ class ChoiceRules:
     coefficient_bound: float = 10.0
     seed: int = 0
     criterion: str = "robust"
+    screen_samples: int = 1024
+    screen_reference_steps: int = 50
+    screen_bound_factor: float = 2.0
 
     def __post_init__(self) -> None:
         if self.criterion not in ("robust", "rmse"):
@@ -66,6 +81,14 @@ class ChoiceRules:
             raise ValueError(f"resamples must be at least 10, got {self.resamples}")
         if self.coefficient_bound <= 0:
             raise ValueError(f"coefficient_bound must be positive, got {self.coefficient_bound}")
+        if self.screen_samples < 0 or self.screen_reference_steps < 1 or not self.screen_bound_factor >= 1.0:
+            raise ValueError(f"screen: samples >= 0, reference steps >= 1 and bound factor >= 1 needed, got "
+                             f"{self.screen_samples}, {self.screen_reference_steps}, {self.screen_bound_factor}")
+
+    @property
+    def screens(self) -> bool:
+        """Whether a fitted winner must pass the tail screen (robust criterion with screen samples)."""
+        return self.criterion == "robust" and self.screen_samples > 0
 
 
 DEFAULT_RULES = ChoiceRules()
@@ -139,6 +162,8 @@ def choose(
     max_abs_coefficients: Sequence[float],
     num_train_samples: int,
     rules: ChoiceRules = DEFAULT_RULES,
+    excluded: dict[str, str] | None = None,
+    tails: dict[str, float] | None = None,
 ) -> Choice:
     """The candidate to ship for one step count, and why.
 
@@ -150,6 +175,11 @@ def choose(
         max_abs_coefficients: per candidate, its largest ``|w|``.
         num_train_samples: the samples the fitted candidates were fitted on.
         rules: thresholds (``ChoiceRules``).
+        excluded: fitted candidates ruled out before the choice, with the reason (``method.screen``: failed
+            the tail screen); they are listed under ``ineligible``.
+        tails: per candidate name, the certain RMSE of its tail on the screen samples (``method.screen``); the
+            criterion becomes ``sqrt(rmse_upper^2 + tail^2)`` (a candidate without one counts 0: its criterion is
+            then a lower bound of what the screen could make it).
 
     Returns:
         ``Choice``: the shipped index and the record of the decision.
@@ -166,6 +196,8 @@ def choose(
     indices = bootstrap_indices(num_validation, rules)
     pooled = np.array([np.sqrt(e.mean()) if np.all(np.isfinite(e)) else np.inf for e in errors])
     upper = np.array([interval(resampled_rmse(e, indices), rules.confidence)[1] for e in errors])
+    if tails:
+        upper = np.sqrt(upper**2 + np.array([tails.get(name, 0.0) for name in names]) ** 2)
     builtins = [i for i in range(count) if builtin[i]]
     fitted = [i for i in range(count) if not builtin[i]]
     record: dict[str, Any] = {
@@ -186,7 +218,9 @@ def choose(
     limit = rules.coefficient_bound * max(float(max_abs_coefficients[i]) for i in builtins)
     ineligible = {}
     for i in fitted:
-        if not np.all(np.isfinite(errors[i])):
+        if excluded and names[i] in excluded:
+            ineligible[names[i]] = excluded[names[i]]
+        elif not np.all(np.isfinite(errors[i])):
             ineligible[names[i]] = "non-finite validation error"
         elif not float(max_abs_coefficients[i]) <= limit:
             ineligible[names[i]] = f"max |w| {float(max_abs_coefficients[i]):.3g} over the trust region {limit:.3g}"

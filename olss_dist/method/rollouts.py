@@ -17,10 +17,17 @@ import torch
 
 from olss_dist.core.calibration import Calibration
 from olss_dist.core.onpolicy import apply_step, step_statistics
-from olss_dist.core.teacher import Denoiser, TeacherSchedule, schedule_states, schedule_trajectories
+from olss_dist.core.teacher import (
+    Denoiser,
+    TeacherSchedule,
+    schedule_states,
+    schedule_trajectories,
+)
 
 TRAIN = "train"
 VALIDATION = "validation"
+SCREEN = "screen"
+"""Fresh samples without a teacher: the tail screen (``method.screen``) compares rollouts there with a reference rollout."""
 
 
 class RolloutBackend(ABC):
@@ -71,6 +78,15 @@ class RolloutBackend(ABC):
     def close(self, handle: int) -> None:
         """Free the rollout."""
 
+    def has_split(self, split: str) -> bool:
+        """Whether the backend holds samples of ``split`` (the screen split is optional)."""
+        return split in (TRAIN, VALIDATION)
+
+    def final_differences(self, handle: int, reference: int) -> np.ndarray:
+        """``(B_split,)`` mean squared difference per element between the last states of two finished rollouts
+        of one split (``method.screen``: a sampler against the reference sampler on the screen split)."""
+        raise NotImplementedError(f"{type(self).__name__} has no screen split")
+
 
 @dataclass
 class Rollout:
@@ -101,6 +117,8 @@ class InProcessBackend(RolloutBackend):
         noise: ``(B, *shape)`` train initial noise; ``cond`` its conditioning.
         validation_noise: ``(V, *shape)``; ``validation_cond`` its conditioning. None: no validation split,
             for on-policy fits of given nodes alone (``record_train_states``, ``method.run.fit_candidate``).
+        screen_noise: ``(S, *shape)`` fresh samples of the tail screen (``SCREEN``; no teacher runs on them);
+            ``screen_cond`` their conditioning. None: no screen split.
         batch_size: samples per model call (None: a split at once).
         progress: called with a short description of each finished stage.
     """
@@ -114,16 +132,21 @@ class InProcessBackend(RolloutBackend):
         validation_cond: Any = None,
         batch_size: int | None = None,
         progress: Callable[[str], None] | None = None,
+        screen_noise: torch.Tensor | None = None,
+        screen_cond: Any = None,
     ):
         self.denoiser = denoiser
         self.splits = {TRAIN: (noise, cond)}
         if validation_noise is not None:
             self.splits[VALIDATION] = (validation_noise, validation_cond)
+        if screen_noise is not None:
+            self.splits[SCREEN] = (screen_noise, screen_cond)
         self.batch_size = batch_size
         self.progress = progress or (lambda message: None)
         self.train_states: dict[int, torch.Tensor] = {}
         self.validation_states: dict[int, torch.Tensor] = {}
         self.rollouts: dict[int, tuple[str, list[Rollout]]] = {}
+        self.next_handle = 0
 
     @property
     def num_train_rows(self) -> int:
@@ -192,7 +215,8 @@ class InProcessBackend(RolloutBackend):
         batches = [Rollout(noise[rows], select(cond, rows)) for rows in batch_slices(len(noise), self.batch_size)]
         for batch in batches:
             batch.outputs.append(self.denoiser(batch.x_T, timestep, batch.cond))
-        handle = len(self.rollouts)
+        handle = self.next_handle  # a counter: rollouts stay open side by side (the screen's reference)
+        self.next_handle += 1
         self.rollouts[handle] = (split, batches)
         return handle
 
@@ -214,8 +238,19 @@ class InProcessBackend(RolloutBackend):
             if next_timestep is not None:
                 batch.outputs.append(self.denoiser(batch.state, next_timestep, batch.cond))
 
+    def has_split(self, split: str) -> bool:
+        return split in self.splits
+
+    def final_differences(self, handle: int, reference: int) -> np.ndarray:
+        (split, batches), (reference_split, references) = self.rollouts[handle], self.rollouts[reference]
+        if split != reference_split:
+            raise ValueError(f"rollouts {handle} ({split}) and {reference} ({reference_split}) are of different splits")
+        return per_sample_mse(torch.cat([b.state for b in batches]), torch.cat([b.state for b in references]))
+
     def final_errors(self, handle: int) -> np.ndarray:
         split, batches = self.rollouts[handle]
+        if split == SCREEN:
+            raise ValueError("the screen split has no teacher: compare rollouts there with final_differences")
         final = torch.cat([batch.state for batch in batches])
         reference = self.validation_final if split == VALIDATION else self.train_states[max(self.train_states)]
         return per_sample_mse(final, reference)

@@ -22,7 +22,6 @@ given ``TeacherSchedule``), and only the built-in candidates depend on the famil
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -30,8 +29,6 @@ import torch
 
 from olss_dist.core.builtin import (
     LINEAR_BUILTINS,
-    ProcessBuiltins,
-    exact_vp_config,
     process_builtins,
 )
 from olss_dist.core.calibration import Calibration, as_tensor
@@ -40,8 +37,8 @@ from olss_dist.core.noise_process import (
     VPProcess,
     noise_process_from_config,
 )
-from olss_dist.core.onpolicy import DEFAULT_RIDGE, solve_step
-from olss_dist.core.path_search import check_num_steps, even_nodes
+from olss_dist.core.onpolicy import solve_step
+from olss_dist.core.path_search import check_num_steps
 from olss_dist.core.plan import Plan
 from olss_dist.core.teacher import (
     Denoiser,
@@ -51,15 +48,26 @@ from olss_dist.core.teacher import (
     validate_timesteps,
 )
 from olss_dist.core.tsqr import merge_r_factors
+from olss_dist.method.candidates import (  # noqa: F401  (Candidate, builtin_config: imported from here too)
+    DEFAULT_RIDGES,
+    Candidate,
+    builtin_config,
+    candidate_record,
+    candidates_for,
+    quadratic_nodes,
+    trust_region_candidates,
+)
 from olss_dist.method.choice import DEFAULT_RULES, ChoiceRules, choose
 from olss_dist.method.node_search import NODE_SEARCH_MIN_SAMPLES, searched_candidate
 from olss_dist.method.rollouts import (
+    SCREEN,
     TRAIN,
     VALIDATION,
     InProcessBackend,
     RolloutBackend,
     error_summary,
 )
+from olss_dist.method.screen import TailScreen, run_to_end
 from olss_dist.method.starts import fit_start_plans, start_nodes
 from olss_dist.spec import CalibrationSpec
 
@@ -68,89 +76,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_STEPS = CalibrationSpec.steps  # the one default step list
 DEFAULT_BUILTINS = LINEAR_BUILTINS  # every VP built-in solver with an exact OLSS form (flow: the process's)
 DEFAULT_TEACHER_STEPS = CalibrationSpec.teacher_steps
-DEFAULT_RIDGES = (DEFAULT_RIDGE, 10 * DEFAULT_RIDGE)
 DEFAULT_TRUST_RIDGES = (1e-4, 1e-2)
+"""Ridges of the trust-region candidates: on-policy fits on the best built-in's nodes pulled towards its rows."""
 DEFAULT_NODE_SEARCH_STEPS = (4, 5, 6)
 """Step counts whose nodes are searched on-policy (``method.node_search``): where node positions matter most."""
 DEFAULT_NODE_SEARCH_EVALUATIONS = 40
-"""Ridges of the trust-region candidates: on-policy fits on the best built-in's nodes pulled towards its rows."""
-
-
-@dataclass
-class Candidate:
-    """A path to score: fixed coefficients (``coefficients`` given) or to be fitted on-policy.
-
-    ``timesteps``: ``(K,)`` the model timesteps it samples at; None: the teacher's at ``nodes``
-    (every fitted candidate). Built-ins carry their own (a flow built-in's are off the teacher's grid).
-    """
-
-    name: str
-    nodes: list[int]
-    spacing: str
-    fit: str
-    ridge: float | None = None
-    coefficients: np.ndarray | None = None
-    step_errors: np.ndarray | None = None
-    timesteps: np.ndarray | None = None
-    prior: np.ndarray | None = None
-
-    def step_timesteps(self, teacher_timesteps: np.ndarray) -> np.ndarray:
-        """``(K,)`` the model timesteps of its steps."""
-        return teacher_timesteps[self.nodes] if self.timesteps is None else self.timesteps
-
-
-def quadratic_nodes(num_teacher_steps: int, num_steps: int) -> list[int]:
-    """Nodes ``N (i/K)^2`` made strictly increasing: dense at the start (high noise), sparse at the end."""
-    check_num_steps(num_teacher_steps, num_steps)
-    nodes = []
-    for i in range(num_steps):
-        node = int(num_teacher_steps * (i / num_steps) ** 2)
-        nodes.append(max(node, nodes[-1] + 1) if nodes else 0)
-    overflow = nodes[-1] - (num_teacher_steps - 1)
-    return nodes if overflow <= 0 else even_nodes(num_teacher_steps, num_steps)
-
-
-builtin_config = exact_vp_config
-"""A diffusers scheduler config with exactly a VP model's noise schedule (``core.builtin.exact_vp_config``)."""
-
-
-def candidates_for(
-    calibration: Calibration,
-    num_steps: int,
-    process_solvers: ProcessBuiltins,
-    builtins: Sequence[str] | None = None,
-    ridges: Sequence[float] = DEFAULT_RIDGES,
-) -> list[Candidate]:
-    """Every candidate for ``num_steps`` steps, in a fixed order (ties go to the earlier one).
-
-    Args:
-        process_solvers: how the noise process's built-ins are built (``core.builtin.process_builtins``).
-        builtins: the built-in solvers to include; None: the process's (``process_solvers.names``).
-    """
-    n = calibration.num_teacher_steps
-    minimax = calibration.plan(num_steps)
-    paths = {"minimax": minimax.nodes}
-    for spacing, nodes in (("uniform", even_nodes(n, num_steps)), ("quadratic", quadratic_nodes(n, num_steps))):
-        if nodes not in paths.values():
-            paths[spacing] = nodes
-    candidates = [
-        Candidate(f"on_policy/{spacing}/ridge={ridge:g}", nodes, spacing, "on_policy", ridge=ridge)
-        for spacing, nodes in paths.items()
-        for ridge in ridges
-    ]
-    candidates.append(
-        Candidate("teacher_forced/minimax", minimax.nodes, "minimax", "teacher_forced",
-                  coefficients=minimax.coefficients, step_errors=minimax.step_errors)
-    )
-    for name in process_solvers.names if builtins is None else builtins:
-        try:
-            plan = process_solvers.plan(name, num_steps, calibration.timesteps)
-        except ValueError as error:
-            logger.warning("built-in %s skipped at %d steps: %s", name, num_steps, error)
-            continue
-        candidates.append(Candidate(f"builtin/{name}", plan.nodes, plan.spacing, plan.fit,
-                                    coefficients=plan.coefficients, timesteps=plan.timesteps))
-    return candidates
 
 
 def fit_candidate(backend: RolloutBackend, candidate: Candidate, timesteps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -176,28 +106,11 @@ def fit_candidate(backend: RolloutBackend, candidate: Candidate, timesteps: np.n
 def validation_errors(backend: RolloutBackend, coefficients: np.ndarray, step_timesteps: Sequence[int | float]) -> np.ndarray:
     """``(V,)`` per-sample mean squared error of the sampler's final state on the validation split, the
     sampler calling the model at ``step_timesteps (K,)``."""
-    handle = backend.start(VALIDATION, model_timestep(step_timesteps[0]))
+    handle = run_to_end(backend, VALIDATION, coefficients, step_timesteps)
     try:
-        for i in range(len(step_timesteps)):
-            next_timestep = model_timestep(step_timesteps[i + 1]) if i + 1 < len(step_timesteps) else None
-            backend.advance(handle, coefficients[i, : i + 2], next_timestep)
         return backend.final_errors(handle)
     finally:
         backend.close(handle)
-
-
-def candidate_record(candidate: Candidate, coefficients: np.ndarray, scores: dict[str, float]) -> dict[str, Any]:
-    """The JSON-able report entry of a scored candidate."""
-    return {
-        "name": candidate.name,
-        "nodes": candidate.nodes,
-        "spacing": candidate.spacing,
-        "fit": candidate.fit,
-        "ridge": candidate.ridge,
-        "max_abs_coefficient": float(np.abs(coefficients).max()),
-        "error": scores["rmse"],
-        **scores,
-    }
 
 
 def run_method(
@@ -248,63 +161,67 @@ def run_method(
         candidates[k] += [] if searched is None else [searched]
     paths = [c.nodes for group in candidates.values() for c in group]
     backend.keep_train_states({n for nodes in paths for n in nodes}, start_nodes(paths, start_strengths))
-    plans = {}
-    for k, group in candidates.items():
-        scored, errors = [], []
-
-        def score(candidate: Candidate) -> None:
-            if candidate.coefficients is None:
-                candidate.coefficients, candidate.step_errors = fit_candidate(backend, candidate, timesteps)
-            errors.append(validation_errors(backend, candidate.coefficients, candidate.step_timesteps(timesteps)))
-            scores = error_summary(errors[-1])
-            scored.append(candidate_record(candidate, candidate.coefficients, scores))
-            progress(f"{k} steps: {candidate.name} validation RMSE {scores['rmse']:.4g}")
-
-        for candidate in group:
-            score(candidate)
-        group = group + trust_region_candidates(group, [s["rmse"] for s in scored], trust_ridges)
-        for candidate in group[len(scored):]:
-            score(candidate)
-        choice = choose([c.name for c in group], errors, [c.fit.startswith("builtin") for c in group],
-                        [s["max_abs_coefficient"] for s in scored], calibration.num_samples, choice_rules)
-        progress(f"{k} steps: ships {group[choice.index].name}: {choice.record['reason']}")
-        best = group[choice.index]
-        plans[k] = Plan(
-            nodes=best.nodes,
-            timesteps=best.step_timesteps(timesteps),
-            coefficients=best.coefficients,
-            step_errors=best.step_errors if best.step_errors is not None else np.full(k, np.nan),
-            search_errors=calibration.search_errors(best.nodes),
-            fit=best.fit,
-            spacing=best.spacing,
-            candidates=scored,
-            num_teacher_steps=len(timesteps),
-            choice=choice.record,
-        )
+    screen = TailScreen(backend, solvers, timesteps, choice_rules, progress) \
+        if choice_rules.screens and backend.has_split(SCREEN) else None
+    try:
+        plans = {k: choose_plan(backend, calibration, k, group, timesteps, trust_ridges, choice_rules, screen, progress)
+                 for k, group in candidates.items()}
+    finally:
+        if screen is not None:
+            screen.close()
     if start_strengths:
         plans.update(fit_start_plans(backend, process, calibration, plans, start_strengths, ridges, progress))
     return plans, calibration
 
 
-def trust_region_candidates(group: Sequence[Candidate], rmse: Sequence[float], ridges: Sequence[float]) -> list[Candidate]:
-    """On-policy fits on the nodes of the best built-in (lowest ``rmse`` among ``group``'s built-ins) whose
-    ridge pulls each step towards that built-in's row instead of towards zero: a trust region around a
-    stable solver (a large ridge gives the built-in back; ``ridges`` from small to large trade the fit's gain
-    for the built-in's robustness, and validation picks). None without a built-in or ridges.
+def choose_plan(
+    backend: RolloutBackend,
+    calibration: Calibration,
+    k: int,
+    group: list[Candidate],
+    timesteps: np.ndarray,
+    trust_ridges: Sequence[float],
+    choice_rules: ChoiceRules,
+    screen: TailScreen | None,
+    progress: Callable[[str], None],
+) -> Plan:
+    """Fit and score ``group`` (the K-step candidates) and the trust-region candidates on the validation
+    samples, and choose what ships (``method.choice.choose``; through ``screen`` when there is one)."""
+    scored, errors = [], []
 
-    The candidate calls the model at the teacher's timesteps of those nodes (a flow built-in's own
-    timesteps are generally off the teacher's grid, its nodes the nearest teacher indices).
-    """
-    builtins = [(r, i) for i, (c, r) in enumerate(zip(group, rmse)) if c.fit.startswith("builtin") and np.isfinite(r)]
-    if not builtins or not ridges:
-        return []
-    best = group[min(builtins)[1]]
-    solver = best.fit.partition(":")[2]
-    return [
-        Candidate(f"trust_region/{solver}/ridge={ridge:g}", list(best.nodes), best.spacing, "on_policy",
-                  ridge=float(ridge), prior=np.asarray(best.coefficients, dtype=np.float64))
-        for ridge in ridges
-    ]
+    def score(candidate: Candidate) -> None:
+        if candidate.coefficients is None:
+            candidate.coefficients, candidate.step_errors = fit_candidate(backend, candidate, timesteps)
+        errors.append(validation_errors(backend, candidate.coefficients, candidate.step_timesteps(timesteps)))
+        scores = error_summary(errors[-1])
+        scored.append(candidate_record(candidate, candidate.coefficients, scores))
+        progress(f"{k} steps: {candidate.name} validation RMSE {scores['rmse']:.4g}")
+
+    for candidate in group:
+        score(candidate)
+    group = group + trust_region_candidates(group, [s["rmse"] for s in scored], trust_ridges)
+    for candidate in group[len(scored):]:
+        score(candidate)
+    arguments = ([c.name for c in group], errors, [c.fit.startswith("builtin") for c in group],
+                 [s["max_abs_coefficient"] for s in scored], calibration.num_samples)
+    if screen is None:
+        choice = choose(*arguments, choice_rules)
+    else:
+        choice = screen.choose(*arguments, [(c.coefficients, c.step_timesteps(timesteps)) for c in group], choice_rules)
+    progress(f"{k} steps: ships {group[choice.index].name}: {choice.record['reason']}")
+    best = group[choice.index]
+    return Plan(
+        nodes=best.nodes,
+        timesteps=best.step_timesteps(timesteps),
+        coefficients=best.coefficients,
+        step_errors=best.step_errors if best.step_errors is not None else np.full(k, np.nan),
+        search_errors=calibration.search_errors(best.nodes),
+        fit=best.fit,
+        spacing=best.spacing,
+        candidates=scored,
+        num_teacher_steps=len(timesteps),
+        choice=choice.record,
+    )
 
 
 def check_split(noise: Any, cond: Any, name: str) -> torch.Tensor:
@@ -337,6 +254,8 @@ def calibrate(
     trust_ridges: Sequence[float] = DEFAULT_TRUST_RIDGES,
     choice_rules: ChoiceRules = DEFAULT_RULES,
     start_strengths: Sequence[float] = (),
+    screen_noise: Any = None,
+    screen_cond: Any = None,
 ) -> dict[int | tuple[int, int], Plan]:
     """OLSS calibration in one process: the reference the distributed job reproduces.
 
@@ -364,6 +283,9 @@ def calibrate(
         choice_rules: the robust choice's thresholds (``method.choice.ChoiceRules``).
         start_strengths: img2img strengths to fit start plans for (``method.starts``; the job's are
             ``CalibrationSpec.img2img_strengths``); none by default.
+        screen_noise, screen_cond: the tail screen's fresh samples (``method.screen``; no teacher runs on them);
+            None: ``choice_rules.screen_samples`` initial noises drawn here (seeded) with the train conditioning
+            cycled. Unused when ``choice_rules`` has no screen.
 
     Returns:
         ``{K: Plan}``, the validated best plan per step count, and ``{(K, s): Plan}`` the start plans that
@@ -375,9 +297,35 @@ def calibrate(
     process, teacher = calibration_teacher(timesteps, alphas_cumprod, scheduler_config, mu, num_teacher_steps)
     noise = check_split(noise, cond, "noise")
     validation_noise = check_split(validation_noise, validation_cond, "validation_noise")
-    backend = InProcessBackend(denoiser, noise, cond, validation_noise, validation_cond, batch_size, progress)
+    if not choice_rules.screens:
+        screen_noise = screen_cond = None
+    elif screen_noise is None:
+        screen_noise, screen_cond = screen_samples(noise, cond, choice_rules)
+    else:
+        screen_noise = check_split(screen_noise, screen_cond, "screen_noise")
+    backend = InProcessBackend(denoiser, noise, cond, validation_noise, validation_cond, batch_size, progress,
+                               screen_noise, screen_cond)
     return run_method(backend, process, teacher, steps, builtins, ridges, progress, trust_ridges, choice_rules,
                       start_strengths=start_strengths)[0]
+
+
+SCREEN_SEED = 2**31 - 2
+"""Seed of the screen's fresh initial noise in ``calibrate`` (plus ``ChoiceRules.seed``), far from usual sample seeds."""
+
+
+def screen_samples(noise: torch.Tensor, cond: Any, rules: ChoiceRules) -> tuple[torch.Tensor, Any]:
+    """``rules.screen_samples`` fresh initial noises like ``noise`` (seeded) with the train conditioning cycled:
+    the tail screen's samples in ``calibrate`` (``method.screen``)."""
+    generator = torch.Generator().manual_seed(SCREEN_SEED + rules.seed)
+    fresh = torch.randn((rules.screen_samples, *noise.shape[1:]), generator=generator, dtype=torch.float64)
+    indices = np.arange(rules.screen_samples) % len(noise)
+    if isinstance(cond, torch.Tensor):
+        taken = cond[torch.as_tensor(indices, device=cond.device)]
+    elif isinstance(cond, (list, tuple)):
+        taken = type(cond)(cond[i] for i in indices)
+    else:
+        taken = cond[indices]
+    return fresh.to(noise.dtype).to(noise.device), taken
 
 
 def calibration_teacher(

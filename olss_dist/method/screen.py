@@ -1,0 +1,198 @@
+"""The tail screen: fresh samples that a fitted winner must not lose on, scored without the teacher.
+
+The validation samples choose among candidates, but 16 to 128 of them rarely contain a tail of 1 %: a plan
+that is better on almost every sample and sends one in a hundred to another mode of the data passes them
+(``method.choice.tail_seen_rate``). Seeing such a tail needs hundreds of samples, and the N-step teacher on
+each costs N model calls. The screen avoids the teacher: on ``S`` fresh samples (new initial noise with the
+calibration's own conditioning, the ``SCREEN`` split) it runs a **reference** sampler, the process's built-in
+solver at ``R = screen_reference_steps`` steps (50; at most N) that is closest to the teacher on the
+validation samples, and compares each candidate's final state with the reference's.
+
+The comparison is exact up to the reference's own error. Write ``r_c(s)`` for a sampler's per-sample RMSE
+against the reference and ``d(s)`` for the reference's against the teacher, bounded by
+``w = screen_bound_factor * max_validation d``. By the triangle inequality the sampler's error against the
+teacher is at least ``g_c(s) = max(r_c(s) - w, 0)``: error that is certain, zero on samples where the sampler
+stays within ``w`` of the reference and of the order of the data's scale where it switched mode. ``tail(c)``
+(``TailScreen.tail``) is the RMSE such samples contribute, with the rate of the ``k`` seen taken at its Poisson
+upper bound: a blow-up seen once may be five times as common as one in ``S``.
+
+The screen enters the choice twice:
+
+- **Criterion.** Each candidate's ``tail`` is added in quadrature to its validation bound
+  (``method.choice.choose(tails=)``): a plan that sends a few fresh samples to another mode ranks below a
+  steady one. Candidates are screened lazily, best first, until the winner has been screened.
+- **Failure.** A fitted winner whose ``tail`` exceeds ``upper(b)``, the larger of the best built-in's upper
+  bootstrap bound of pooled validation RMSE (against the teacher itself) and ``tail(b)``, is certainly worse on
+  the fresh samples than the built-in plausibly is: it is excluded and the choice is made again, until a fitted
+  plan passes or a built-in ships.
+
+Cost: ``R`` model calls per screen sample once, plus ``K`` per screened candidate (the winner and the best
+built-in; a failed winner's successor), a small fraction of the teacher's N when ``S`` is a few times the
+validation size. Pure method code: the samples live in the backend (``RolloutBackend.final_differences``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from olss_dist.core.builtin import ProcessBuiltins
+from olss_dist.core.teacher import model_timestep
+from olss_dist.method.choice import (
+    Choice,
+    ChoiceRules,
+    bootstrap_indices,
+    choose,
+    interval,
+    resampled_rmse,
+    tail_seen_rate,
+)
+from olss_dist.method.rollouts import SCREEN, VALIDATION, RolloutBackend
+
+
+def run_to_end(backend: RolloutBackend, split: str, coefficients: np.ndarray, step_timesteps: Sequence[int | float]) -> int:
+    """Start a rollout of ``split`` and run the sampler ``coefficients (K, K+1)`` through all its steps, calling
+    the model at ``step_timesteps (K,)``; returns the open handle (the caller closes it)."""
+    handle = backend.start(split, model_timestep(step_timesteps[0]))
+    try:
+        for i in range(len(step_timesteps)):
+            next_timestep = model_timestep(step_timesteps[i + 1]) if i + 1 < len(step_timesteps) else None
+            backend.advance(handle, coefficients[i, : i + 2], next_timestep)
+    except BaseException:
+        backend.close(handle)
+        raise
+    return handle
+
+
+class TailScreen:
+    """The screen of one calibration: its reference rollout and every screened sampler's distances to it.
+
+    Args:
+        backend: holds the ``SCREEN`` split (``backend.has_split(SCREEN)``).
+        solvers: the process's built-ins; the reference is one of them.
+        timesteps: ``(N,)`` the teacher's timesteps.
+        rules: ``screen_reference_steps``, ``screen_bound_factor`` and ``confidence``.
+        progress: called with a line per stage.
+    """
+
+    def __init__(self, backend: RolloutBackend, solvers: ProcessBuiltins, timesteps: np.ndarray,
+                 rules: ChoiceRules, progress: Callable[[str], None] | None = None):
+        self.backend, self.rules = backend, rules
+        self.progress = progress or (lambda message: None)
+        self.distances: dict[str, np.ndarray] = {}  # by 'name@K'
+        worst: dict[str, float] = {}
+        plans = {}
+        # R steps, or the teacher's own grid (N) where no built-in's R timesteps lie on it (small N)
+        for steps in dict.fromkeys((min(len(timesteps), rules.screen_reference_steps), len(timesteps))):
+            for name in solvers.names:
+                try:
+                    plans[name] = solvers.plan(name, steps, timesteps)
+                except ValueError:
+                    continue
+                handle = run_to_end(backend, VALIDATION, plans[name].coefficients, plans[name].timesteps)
+                try:
+                    errors = backend.final_errors(handle)
+                finally:
+                    backend.close(handle)
+                worst[name] = float(np.sqrt(errors.max())) if np.all(np.isfinite(errors)) else float("inf")
+            if worst and np.isfinite(min(worst.values())):
+                break
+        else:
+            raise ValueError("tail screen: no built-in solver gives a finite reference")
+        name = min(worst, key=lambda n: (worst[n], n))
+        self.bound = rules.screen_bound_factor * worst[name]
+        plan = plans[name]
+        self.handle = run_to_end(backend, SCREEN, plan.coefficients, plan.timesteps)
+        self.samples = len(backend.final_differences(self.handle, self.handle))
+        self.record: dict[str, Any] = {
+            "reference": f"builtin/{name}", "reference_steps": len(plan.timesteps),
+            "reference_worst_validation_rmse": worst[name], "bound": self.bound,
+        }
+        self.progress(f"tail screen: reference {name} at {len(plan.timesteps)} steps, worst validation RMSE {worst[name]:.3g}")
+
+    def distance(self, name: str, coefficients: np.ndarray, step_timesteps: Sequence[int | float]) -> np.ndarray:
+        """``(S,)`` per-sample RMSE of a sampler's final state against the reference's (cached by name and K)."""
+        key = f"{name}@{len(step_timesteps)}"
+        if key not in self.distances:
+            handle = run_to_end(self.backend, SCREEN, coefficients, step_timesteps)
+            try:
+                self.distances[key] = np.sqrt(self.backend.final_differences(handle, self.handle))
+            finally:
+                self.backend.close(handle)
+        return self.distances[key]
+
+    def tail(self, distances: np.ndarray) -> float:
+        """The certain part of a sampler's pooled RMSE on the screen, with the uncertainty of a rare event.
+
+        ``g(s) = max(r(s) - w, 0)`` is certain error (module docstring); ``k`` samples have ``g > 0``. The rate of
+        such samples may be up to ``U(k) / S`` (the one-sided ``(1 + confidence) / 2`` Poisson upper bound of a count
+        ``k``: ``chi2.ppf(q, 2k + 2) / 2``, 3.0 for ``k = 0`` at 95 %, 4.74 for 1), so the tail's RMSE is at most
+        ``sqrt(mean_{g>0}(g^2) * U(k) / S)``; 0 when no sample is beyond ``w``. One gross sample in a thousand thus
+        counts nearly five times its share: the screen punishes blow-ups it has seen once.
+        """
+        from scipy.stats import chi2
+
+        with np.errstate(invalid="ignore", over="ignore"):
+            certain = np.maximum(np.where(np.isfinite(distances), distances, np.inf) - self.bound, 0.0)
+        beyond = certain[certain > 0]
+        if len(beyond) == 0:
+            return 0.0
+        if not np.all(np.isfinite(beyond)):
+            return float("inf")
+        rate = chi2.ppf((1.0 + self.rules.confidence) / 2.0, 2 * len(beyond) + 2) / 2.0 / len(distances)
+        return float(np.sqrt(np.mean(beyond**2) * rate))
+
+    def choose(self, names: Sequence[str], errors: Sequence[np.ndarray], builtin: Sequence[bool],
+               max_abs_coefficients: Sequence[float], num_train_samples: int,
+               samplers: Sequence[tuple[np.ndarray, np.ndarray]], rules: ChoiceRules) -> Choice:
+        """``method.choice.choose`` with the screen. ``samplers``: per candidate ``(coefficients, step timesteps)``.
+
+        The criterion adds each candidate's certain tail error on the screen (``lower``) to its validation bound;
+        candidates are screened lazily, best first: the winner is screened (with the best built-in) and the choice
+        made again until the winner was screened, since an unscreened candidate's criterion only grows when it is.
+        Then a fitted winner whose ``lower`` exceeds the best built-in's bound fails: it is excluded and the
+        choice is made again. The record gains ``tail_screen`` (the reference, the bound, and each screened
+        candidate's tail and the failure test)."""
+        excluded: dict[str, str] = {}
+        tails: dict[str, float] = {}
+        screened: dict[str, dict[str, Any]] = {}
+
+        def screen(index: int) -> None:
+            distance = self.distance(names[index], *samplers[index])
+            tails[names[index]] = self.tail(distance)
+            screened[names[index]] = {"tail": tails[names[index]], "worst_distance": float(np.max(distance)),
+                                      "beyond_bound": int(np.sum(distance > self.bound))}
+
+        while True:
+            choice = choose(names, errors, builtin, max_abs_coefficients, num_train_samples, rules, excluded, tails)
+            index = choice.index
+            if choice.record["best_builtin"] is None:  # nothing to screen against: as chosen
+                break
+            best = names.index(choice.record["best_builtin"])
+            if names[index] not in tails or names[best] not in tails:
+                for i in {index, best}:
+                    if names[i] not in tails:
+                        screen(i)
+                continue
+            if builtin[index]:
+                break
+            validation_upper = interval(resampled_rmse(errors[best], bootstrap_indices(len(errors[best]), rules)),
+                                        rules.confidence)[1]
+            upper = max(validation_upper, tails[names[best]])
+            passed = tails[names[index]] <= upper
+            screened[names[index]].update({"builtin_upper": upper, "passed": passed})
+            if passed:
+                break
+            excluded[names[index]] = (f"tail screen: RMSE at least {tails[names[index]]:.3g} on {self.samples} fresh "
+                                      f"samples, above the best built-in's at most {upper:.3g}")
+            self.progress(f"{len(samplers[index][1])} steps: {names[index]} fails the tail screen "
+                          f"({tails[names[index]]:.3g} > {upper:.3g})")
+        choice.record["tail_screen"] = {**self.record, "samples": self.samples,
+                                        "tail_seen_rate": tail_seen_rate(self.samples, rules.confidence),
+                                        "screened": screened}
+        return choice
+
+    def close(self) -> None:
+        """Free the reference rollout."""
+        self.backend.close(self.handle)

@@ -1,0 +1,104 @@
+"""The tail screen (``olss_dist.method.screen``): fresh samples scored against a fine-step reference, so a plan
+that validation likes but that sends fresh samples elsewhere does not ship; its spec field and CLI option."""
+
+import numpy as np
+import pytest
+import torch
+
+from olss_dist.cli import parse_calibrate_arguments
+from olss_dist.core.builtin import process_builtins
+from olss_dist.core.teacher import trailing_timesteps
+from olss_dist.method.choice import ChoiceRules
+from olss_dist.method.rollouts import SCREEN, VALIDATION, InProcessBackend
+from olss_dist.method.run import validation_errors
+from olss_dist.method.screen import TailScreen, run_to_end
+from olss_dist.models.analytic import GaussianMixtureModel
+from olss_dist.prompts import records_from_prompts, screen_records
+from olss_dist.spec import CalibrationSpec, SpecError
+
+TEACHER_STEPS = 40
+K = 4
+
+
+def samples(model, count, seed):
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(count, *model.latent_shape, generator=generator, dtype=torch.float64)
+    return noise, torch.randint(0, model.num_classes, (count,), generator=generator)
+
+
+@pytest.fixture(scope="module")
+def screened():
+    """The analytic mixture with train, validation and 96 screen samples; the teacher run; the screen built."""
+    model = GaussianMixtureModel()
+    backend = InProcessBackend(model, *samples(model, 8, 1), *samples(model, 16, 2), screen_noise=samples(model, 96, 3)[0],
+                               screen_cond=samples(model, 96, 3)[1])
+    schedule = model.noise_process.teacher_schedule(TEACHER_STEPS)
+    backend.record_teacher(schedule)
+    timesteps = schedule.stored_timesteps()
+    solvers = process_builtins(model.noise_process)
+    rules = ChoiceRules(screen_samples=96)
+    screen = TailScreen(backend, solvers, timesteps, rules)
+    plans = {name: solvers.plan(name, K, timesteps) for name in ("ddim", "deis")}
+    return model, backend, screen, plans, rules
+
+
+def test_the_reference_is_the_builtin_closest_to_the_teacher_and_its_bound_is_measured(screened):
+    model, backend, screen, plans, rules = screened
+    record = screen.record
+    assert record["reference"].startswith("builtin/") and screen.samples == 96
+    assert record["reference_steps"] == min(TEACHER_STEPS, rules.screen_reference_steps)
+    assert record["bound"] == pytest.approx(rules.screen_bound_factor * record["reference_worst_validation_rmse"])
+    # the reference rollout stays open beside others: a sampler's distance to itself is zero
+    handle = run_to_end(backend, SCREEN, plans["deis"].coefficients, plans["deis"].timesteps)
+    try:
+        assert backend.final_differences(handle, handle).shape == (96,)
+        assert backend.final_differences(handle, screen.handle).max() > 0
+    finally:
+        backend.close(handle)
+    with pytest.raises(ValueError, match="no teacher"):
+        backend.final_errors(screen.handle)
+
+
+def test_a_plan_that_validation_likes_but_the_fresh_samples_do_not_is_excluded(screened):
+    model, backend, screen, plans, rules = screened
+    deis_errors = validation_errors(backend, plans["deis"].coefficients, plans["deis"].timesteps)
+    # DDIM at 4 steps sends many samples to other modes of the mixture; pretend its validation missed all of that
+    names = ["on_policy/pretend", "builtin/deis"]
+    samplers = [(plans["ddim"].coefficients, plans["ddim"].timesteps), (plans["deis"].coefficients, plans["deis"].timesteps)]
+    errors = [deis_errors * 0.01, deis_errors]
+    choice = screen.choose(names, errors, [False, True], [14.6, 14.6], 8, samplers, rules)
+    assert choice.record["shipped"] == "builtin/deis" and choice.record["fallback"]
+    screened_record = choice.record["tail_screen"]["screened"]["on_policy/pretend"]
+    assert screened_record["tail"] > choice.record["tail_screen"]["bound"] > 0 and screened_record["beyond_bound"] > 0
+    assert screened_record["tail"] > choice.record["tail_screen"]["screened"]["builtin/deis"]["tail"]
+    # its tail ranks it below the built-in (or, ranked first, it fails the screen)
+    assert choice.record["reason"].startswith("a built-in ranks first") or \
+        choice.record["ineligible"]["on_policy/pretend"].startswith("tail screen")
+
+
+def test_a_plan_as_steady_as_the_builtin_on_the_fresh_samples_ships(screened):
+    model, backend, screen, plans, rules = screened
+    deis_errors = validation_errors(backend, plans["deis"].coefficients, plans["deis"].timesteps)
+    names = ["on_policy/steady", "builtin/deis"]
+    samplers = [(plans["deis"].coefficients, plans["deis"].timesteps)] * 2
+    choice = screen.choose(names, [deis_errors * 0.25, deis_errors], [False, True], [14.6, 14.6], 8, samplers, rules)
+    assert choice.record["shipped"] == "on_policy/steady", choice.record["reason"]
+    entry = choice.record["tail_screen"]["screened"]["on_policy/steady"]
+    assert entry["passed"] and entry["tail"] == pytest.approx(choice.record["tail_screen"]["screened"]["builtin/deis"]["tail"])
+
+
+def test_screen_records_are_fresh_seeds_of_the_fit_prompts():
+    fit = records_from_prompts([f"a sample of class {i}" for i in range(3)])
+    screen = screen_records(fit, 7, base_seed=0)
+    assert [r.prompt for r in screen] == [fit[i % 3].prompt for i in range(7)]
+    assert len({r.seed for r in screen}) == 7 and not {r.seed for r in screen} & {r.seed for r in fit}
+    assert screen == screen_records(fit, 7, base_seed=0) and screen != screen_records(fit, 7, base_seed=1)
+
+
+def test_screen_samples_is_a_spec_field_and_an_option_outside_the_default_identity():
+    assert "screen_samples" not in CalibrationSpec().identity(None)
+    spec, _, _ = parse_calibrate_arguments(["--screen-samples", "0"])
+    assert spec.screen_samples == 0 and spec.identity(None)["screen_samples"] == 0
+    assert parse_calibrate_arguments(spec.to_arguments())[0] == spec
+    with pytest.raises(SpecError, match="screen_samples"):
+        CalibrationSpec(screen_samples=-1)
