@@ -164,7 +164,7 @@ class CalibrationSpec:
         screen_samples: fresh samples (fit prompts, new seeds) of the tail screen that a fitted plan must not
             lose to the best built-in on (``olss_dist.method.screen``); 0: none. Each costs
             50 model calls for the reference plus K per screened plan, not the teacher's N; 128 sees
-            a 1.8 % tail with 90 % probability, 512 one of 0.45 % (in-process ``calibrate`` uses 512).
+            a 1.8 % tail with 90 % probability, 1024 one of 0.22 % (in-process ``calibrate`` uses 1024).
     """
 
     model: str = "embedded"
