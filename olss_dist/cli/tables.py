@@ -187,6 +187,12 @@ def choice_table(plans: list[dict[str, Any]]):
         table.add_row(str(steps), shipped, escape(builtin), _format_short(choice.get("ratio")), interval)
         lines.append(Text(f"{steps} steps: {choice.get('reason', '')} ({choice.get('train_samples', '?')} fit / "
                           f"{choice.get('validation_samples', '?')} validation samples)"))
+        screen = choice.get("tail_screen")
+        if screen:
+            failed = [name for name, entry in screen.get("screened", {}).items() if entry.get("passed") is False]
+            lines.append(Text(f"  tail screen: {screen.get('samples')} fresh samples against {screen.get('reference')} at "
+                              f"{screen.get('reference_steps')} steps (sees a {screen.get('tail_seen_rate', 0):.2%} tail); "
+                              f"{len(screen.get('screened', {}))} screened" + (f", failed: {', '.join(failed)}" if failed else "")))
     return Group(table, *lines, Text(""))
 
 
