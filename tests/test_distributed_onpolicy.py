@@ -83,6 +83,11 @@ def test_job_plans_equal_in_process_calibrate(local_ray, tmp_path):
         assert entry["choice"] == plan.choice and entry["choice"]["shipped"] in [c["name"] for c in entry["candidates"]]
         assert entry["choice"]["validation_samples"] == 4 and entry["choice"]["reason"]
     assert report["calibrated_conditions"] == {"guidance_scales": [GUIDANCE], "resolutions": None, "negative_prompts": []}
+    scheduler_plans = json.loads(open(os.path.join(run_dir, "olss_plans.json")).read())  # the scheduler's own copy
+    assert scheduler_plans["calibrated_conditions"]["guidance_scales"] == [GUIDANCE]
+    assert scheduler_plans["calibrated_conditions"]["latent_shapes"]
+    for entry in report["plans"]:  # the tail screen ran on the job's fresh samples (CalibrationSpec.screen_samples)
+        assert entry["choice"]["tail_screen"]["samples"] == CalibrationSpec.screen_samples
     statistics = report["statistics"]
     # 4 held-out prompts over 4 workers: one validation shard each, so every worker runs a held-out teacher
     assert statistics["computed_shards"] == 4 and statistics["validation_teacher_runs"] == 4
