@@ -162,9 +162,10 @@ class CalibrationSpec:
         img2img_strengths: img2img / inpainting strengths to calibrate start plans for (each starts the
             K-step plan at step ``K - int(K * strength)``, as diffusers' pipelines do); ``()``: none.
         screen_samples: fresh samples (fit prompts, new seeds) of the tail screen that a fitted plan must not
-            lose to the best built-in on (``olss_dist.method.screen``); 0: none. Each costs
-            50 model calls for the reference plus K per screened plan, not the teacher's N; 128 sees
-            a 1.8 % tail with 90 % probability, 1024 one of 0.22 % (in-process ``calibrate`` uses 1024).
+            lose to the best built-in on (``olss_dist.method.screen``); 0: none; ``None``: twice the fit prompts
+            (``screen_count``: 128 for the default job's 64). Each costs 50 model calls for the reference plus K
+            per screened plan, not the teacher's N; 128 sees a 1.8 % tail with 90 % probability, 1024 one of
+            0.22 % (in-process ``calibrate`` uses 1024).
     """
 
     model: str = "embedded"
@@ -177,7 +178,7 @@ class CalibrationSpec:
     resolution: tuple[int, int] | None = None
     lora: str | None = None
     img2img_strengths: tuple[float, ...] = (0.3, 0.5, 0.75)
-    screen_samples: int = 128
+    screen_samples: int | None = None
 
     def __post_init__(self) -> None:
         _check_text(self.model, "model", optional=False)
@@ -196,7 +197,8 @@ class CalibrationSpec:
         _check_int(self.seed, "seed", 0)
         _check_text(self.lora, "lora", optional=True)
         object.__setattr__(self, "img2img_strengths", parse_strengths(self.img2img_strengths))
-        _check_int(self.screen_samples, "screen_samples", 0)
+        if self.screen_samples is not None:
+            _check_int(self.screen_samples, "screen_samples", 0)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], base: "CalibrationSpec | None" = None, where: str = "") -> "CalibrationSpec":
@@ -221,7 +223,7 @@ class CalibrationSpec:
         default prompts, which the model digest identifies, so no model has to be loaded to know it).
         ``resolution`` is a key only when stated, so a run at the model's own resolution keeps the
         identity it had before the field existed; so is ``lora``, and ``img2img_strengths`` and
-        ``screen_samples`` only when they differ from the default.
+        ``screen_samples`` only when stated.
         """
         identity = {
             "model": self.model,
@@ -239,9 +241,13 @@ class CalibrationSpec:
             identity["lora"] = self.lora
         if self.img2img_strengths != CalibrationSpec.img2img_strengths:
             identity["img2img_strengths"] = list(self.img2img_strengths)
-        if self.screen_samples != CalibrationSpec.screen_samples:
+        if self.screen_samples is not None:
             identity["screen_samples"] = self.screen_samples
         return identity
+
+    def screen_count(self, num_fit: int) -> int:
+        """The tail screen's samples of a job with ``num_fit`` fit prompts: ``screen_samples``, or twice ``num_fit``."""
+        return 2 * int(num_fit) if self.screen_samples is None else self.screen_samples
 
     def digest(self, prompts_digest: str | None) -> str:
         """sha256 of ``identity(prompts_digest)``: with the model digest, the name of a calibration."""
@@ -269,7 +275,7 @@ class CalibrationSpec:
             arguments += ["--lora", self.lora]
         if self.img2img_strengths != CalibrationSpec.img2img_strengths:
             arguments += ["--img2img-strengths", format_strengths(self.img2img_strengths)]
-        if self.screen_samples != CalibrationSpec.screen_samples:
+        if self.screen_samples is not None:
             arguments += ["--screen-samples", str(self.screen_samples)]
         return arguments
 

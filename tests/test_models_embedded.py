@@ -10,6 +10,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from transformers import CLIPTokenizer
 
 from olss_dist.apps.evaluate import run_sampler
+from olss_dist.method.choice import ChoiceRules
 from olss_dist.method.run import calibrate
 from olss_dist.models import content_digest, load_model
 from olss_dist.models.embedded import EMBEDDED_MODEL_PATH, default_prompts, digit_prompt
@@ -81,6 +82,7 @@ def test_olss_from_its_own_calibration_beats_ddim_at_ten_steps(embedded):
     plans = calibrate(
         embedded, noise[:24], cond[:24], timesteps, embedded.alphas_cumprod, steps=(10,),
         validation_noise=noise[24:], validation_cond=cond[24:],
+        choice_rules=ChoiceRules(screen_samples=32),  # the screen is tested elsewhere (test_screen); 1024 cost 200 s here
     )
     olss = OLSSScheduler.from_plans(list(plans.values()))
     test_noise = embedded.initial_noise(range(1000, 1008))

@@ -182,7 +182,7 @@ CALIBRATION_HELP = {
     "resolution": "pixels to calibrate at, e.g. 1024 or 768x1344 (height x width); default: the model's own",
     "lora": "diffusers LoRA fused into --model before calibrating: a .safetensors file or a folder of one, path or URI",
     "img2img_strengths": "comma-separated img2img / inpainting strengths to calibrate start plans for ('none': none)",
-    "screen_samples": "fresh samples (fit prompts, new seeds) a fitted plan must not lose to the best built-in on (0: no tail screen)",
+    "screen_samples": "fresh samples (fit prompts, new seeds) a fitted plan must not lose to the best built-in on (0: no tail screen; default: twice the fit prompts)",
     "output": "registry root the run is published under: a path or fsspec URI (s3://...)",
     "device": f"worker device: {', '.join(DEVICES)} (auto: GPUs when the cluster has any)",
     "num_workers": "actors (default: one per GPU, or one per CPU)",
@@ -224,7 +224,7 @@ def calibration_config(
     quiet: bool,
     reserve_timeout: float | None = None,
     img2img_strengths: str = format_strengths(SPEC.img2img_strengths),
-    screen_samples: int = SPEC.screen_samples,
+    screen_samples: int | None = SPEC.screen_samples,
 ) -> tuple[CalibrationSpec, ExecutionConfig, bool]:
     """``olss-dist calibrate``'s options as the job's spec, execution config and ``quiet``; SpecError otherwise."""
     spec = CalibrationSpec(
@@ -276,7 +276,7 @@ def calibrate(
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress output (for cron); the URI is still printed")] = False,
     reserve_timeout: Annotated[Optional[float], typer.Option(help=CALIBRATION_HELP["reserve_timeout_s"])] = EXECUTION.reserve_timeout_s,
     img2img_strengths: Annotated[str, typer.Option(help=CALIBRATION_HELP["img2img_strengths"])] = format_strengths(SPEC.img2img_strengths),
-    screen_samples: Annotated[int, typer.Option(help=CALIBRATION_HELP["screen_samples"])] = SPEC.screen_samples,
+    screen_samples: Annotated[Optional[int], typer.Option(help=CALIBRATION_HELP["screen_samples"])] = SPEC.screen_samples,
 ) -> None:
     """Calibrate a model's OLSS schedulers on a Ray cluster and publish the run (see docs/distributed.md).
 

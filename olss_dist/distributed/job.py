@@ -230,6 +230,7 @@ def run_job(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = 
             execution.storage_options,
         )
         train_shards = make_shards(fit, execution.shard_size)
+        screen = spec.screen_count(len(fit))
         progress = ShardProgress(len(train_shards), len(fit), quiet=quiet)
         progress.log(
             f"calibrating {model['model_id']} on {num_workers} {device} workers: {len(fit)} fit prompts, "
@@ -243,13 +244,13 @@ def run_job(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = 
             progress,
             planned_steps=spec.steps,
             planner_parallelism=num_workers,
-            screen_shards=make_shards(screen_records(fit, spec.screen_samples, spec.seed),  # the tail screen's samples
-                                      validation_shard_size(execution, spec.screen_samples, num_workers)) if spec.screen_samples else (),
+            screen_shards=make_shards(screen_records(fit, screen, spec.seed),  # the tail screen's samples
+                                      validation_shard_size(execution, screen, num_workers)) if screen else (),
         )
         process = model_process(model)
         plans_by_steps, calibration = run_method(backend, process, spec.teacher_steps, spec.steps, progress=progress.log,
                                                  start_strengths=spec.img2img_strengths,
-                                                 choice_rules=ChoiceRules(screen_samples=spec.screen_samples))
+                                                 choice_rules=ChoiceRules(screen_samples=screen))
         plans = [plans_by_steps[k] for k in spec.steps]
         start_plans = served_start_plans(plans_by_steps)
         conditions = calibrated_conditions(spec, model, records)
