@@ -1,7 +1,7 @@
 """LoRA fine-tunes (``--model BASE --lora PATH``) end to end over the embedded model.
 
 Two random rank-2 LoRAs of the embedded UNet's attention are built here (peft, saved with diffusers'
-``save_lora_weights`` as safetensors). One goes through ``jobs/calibrate.py`` on a local Ray (N=100, K in
+``save_lora_weights`` as safetensors). One goes through ``jobs/calibrate.py`` on a local Ray (N=50, K in
 {5, 10}); the published scheduler drives ``StableDiffusionPipeline`` with the LoRA loaded to a finite image,
 and a refit of a registry naming both LoRAs skips the calibrated one and would run the other. The model
 digest covers base and LoRA; a LoRA that does not fit the base is one ``error:`` line naming ``--lora``,
@@ -64,11 +64,11 @@ def prompts_file(tmp_path_factory) -> Path:
 
 
 def calibrate(output: Path, lora: Path | str, prompts: Path) -> subprocess.CompletedProcess:
-    """``python jobs/calibrate.py --model embedded --lora LORA`` at N=100, K in {5, 10}, no start plans, on a
+    """``python jobs/calibrate.py --model embedded --lora LORA`` at N=50, K in {5, 10}, no start plans, on a
     2-CPU local Ray."""
     command = [
         sys.executable, "jobs/calibrate.py", "--output", str(output), "--model", "embedded", "--lora", str(lora),
-        "--prompts", str(prompts), "--teacher-steps", "100", "--steps", "5,10", "--shard-size", "4",
+        "--prompts", str(prompts), "--teacher-steps", "50", "--steps", "5,10", "--shard-size", "4",
         "--device", "cpu", "--local-cpus", "2", "--img2img-strengths", "none", "--quiet",  # start plans: not under test
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -171,7 +171,7 @@ def test_a_lora_job_publishes_a_scheduler_that_drives_the_pipeline_with_the_lora
     assert manifest["config"]["lora"] == str(loras["a"]) and report["model"]["lora"] == str(loras["a"])
     assert manifest["model"]["id"] == f"embedded+lora:{loras['a']}"
     assert manifest["model"]["digest"] == model_digest("embedded", lora=str(loras["a"]))
-    assert manifest["teacher_steps"] == 100 and manifest["planned_step_counts"] == [5, 10]
+    assert manifest["teacher_steps"] == 50 and manifest["planned_step_counts"] == [5, 10]
 
     scheduler = OLSSScheduler.from_pretrained(str(run))
     pipe = StableDiffusionPipeline.from_pretrained(EMBEDDED_MODEL_PATH, scheduler=scheduler, safety_checker=None)
@@ -194,7 +194,7 @@ def test_refit_skips_the_calibrated_lora_and_would_run_another(lora_run, loras, 
 
     store, run = lora_run
     shutil.copytree(loras["b"], tmp_path / "b")
-    settings = {"prompts": str(prompts_file), "teacher_steps": 100, "steps": "5,10", "img2img_strengths": "none"}
+    settings = {"prompts": str(prompts_file), "teacher_steps": 50, "steps": "5,10", "img2img_strengths": "none"}
     registry = tmp_path / "models.yaml"
     registry.write_text(json.dumps({"defaults": settings, "models": [{"uri": "embedded", "lora": str(loras["a"])},
                                                                     {"uri": "embedded", "lora": "./b"}]}))

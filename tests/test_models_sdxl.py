@@ -4,7 +4,7 @@ Exactness: the pipeline runs one step with a DDIM scheduler that records the gui
 (``RecordingDDIM``), at a chosen train timestep and initial latent; the adapter must give the same tensor
 (ε, or ε from the pipeline's v) for the same prompts: zeroed empty negatives, stated negatives, a stated
 resolution (the size ids), guidance 1. Loading: folder, fsspec URI, offline hub cache; the refiner, an
-incomplete folder and a bad resolution are one line each. End to end: ``jobs/calibrate.py --teacher-steps 100
+incomplete folder and a bad resolution are one line each. End to end: ``jobs/calibrate.py --teacher-steps 50
 --steps 5,10`` publishes a run whose scheduler drives ``StableDiffusionXLPipeline`` to finite images, along
 the very path the adapter's own loop over the published plan takes.
 """
@@ -196,7 +196,7 @@ def test_uri_and_offline_hub_id_load_the_sdxl_files(folders, tmp_path, monkeypat
 
 @pytest.mark.slow
 def test_job_publishes_a_scheduler_that_drives_the_sdxl_pipeline(folders, tmp_path):
-    """``jobs/calibrate.py --model <folder> --teacher-steps 100 --steps 5,10``; the published scheduler in
+    """``jobs/calibrate.py --model <folder> --teacher-steps 50 --steps 5,10``; the published scheduler in
     ``StableDiffusionXLPipeline`` gives finite images at 5 and 10 steps, and at 10 steps the pipeline's final
     latent is the adapter's own loop over the published plan (the pipeline conditions as calibrated);
     ``run_evaluation`` scores the run."""
@@ -206,14 +206,14 @@ def test_job_publishes_a_scheduler_that_drives_the_sdxl_pipeline(folders, tmp_pa
     prompts.write_text("\n".join(f"{color} {shape}" for color in ("red", "blue") for shape in ("dot", "box", "cat", "sun", "bar")))
     command = [
         sys.executable, "jobs/calibrate.py", "--output", str(output), "--model", str(folders["epsilon"]), "--prompts",
-        str(prompts), "--teacher-steps", "100", "--steps", "5,10", "--shard-size", "4", "--device", "cpu",
-        "--local-cpus", "2", "--quiet",  # the default start plans kept: one pipeline test of a run that has both kinds
+        str(prompts), "--teacher-steps", "50", "--steps", "5,10", "--shard-size", "4", "--device", "cpu",
+        "--local-cpus", "2", "--img2img-strengths", "0.5", "--quiet",  # start plans kept (one strength): a run with both kinds
     ]
     result = subprocess.run(command, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
     run = published_run(result, output)
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["resolution"] == [16, 16] and manifest["model"]["digest"] == content_digest(folders["epsilon"])
-    assert manifest["teacher_steps"] == 100 and manifest["planned_step_counts"] == [5, 10]
+    assert manifest["teacher_steps"] == 50 and manifest["planned_step_counts"] == [5, 10]
     config = json.loads((run / "scheduler_config.json").read_text())
     assert config["prediction_type"] == "epsilon" and len(config["trained_betas"]) == 1000  # the model's own VP process
 

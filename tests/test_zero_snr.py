@@ -174,14 +174,14 @@ PROMPTS = ["a tiny red square", "a blue circle", "a green line", "a yellow dot",
 
 
 def calibrate(output: Path, model: Path) -> subprocess.CompletedProcess:
-    """``jobs/calibrate.py --teacher-steps 100 --steps 5,10`` on 8 prompts, no start plans, a 2-CPU local Ray
+    """``jobs/calibrate.py --teacher-steps 50 --steps 5,10`` on 8 prompts, no start plans, a 2-CPU local Ray
     (test_flow_pipelines_e2e)."""
     from test_flow_pipelines_e2e import JOB_TIMEOUT_S, job_env
 
     prompts = output.parent / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     command = [
-        sys.executable, "jobs/calibrate.py", "--output", str(output), "--model", str(model), "--teacher-steps", "100",
+        sys.executable, "jobs/calibrate.py", "--output", str(output), "--model", str(model), "--teacher-steps", "50",
         "--steps", "5,10", "--prompts", str(prompts), "--shard-size", "4", "--device", "cpu", "--local-cpus", "2",
         "--img2img-strengths", "none", "--quiet",  # no start plans: not under test here (tests/test_start_plans.py)
     ]
@@ -200,7 +200,7 @@ def test_the_job_publishes_v_plans_that_drive_stable_diffusion_pipeline(folder, 
     run = published_run(calibrate(output, folder), output)
     manifest = json.loads((run / "manifest.json").read_text())
     config = json.loads((run / "scheduler_config.json").read_text())
-    assert manifest["teacher_steps"] == 100 and manifest["planned_step_counts"] == [5, 10]
+    assert manifest["teacher_steps"] == 50 and manifest["planned_step_counts"] == [5, 10]
     assert config["prediction_type"] == "v_prediction"  # and the exact schedule, ᾱ = 0 at t = 999
     assert config["trained_betas"][-1] == 1.0
     # the shipped plans from pure noise (the job fits no img2img start plans here)
