@@ -132,6 +132,13 @@ def resampled_rmse(errors: np.ndarray, indices: np.ndarray) -> np.ndarray:
         return np.sqrt(errors[indices].mean(axis=1))
 
 
+def rmse_upper(errors: np.ndarray, rules: ChoiceRules, indices: np.ndarray | None = None) -> float:
+    """The upper end of the ``rules.confidence`` bootstrap interval of the pooled RMSE of ``errors (V,)``
+    (``indices``: the resamples, default ``bootstrap_indices(V, rules)``): the criterion of step 3."""
+    indices = bootstrap_indices(len(errors), rules) if indices is None else indices
+    return interval(resampled_rmse(errors, indices), rules.confidence)[1]
+
+
 def interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
     """The central ``confidence`` interval of bootstrap ``values`` (non-finite values count as +inf)."""
     values = np.where(np.isfinite(values), values, np.inf)
@@ -195,7 +202,7 @@ def choose(
     num_validation = len(errors[0])
     indices = bootstrap_indices(num_validation, rules)
     pooled = np.array([np.sqrt(e.mean()) if np.all(np.isfinite(e)) else np.inf for e in errors])
-    upper = np.array([interval(resampled_rmse(e, indices), rules.confidence)[1] for e in errors])
+    upper = np.array([rmse_upper(e, rules, indices) for e in errors])
     if tails:
         upper = np.sqrt(upper**2 + np.array([tails.get(name, 0.0) for name in names]) ** 2)
     builtins = [i for i in range(count) if builtin[i]]

@@ -42,10 +42,8 @@ from olss_dist.core.teacher import model_timestep
 from olss_dist.method.choice import (
     Choice,
     ChoiceRules,
-    bootstrap_indices,
     choose,
-    interval,
-    resampled_rmse,
+    rmse_upper,
     tail_seen_rate,
 )
 from olss_dist.method.rollouts import SCREEN, VALIDATION, RolloutBackend
@@ -148,10 +146,10 @@ class TailScreen:
                samplers: Sequence[tuple[np.ndarray, np.ndarray]], rules: ChoiceRules) -> Choice:
         """``method.choice.choose`` with the screen. ``samplers``: per candidate ``(coefficients, step timesteps)``.
 
-        The criterion adds each candidate's certain tail error on the screen (``lower``) to its validation bound;
+        The criterion adds each candidate's certain tail error on the screen (``tail``) to its validation bound;
         candidates are screened lazily, best first: the winner is screened (with the best built-in) and the choice
         made again until the winner was screened, since an unscreened candidate's criterion only grows when it is.
-        Then a fitted winner whose ``lower`` exceeds the best built-in's bound fails: it is excluded and the
+        Then a fitted winner whose ``tail`` exceeds the best built-in's bound fails: it is excluded and the
         choice is made again. The record gains ``tail_screen`` (the reference, the bound, and each screened
         candidate's tail and the failure test)."""
         excluded: dict[str, str] = {}
@@ -177,9 +175,7 @@ class TailScreen:
                 continue
             if builtin[index]:
                 break
-            validation_upper = interval(resampled_rmse(errors[best], bootstrap_indices(len(errors[best]), rules)),
-                                        rules.confidence)[1]
-            upper = max(validation_upper, tails[names[best]])
+            upper = max(rmse_upper(np.asarray(errors[best], dtype=np.float64), rules), tails[names[best]])
             passed = tails[names[index]] <= upper
             screened[names[index]].update({"builtin_upper": upper, "passed": passed})
             if passed:
