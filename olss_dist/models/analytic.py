@@ -60,6 +60,7 @@ class GaussianMixtureModel(DiffusionModel):
         means = generator.standard_normal((num_components, dims))
         means *= mean_scale * np.sqrt(dims) / np.linalg.norm(means, axis=1, keepdims=True)
         self.means = torch.from_numpy(means)
+        self.mean_norms2 = (self.means**2).sum(1)
         self.scales = torch.from_numpy(component_scale * generator.uniform(0.5, 1.5, num_components))
         self.component_class = torch.arange(num_components) // components_per_class
         self.num_classes = num_classes
@@ -89,30 +90,50 @@ class GaussianMixtureModel(DiffusionModel):
         alpha = float(self.alphas_cumprod[int(t)])
         return float(np.sqrt(alpha)), float(np.sqrt(1.0 - alpha)), alpha, 1.0 - alpha
 
-    def component_output(self, offsets: torch.Tensor, variance: torch.Tensor, p: float, q: float) -> torch.Tensor:
-        """Per-component epsilon ``q (x - p mu_k) / V_k``; ``offsets (B, K, D)`` are ``x - p mu_k``."""
-        return q * offsets / variance[None, :, None]
+    def component_coefficients(self, variance: torch.Tensor, p: float, q: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a, c)``, each ``(K,)``: component ``k``'s exact epsilon is ``a_k x + c_k mu_k = q (x - p mu_k) / V_k``."""
+        a = q / variance
+        return a, -p * a
 
-    def class_output(self, x: torch.Tensor, t: int | float, classes: torch.Tensor | None) -> torch.Tensor:
-        """Exact output of the class-conditional (``classes (B,)``) or unconditional (``None``) mixture."""
-        p, q, p2, q2 = self.signal_and_noise(t)
-        flat = x.reshape(x.shape[0], -1).to(torch.float64)
-        variance = p2 * self.scales**2 + q2
-        offsets = flat[:, None, :] - p * self.means[None]
-        dims = flat.shape[1]
-        log_weights = -0.5 * (offsets**2).sum(-1) / variance - 0.5 * dims * torch.log(variance)
+    def log_weights(self, flat: torch.Tensor, p: float, variance: torch.Tensor) -> torch.Tensor:
+        """``(B, K)`` unnormalised log posterior weights of the components at ``flat (B, D)``: the Gaussian
+        log densities ``-||x - p mu_k||^2 / (2 V_k) - D log(V_k) / 2``, the squared distance expanded as
+        ``||x||^2 - 2 p x.mu_k + p^2 ||mu_k||^2`` (one matrix product; no ``(B, K, D)`` tensor)."""
+        squared = (flat**2).sum(1, keepdim=True) - 2.0 * p * (flat @ self.means.T) + p * p * self.mean_norms2[None]
+        return -0.5 * squared / variance - 0.5 * flat.shape[1] * torch.log(variance)
+
+    def mixture_output(self, flat: torch.Tensor, log_weights: torch.Tensor, a: torch.Tensor, c: torch.Tensor,
+                       classes: torch.Tensor | None) -> torch.Tensor:
+        """``(B, D)`` posterior mean of the components' outputs: ``sum_k w_k (a_k x + c_k mu_k)``, the weights ``w``
+        the softmax of ``log_weights`` over every component (``classes`` None) or over each sample's class's."""
         if classes is not None:
             member = self.component_class[None, :] == classes[:, None]
             log_weights = log_weights.masked_fill(~member, float("-inf"))
         weights = torch.softmax(log_weights, dim=1)
-        output = (weights[..., None] * self.component_output(offsets, variance, p, q)).sum(1)
+        return (weights @ a)[:, None] * flat + (weights * c) @ self.means
+
+    def class_output(self, x: torch.Tensor, t: int | float, classes: torch.Tensor | None) -> torch.Tensor:
+        """Exact output of the class-conditional (``classes (B,)``) or unconditional (``None``) mixture."""
+        return self.guided_output(x, t, classes, None)
+
+    def guided_output(self, x: torch.Tensor, t: int | float, classes: torch.Tensor | None,
+                      guidance_scale: float | None) -> torch.Tensor:
+        """The conditional output (``guidance_scale`` None) or the guided one ``u + g (c - u)``; the distances
+        and weights are computed once for both terms."""
+        p, q, p2, q2 = self.signal_and_noise(t)
+        flat = x.reshape(x.shape[0], -1).to(torch.float64)
+        variance = p2 * self.scales**2 + q2
+        log_weights = self.log_weights(flat, p, variance)
+        a, c = self.component_coefficients(variance, p, q)
+        output = self.mixture_output(flat, log_weights, a, c, classes)
+        if guidance_scale is not None:
+            unconditional = self.mixture_output(flat, log_weights, a, c, None)
+            output = unconditional + guidance_scale * (output - unconditional)
         return output.reshape(x.shape).to(x.dtype)
 
     def __call__(self, x: torch.Tensor, t: int | float, cond: torch.Tensor) -> torch.Tensor:
         classes = torch.as_tensor(cond).reshape(-1).long()
-        unconditional = self.class_output(x, t, None)
-        conditional = self.class_output(x, t, classes)
-        return unconditional + self.guidance_scale * (conditional - unconditional)
+        return self.guided_output(x, t, classes, self.guidance_scale)
 
     def encode_prompts(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None) -> torch.Tensor:
         """Class ids ``(B,)``: the first number (digit or word) in the prompt, else a stable hash."""
@@ -163,7 +184,8 @@ class GaussianMixtureFlowModel(GaussianMixtureModel):
             raise ValueError(f"t must lie in [0, {self.num_train_timesteps}] (sigma * 1000), got {t}")
         return 1.0 - sigma, sigma, (1.0 - sigma) ** 2, sigma**2
 
-    def component_output(self, offsets: torch.Tensor, variance: torch.Tensor, p: float, q: float) -> torch.Tensor:
-        """Per-component velocity ``((q - p s_k^2) / V_k) (x - p mu_k) - mu_k``."""
+    def component_coefficients(self, variance: torch.Tensor, p: float, q: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Component ``k``'s exact velocity ``g_k (x - p mu_k) - mu_k`` with ``g_k = (q - p s_k^2) / V_k``, as
+        ``a_k x + c_k mu_k``."""
         gain = (q - p * self.scales**2) / variance
-        return gain[None, :, None] * offsets - self.means[None]
+        return gain, -p * gain - 1.0
