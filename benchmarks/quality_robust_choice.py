@@ -11,6 +11,10 @@ trailing spacing (the calibration's candidates) and every VP built-in as users c
 pooled / median / worst per-sample RMSE of the final state against the 1000-step teacher, the number of
 samples above 0.1 (mode switches), the ratio to the best built-in, and each choice's record.
 A quality measurement, not a timing.
+
+``--compare-orders 1,2`` compares instead the robust choice without the reduced-basis candidates
+(``orders=()``, "fewer outputs per step") and with those orders, from the same samples in the same run, and
+prints each shipped plan's largest |w| (docs/evaluation.md, "Fewer outputs per step").
 """
 
 from __future__ import annotations
@@ -78,6 +82,8 @@ def main(
                                            "'a sample of class <zero..nine>' cycled, split by --validation-fraction "
                                            "(--train / --validation unused), held-out seeds of olss-dist evaluate"),
     validation_fraction: float = typer.Option(0.3334, help="with --job-prompts: the held-out share"),
+    compare_orders: str = typer.Option("", help="compare the robust choice without reduced-basis candidates and "
+                                                "with these orders (e.g. 1,2) instead of plain against robust"),
 ) -> None:
     model = GaussianMixtureModel(guidance_scale=guidance_scale, seed=model_seed)
     step_counts = tuple(int(k) for k in steps.split(","))
@@ -90,13 +96,18 @@ def main(
             draw(model, n, base + s) for n, s in ((train, 1), (validation, 2), (held_out, 3)))
     timesteps = trailing_timesteps(1000)
     common = dict(steps=step_counts, validation_noise=v_noise, validation_cond=v_cond)
-    started = time.monotonic()
-    plain = calibrate(model, noise, cond, timesteps, model.alphas_cumprod, trust_ridges=(),
-                      choice_rules=ChoiceRules(criterion="rmse"), **common)
-    middle = time.monotonic()
-    robust = calibrate(model, noise, cond, timesteps, model.alphas_cumprod, **common)
-    print(f"calibrated: plain {middle - started:.0f} s, robust {time.monotonic() - middle:.0f} s "
-          f"({train} train / {validation} validation samples, N=1000)")
+    if compare_orders:
+        orders = tuple(int(q) for q in compare_orders.split(","))
+        arms = {"without orders": dict(orders=()), f"with orders {compare_orders}": dict(orders=orders)}
+    else:
+        arms = {"plain": dict(trust_ridges=(), choice_rules=ChoiceRules(criterion="rmse"), orders=()), "robust": {}}
+    plans, seconds = {}, {}
+    for label, options in arms.items():
+        started = time.monotonic()
+        plans[label] = calibrate(model, noise, cond, timesteps, model.alphas_cumprod, **options, **common)
+        seconds[label] = time.monotonic() - started
+    print("calibrated: " + ", ".join(f"{label} {s:.0f} s" for label, s in seconds.items())
+          + f" ({train} train / {validation} validation samples, N=1000)")
     reference = schedule_states(model, h_noise, h_cond, model.noise_process.teacher_schedule(1000), [1000])[:, 0]
     solvers = process_builtins(model.noise_process)
     print(f"{held_out} held-out samples, guidance {guidance_scale:g}, model seed {model_seed}, sample seed {sample_seed}")
@@ -104,8 +115,10 @@ def main(
     results = {}
     for k in step_counts:
         rows = {}
-        for label, plan in (("plain choice", plain[k]), ("robust choice", robust[k])):
-            rows[f"{label}: {plan.choice['shipped']}"] = per_sample(
+        for label in arms:
+            plan = plans[label][k]
+            sizes = f"max abs w {abs(plan.coefficients).max():.3g}, on outputs {abs(plan.coefficients[:, 1:]).max():.3g}"
+            rows[f"{label} choice: {plan.choice['shipped']} ({sizes})"] = per_sample(
                 rollout(plan.coefficients, model, h_noise, h_cond, plan.timesteps), reference)
         for name in solvers.names:
             builtin = solvers.plan(name, k, timesteps)
@@ -121,11 +134,12 @@ def main(
             print(f"| {k} | {name} | {np.sqrt(errors.mean()):.3g} | {np.median(root):.3g} | {root.max():.3g} | "
                   f"{int((root > 0.1).sum())} | {ratio:.3g} [{low:.3g}, {high:.3g}] |")
         print(f"best built-in at {k} steps: {best}")
-        for label, plan in (("plain", plain[k]), ("robust", robust[k])):
-            record = {key: plan.choice.get(key) for key in ("shipped", "best_builtin", "ratio", "ratio_interval", "reason")}
+        for label in arms:
+            record = {key: plans[label][k].choice.get(key) for key in ("shipped", "best_builtin", "ratio", "ratio_interval", "reason")}
             print(f"  {label} choice: {json.dumps(record)}")
         results[k] = {"best_builtin": best, **{n: float(np.sqrt(e.mean())) for n, e in rows.items()},
-                      "choices": {"plain": plain[k].choice, "robust": robust[k].choice}}
+                      "choices": {label: plans[label][k].choice for label in arms},
+                      "candidates": {label: plans[label][k].candidates for label in arms}}
     if output:
         with open(output, "w") as handle:
             json.dump(results, handle, indent=1, default=float)

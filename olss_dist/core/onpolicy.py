@@ -5,6 +5,13 @@ Round ``i`` fits the teacher state ``s_{n_{i+1}}`` (``s_N`` after the last node)
 ``x̂_j``, then moves every sample to ``x̂_{i+1}`` = that fit and calls the model once. K rounds, K
 model calls per sample. The per-round reduction is a small ``(i+3, i+3)`` triangular factor that adds
 up over samples exactly like the teacher statistics, so shards reduce independently.
+
+**Fewer outputs per step** (``step_basis``): where many outputs are nearly collinear, the ``i+2`` free
+weights of a late step grow and blow up on new samples. A reduced basis of order ``q`` fits step ``i`` on
+``[x̂_i, ê_{i-q+1}, ..., ê_i]`` instead, ``x̂_i`` the sampler's current state (itself the combination
+``row i-1`` of ``[x_T, ê_0, ..., ê_{i-1}]``): features ``X @ T`` with a small ``(i+2, q+1)`` matrix ``T``,
+solved on the same R factor (``solve_step(basis=T)``), weights ``T @ b`` in OLSS form. Order 1 is a
+DDIM-like step ``a x̂_i + b ê_i``, order 2 the form of a two-step multistep solver (DPM-Solver++ 2M).
 """
 
 from __future__ import annotations
@@ -35,31 +42,73 @@ def step_statistics(x_T: torch.Tensor, outputs: Sequence[torch.Tensor], target: 
     return r_factor(step_rows(x_T, outputs, target))
 
 
+def step_basis(previous: np.ndarray | None, order: int | None) -> np.ndarray | None:
+    """The reduced basis ``T`` of order ``q`` at step ``i``: features ``[x̂_i, ê_{i-q+1}, ..., ê_i]`` = ``X @ T``.
+
+    Args:
+        previous: ``(i+1,)`` the OLSS weights of step ``i-1`` on ``[x_T, ê_0, ..., ê_{i-1}]`` (they give the
+            sampler's current state ``x̂_i``); None at step 0 (``x̂_0 = x_T``).
+        order: ``q >= 1``, the model outputs the step may use besides ``x̂_i``; None: all of them.
+
+    Returns:
+        ``(i+2, q+1)`` float64 ``T`` over the step's features ``[x_T, ê_0, ..., ê_i]``; None where the
+        reduced basis is the full fit (``order`` None or ``q >= i+1``).
+    """
+    if order is None:
+        return None
+    if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or order < 1:
+        raise ValueError(f"order must be a positive integer or None, got {order!r}")
+    step = 0 if previous is None else len(previous) - 1
+    if order >= step + 1:
+        return None
+    basis = np.zeros((step + 2, order + 1))
+    basis[: step + 1, 0] = np.asarray(previous, dtype=np.float64)
+    basis[step + 2 - order:, 1:] = np.eye(order)
+    return basis
+
+
 def solve_step(
-    r: np.ndarray | torch.Tensor, num_rows: int, ridge: float = DEFAULT_RIDGE, prior: np.ndarray | None = None
+    r: np.ndarray | torch.Tensor,
+    num_rows: int,
+    ridge: float = DEFAULT_RIDGE,
+    prior: np.ndarray | None = None,
+    basis: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float]:
     """Coefficients of one on-policy step from its merged statistics.
 
     Args:
         r: ``(F+1, F+1)`` R factor of rows ``[features..., target]``.
         num_rows: rows behind ``r`` (samples x latent elements).
-        ridge: penalty ``ridge * ||feature_j||^2 * (w_j - prior_j)^2`` added per feature (scale free).
+        ridge: penalty ``ridge * ||feature_j||^2 * (w_j - prior_j)^2`` added per feature (scale free); with
+            ``basis``, per reduced feature ``X @ T[:, k]`` on its coefficient ``b_k``.
         prior: ``(F,)`` the weights the ridge pulls towards (a trust region around a stable solver's step,
-            e.g. a built-in's row); None: zeros (plain ridge). A large ridge returns the prior itself.
+            e.g. a built-in's row); None: zeros (plain ridge). A large ridge returns the prior itself; with
+            ``basis``, the reduced coefficients pull towards the prior's projection on the reduced span (the
+            least-squares ``b`` of ``X @ T @ b ~ X @ prior`` on the same rows), and a large ridge returns that.
+        basis: ``(F, q+1)`` the reduced basis ``T`` (``step_basis``): the fit is over ``X @ T``, a small
+            problem on ``r`` (never on ``rᵀr``); None: all ``F`` features.
 
     Returns:
-        ``(F,)`` float64 weights and the mean squared residual per element (without the penalty).
+        ``(F,)`` float64 weights (``T @ b`` with ``basis``) and the mean squared residual per element (without
+        the penalty).
     """
     r = np.asarray(torch.as_tensor(r, dtype=torch.float64).cpu().numpy())
     features, target = r[:, :-1], r[:, -1]
-    norms = np.linalg.norm(features, axis=0)
-    prior = np.zeros(len(norms)) if prior is None else np.asarray(prior, dtype=np.float64)
-    if prior.shape != norms.shape:
-        raise ValueError(f"prior has shape {prior.shape}, the step has {len(norms)} features")
-    penalty = np.sqrt(ridge) * norms
-    augmented = np.vstack([features, np.diag(penalty)])
-    padded_target = np.concatenate([target, penalty * prior])
+    size = features.shape[1]
+    prior = np.zeros(size) if prior is None else np.asarray(prior, dtype=np.float64)
+    if prior.shape != (size,):
+        raise ValueError(f"prior has shape {prior.shape}, the step has {size} features")
+    if basis is not None:
+        basis = np.asarray(basis, dtype=np.float64)
+        if basis.ndim != 2 or basis.shape[0] != size or not 1 <= basis.shape[1] <= size:
+            raise ValueError(f"basis has shape {basis.shape}, the step has {size} features")
+    reduced = features if basis is None else features @ basis
+    reduced_prior = prior if basis is None else np.linalg.lstsq(reduced, features @ prior, rcond=None)[0]
+    penalty = np.sqrt(ridge) * np.linalg.norm(reduced, axis=0)
+    augmented = np.vstack([reduced, np.diag(penalty)])
+    padded_target = np.concatenate([target, penalty * reduced_prior])
     weights = np.linalg.lstsq(augmented, padded_target, rcond=None)[0]
+    weights = weights if basis is None else basis @ weights
     residual = target - features @ weights
     return weights, float(residual @ residual / num_rows)
 

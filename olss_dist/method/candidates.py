@@ -1,5 +1,7 @@
-"""The candidates of one step count: fitted paths on planner, even and quadratic nodes, the paper's fit,
-the built-ins in OLSS form, and the trust-region fits around the best built-in (``method.run`` scores them).
+"""The candidates of one step count: fitted paths on planner, even and quadratic nodes, the same on planner
+and even nodes with fewer outputs per step (a reduced basis of order ``q``, ``core.onpolicy.step_basis``), the
+paper's fit, the built-ins in OLSS form, and the trust-region fits around the best built-in (``method.run``
+scores them).
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from olss_dist.core.path_search import check_num_steps, even_nodes
 logger = logging.getLogger(__name__)
 
 DEFAULT_RIDGES = (DEFAULT_RIDGE, 10 * DEFAULT_RIDGE)
+DEFAULT_ORDERS = (2,)
+"""Orders of the reduced-basis candidates (step ``i`` fits ``[x̂_i, ê_{i-q+1}, ..., ê_i]``), on minimax and even nodes."""
+REDUCED_SPACINGS = ("minimax", "uniform")
 
 
 @dataclass
@@ -37,6 +42,7 @@ class Candidate:
     step_errors: np.ndarray | None = None
     timesteps: np.ndarray | None = None
     prior: np.ndarray | None = None
+    order: int | None = None
 
     def step_timesteps(self, teacher_timesteps: np.ndarray) -> np.ndarray:
         """``(K,)`` the model timesteps of its steps."""
@@ -64,12 +70,16 @@ def candidates_for(
     process_solvers: ProcessBuiltins,
     builtins: Sequence[str] | None = None,
     ridges: Sequence[float] = DEFAULT_RIDGES,
+    orders: Sequence[int] = DEFAULT_ORDERS,
 ) -> list[Candidate]:
     """Every candidate for ``num_steps`` steps, in a fixed order (ties go to the earlier one).
 
     Args:
         process_solvers: how the noise process's built-ins are built (``core.builtin.process_builtins``).
         builtins: the built-in solvers to include; None: the process's (``process_solvers.names``).
+        ridges: relative ridge weights of the full on-policy fits.
+        orders: reduced-basis orders ``q`` fitted on the minimax and even nodes (with ``DEFAULT_RIDGE``); an
+            order that is the full fit at every step (``q >= num_steps``) is left out; (): none.
     """
     n = calibration.num_teacher_steps
     minimax = calibration.plan(num_steps)
@@ -81,6 +91,11 @@ def candidates_for(
         Candidate(f"on_policy/{spacing}/ridge={ridge:g}", nodes, spacing, "on_policy", ridge=ridge)
         for spacing, nodes in paths.items()
         for ridge in ridges
+    ]
+    candidates += [
+        Candidate(f"on_policy/{spacing}/order={order}", nodes, spacing, "on_policy", ridge=DEFAULT_RIDGE, order=int(order))
+        for spacing, nodes in paths.items() if spacing in REDUCED_SPACINGS
+        for order in orders if order < num_steps
     ]
     candidates.append(
         Candidate("teacher_forced/minimax", minimax.nodes, "minimax", "teacher_forced",
@@ -105,6 +120,7 @@ def candidate_record(candidate: Candidate, coefficients: np.ndarray, scores: dic
         "spacing": candidate.spacing,
         "fit": candidate.fit,
         "ridge": candidate.ridge,
+        "order": candidate.order,
         "max_abs_coefficient": float(np.abs(coefficients).max()),
         "error": scores["rmse"],
         **scores,

@@ -136,7 +136,8 @@ def search_nodes(
 
 def searched_candidate(backend: RolloutBackend, group: list, timesteps: np.ndarray, evaluations: int,
                        progress: Callable[[str], None]) -> Any:
-    """Fits ``group``'s on-policy candidates on the train split (kept: they are not refitted), then searches
+    """Fits ``group``'s full on-policy candidates on the train split (kept: they are not refitted; the reduced-basis
+    ones, ``Candidate.order``, are left to ``method.run.fit_candidate``), then searches
     the nodes (``method.node_search.search_nodes``) from the one of lowest train final-state error, with its
     ridge; the result is one more on-policy candidate (``on_policy/searched/ridge=...``, spacing
     ``"searched"``), None when no move helped or ``group`` has no on-policy candidate. Validation samples are
@@ -144,7 +145,7 @@ def searched_candidate(backend: RolloutBackend, group: list, timesteps: np.ndarr
     from olss_dist.method.run import Candidate  # run imports this module
 
     scores = []
-    for candidate in (c for c in group if c.fit == "on_policy" and c.coefficients is None):
+    for candidate in (c for c in group if c.fit == "on_policy" and c.coefficients is None and c.order is None):
         candidate.coefficients, candidate.step_errors, rmse = fit_and_score(backend, candidate.nodes, timesteps, candidate.ridge or 0.0)
         scores.append((rmse, len(scores), candidate))
     if not scores:

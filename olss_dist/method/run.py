@@ -37,7 +37,7 @@ from olss_dist.core.noise_process import (
     VPProcess,
     noise_process_from_config,
 )
-from olss_dist.core.onpolicy import solve_step
+from olss_dist.core.onpolicy import solve_step, step_basis
 from olss_dist.core.path_search import check_num_steps
 from olss_dist.core.plan import Plan
 from olss_dist.core.teacher import (
@@ -49,6 +49,7 @@ from olss_dist.core.teacher import (
 )
 from olss_dist.core.tsqr import merge_r_factors
 from olss_dist.method.candidates import (  # noqa: F401  (Candidate, builtin_config: imported from here too)
+    DEFAULT_ORDERS,
     DEFAULT_RIDGES,
     Candidate,
     builtin_config,
@@ -84,7 +85,8 @@ DEFAULT_NODE_SEARCH_EVALUATIONS = 40
 
 
 def fit_candidate(backend: RolloutBackend, candidate: Candidate, timesteps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """On-policy coefficients ``(K, K+1)`` and step errors ``(K,)`` of a candidate's nodes, on the train split."""
+    """On-policy coefficients ``(K, K+1)`` and step errors ``(K,)`` of a candidate's nodes, on the train split
+    (with ``candidate.order``, each step on its reduced basis ``core.onpolicy.step_basis``)."""
     nodes = candidate.nodes
     targets = nodes[1:] + [len(timesteps)]
     coefficients = np.zeros((len(nodes), len(nodes) + 1))
@@ -94,7 +96,8 @@ def fit_candidate(backend: RolloutBackend, candidate: Candidate, timesteps: np.n
         for i, target in enumerate(targets):
             statistics = merge_r_factors([f.cpu() for f in backend.statistics(handle, target)])
             prior = None if candidate.prior is None else candidate.prior[i, : i + 2]
-            weights, step_errors[i] = solve_step(statistics, backend.num_train_rows, candidate.ridge or 0.0, prior)
+            basis = step_basis(coefficients[i - 1, : i + 1] if i else None, candidate.order)
+            weights, step_errors[i] = solve_step(statistics, backend.num_train_rows, candidate.ridge or 0.0, prior, basis)
             coefficients[i, : i + 2] = weights
             next_timestep = model_timestep(timesteps[nodes[i + 1]]) if i + 1 < len(nodes) else None
             backend.advance(handle, weights, next_timestep)
@@ -126,6 +129,7 @@ def run_method(
     start_strengths: Sequence[float] = (),
     node_search_steps: Sequence[int] = DEFAULT_NODE_SEARCH_STEPS,
     node_search_evaluations: int = DEFAULT_NODE_SEARCH_EVALUATIONS,
+    orders: Sequence[int] = DEFAULT_ORDERS,
 ) -> tuple[dict[int, Plan], Calibration]:
     """The method on any backend: returns the validated best plan per step count and the calibration.
 
@@ -143,6 +147,7 @@ def run_method(
         node_search_steps: step counts that also get an on-policy node search candidate (``searched_candidate``),
             with at least ``NODE_SEARCH_MIN_SAMPLES`` fit samples.
         node_search_evaluations: on-policy fits each node search may try (K model calls per train sample each).
+        orders: reduced-basis orders of the fewer-outputs candidates (``method.candidates.candidates_for``); () for none.
         start_strengths: img2img strengths to fit start plans for after the start-0 plans
             (``method.starts.fit_start_plans``); their plans are returned under keys ``(K, start_step)``
             and each K-step plan's ``starts`` records what serves each start.
@@ -154,7 +159,7 @@ def run_method(
         check_num_steps(len(timesteps), k)
     calibration = backend.record_teacher(schedule)
     solvers = process_builtins(process)
-    candidates = {k: candidates_for(calibration, k, solvers, builtins, ridges) for k in steps}
+    candidates = {k: candidates_for(calibration, k, solvers, builtins, ridges, orders) for k in steps}
     searched_steps = [k for k in steps if k in node_search_steps and calibration.num_samples >= NODE_SEARCH_MIN_SAMPLES]
     for k in searched_steps:  # before states are dropped: the search reaches any node
         searched = searched_candidate(backend, candidates[k], timesteps, node_search_evaluations, progress)
@@ -256,6 +261,7 @@ def calibrate(
     start_strengths: Sequence[float] = (),
     screen_noise: Any = None,
     screen_cond: Any = None,
+    orders: Sequence[int] = DEFAULT_ORDERS,
 ) -> dict[int | tuple[int, int], Plan]:
     """OLSS calibration in one process: the reference the distributed job reproduces.
 
@@ -286,6 +292,7 @@ def calibrate(
         screen_noise, screen_cond: the tail screen's fresh samples (``method.screen``; no teacher runs on them);
             None: ``choice_rules.screen_samples`` initial noises drawn here (seeded) with the train conditioning
             cycled. Unused when ``choice_rules`` has no screen.
+        orders: reduced-basis orders of the fewer-outputs candidates (``run_method``); () for none.
 
     Returns:
         ``{K: Plan}``, the validated best plan per step count, and ``{(K, s): Plan}`` the start plans that
@@ -306,7 +313,7 @@ def calibrate(
     backend = InProcessBackend(denoiser, noise, cond, validation_noise, validation_cond, batch_size, progress,
                                screen_noise, screen_cond)
     return run_method(backend, process, teacher, steps, builtins, ridges, progress, trust_ridges, choice_rules,
-                      start_strengths=start_strengths)[0]
+                      start_strengths=start_strengths, orders=orders)[0]
 
 
 SCREEN_SEED = 2**31 - 2
