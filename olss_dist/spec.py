@@ -162,10 +162,11 @@ class CalibrationSpec:
         img2img_strengths: img2img / inpainting strengths to calibrate start plans for (each starts the
             K-step plan at step ``K - int(K * strength)``, as diffusers' pipelines do); ``()``: none.
         screen_samples: fresh samples (fit prompts, new seeds) of the tail screen that a fitted plan must not
-            lose to the best built-in on (``olss_dist.method.screen``); 0: none; ``None``: twice the fit prompts
-            (``screen_count``: 128 for the default job's 64). Each costs 50 model calls for the reference plus K
+            lose to the best built-in on (``olss_dist.method.screen``); 0: none; ``None``: the model's multiple of
+            the fit prompts (``screen_count``; ``DiffusionModel.screen_multiple``: 2 for networks, 128 for the
+            default job's 64; 64 for the analytic mixtures). Each costs 50 model calls for the reference plus K
             per screened plan, not the teacher's N; 128 sees a 1.8 % tail with 90 % probability, 1024 one of
-            0.22 % (in-process ``calibrate`` uses 1024).
+            0.22 %, 8192 one of 0.03 % (in-process ``calibrate``: at least 1024).
     """
 
     model: str = "embedded"
@@ -245,9 +246,10 @@ class CalibrationSpec:
             identity["screen_samples"] = self.screen_samples
         return identity
 
-    def screen_count(self, num_fit: int) -> int:
-        """The tail screen's samples of a job with ``num_fit`` fit prompts: ``screen_samples``, or twice ``num_fit``."""
-        return 2 * int(num_fit) if self.screen_samples is None else self.screen_samples
+    def screen_count(self, num_fit: int, multiple: int = 2) -> int:
+        """The tail screen's samples of a job with ``num_fit`` fit prompts: ``screen_samples``, or the model's
+        ``multiple`` (``DiffusionModel.screen_multiple``) of ``num_fit``."""
+        return int(multiple) * int(num_fit) if self.screen_samples is None else self.screen_samples
 
     def digest(self, prompts_digest: str | None) -> str:
         """sha256 of ``identity(prompts_digest)``: with the model digest, the name of a calibration."""

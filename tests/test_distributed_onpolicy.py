@@ -32,7 +32,7 @@ def in_process_plans(fit, validation, steps, **method_options):
     """``olss_dist.calibrate`` in this process on the same samples (the tail screen's too), batched like the job's shards."""
     model = load_model("analytic", guidance_scale=GUIDANCE)
     prompts = [r.prompt for r in fit]
-    screen = screen_records(fit, CalibrationSpec().screen_count(len(fit)))
+    screen = screen_records(fit, CalibrationSpec().screen_count(len(fit), model.screen_multiple))
     method_options.setdefault("screen_noise", model.initial_noise([r.seed for r in screen]))
     method_options.setdefault("screen_cond", model.encode_prompts([r.prompt for r in screen]))
     return calibrate(
@@ -86,8 +86,8 @@ def test_job_plans_equal_in_process_calibrate(local_ray, tmp_path):
     scheduler_plans = json.loads(open(os.path.join(run_dir, "olss_plans.json")).read())  # the scheduler's own copy
     assert scheduler_plans["calibrated_conditions"]["guidance_scales"] == [GUIDANCE]
     assert scheduler_plans["calibrated_conditions"]["latent_shapes"]
-    for entry in report["plans"]:  # the tail screen ran on the job's fresh samples: twice the 12 fit prompts
-        assert entry["choice"]["tail_screen"]["samples"] == 2 * len(fit) == 24
+    for entry in report["plans"]:  # the tail screen ran on the job's fresh samples: the analytic model's 64 per fit prompt
+        assert entry["choice"]["tail_screen"]["samples"] == 64 * len(fit) == 768
     statistics = report["statistics"]
     # 4 held-out prompts over 4 workers: one validation shard each, so every worker runs a held-out teacher
     assert statistics["computed_shards"] == 4 and statistics["validation_teacher_runs"] == 4

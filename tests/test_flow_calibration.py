@@ -179,8 +179,8 @@ def test_flow_job_plans_equal_in_process_calibrate_and_publish_the_flow_process(
         validation_noise=model.initial_noise([r.seed for r in validation]),
         validation_cond=model.encode_prompts([r.prompt for r in validation]),
         batch_size=RAY_SHARD_SIZE, num_teacher_steps=RAY_TEACHER_STEPS,
-        screen_noise=model.initial_noise([r.seed for r in screen_records(fit, CalibrationSpec().screen_count(len(fit)))]),
-        screen_cond=model.encode_prompts([r.prompt for r in screen_records(fit, CalibrationSpec().screen_count(len(fit)))]),
+        screen_noise=model.initial_noise([r.seed for r in screen_records(fit, CalibrationSpec().screen_count(len(fit), model.screen_multiple))]),
+        screen_cond=model.encode_prompts([r.prompt for r in screen_records(fit, CalibrationSpec().screen_count(len(fit), model.screen_multiple))]),
     )
     for plan in result.plans:
         reference = expected[plan.num_steps]

@@ -1,15 +1,13 @@
 """The tail screen (``olss_dist.method.screen``): fresh samples scored against a fine-step reference, so a plan
 that validation likes but that sends fresh samples elsewhere does not ship; its spec field and CLI option."""
 
-import numpy as np
 import pytest
 import torch
 
 from olss_dist.cli import parse_calibrate_arguments
 from olss_dist.core.builtin import process_builtins
-from olss_dist.core.teacher import trailing_timesteps
 from olss_dist.method.choice import ChoiceRules
-from olss_dist.method.rollouts import SCREEN, VALIDATION, InProcessBackend
+from olss_dist.method.rollouts import SCREEN, InProcessBackend
 from olss_dist.method.run import validation_errors
 from olss_dist.method.screen import TailScreen, run_to_end
 from olss_dist.models.analytic import GaussianMixtureModel
@@ -103,3 +101,24 @@ def test_screen_samples_is_a_spec_field_and_an_option_outside_the_default_identi
     assert parse_calibrate_arguments(spec.to_arguments())[0] == spec
     with pytest.raises(SpecError, match="screen_samples"):
         CalibrationSpec(screen_samples=-1)
+
+
+def test_the_screen_size_follows_the_model_family_unless_stated():
+    """Networks screen twice the fit prompts by default; the analytic mixtures (closed-form calls, tails of
+    0.1-0.4 %) 64 times, in the job and in ``calibrate`` (at least 1024 there); a stated size wins everywhere."""
+    from olss_dist.method.run import DEFAULT_SCREEN_SAMPLES, default_screen_count, screen_samples
+    from olss_dist.models.analytic import GaussianMixtureFlowModel
+    from olss_dist.models.base import DiffusionModel
+
+    assert DiffusionModel.screen_multiple == 2
+    vp, flow = GaussianMixtureModel(), GaussianMixtureFlowModel()
+    assert vp.screen_multiple == flow.screen_multiple == 64
+    assert CalibrationSpec().screen_count(128, vp.screen_multiple) == 8192
+    assert CalibrationSpec(screen_samples=5).screen_count(128, vp.screen_multiple) == 5
+    assert default_screen_count(vp, 128) == 8192 and default_screen_count(vp, 8) == DEFAULT_SCREEN_SAMPLES == 1024
+    assert default_screen_count(lambda x, t, c: x, 128) == 1024  # a bare denoiser: the least screen
+    assert ChoiceRules().screen_samples is None and ChoiceRules().screens and not ChoiceRules(screen_samples=0).screens
+    noise, cond = samples(vp, 3, 0)
+    fresh, taken = screen_samples(noise, cond, ChoiceRules(), default_screen_count(vp, 20))
+    assert fresh.shape == (1280, *vp.latent_shape) and torch.equal(taken, cond[torch.arange(1280) % 3])
+    assert len(screen_samples(noise, cond, ChoiceRules(screen_samples=7))[0]) == 7

@@ -188,8 +188,8 @@ def test_job_start_plans_equal_in_process_calibrate_and_are_published(local_ray,
         trailing_timesteps(JOB_TEACHER_STEPS), model.alphas_cumprod, steps=(4,),
         validation_noise=model.initial_noise([r.seed for r in validation]),
         validation_cond=model.encode_prompts([r.prompt for r in validation]), batch_size=3, start_strengths=(0.5, 0.75),
-        screen_noise=model.initial_noise([r.seed for r in screen_records(fit, CalibrationSpec().screen_count(len(fit)))]),
-        screen_cond=model.encode_prompts([r.prompt for r in screen_records(fit, CalibrationSpec().screen_count(len(fit)))]),
+        screen_noise=model.initial_noise([r.seed for r in screen_records(fit, CalibrationSpec().screen_count(len(fit), model.screen_multiple))]),
+        screen_cond=model.encode_prompts([r.prompt for r in screen_records(fit, CalibrationSpec().screen_count(len(fit), model.screen_multiple))]),
     )
     report = json.loads(open(os.path.join(result.uri, "report.json")).read())
     starts = report["plans"][0]["starts"]

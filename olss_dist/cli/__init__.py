@@ -182,7 +182,7 @@ CALIBRATION_HELP = {
     "resolution": "pixels to calibrate at, e.g. 1024 or 768x1344 (height x width); default: the model's own",
     "lora": "diffusers LoRA fused into --model before calibrating: a .safetensors file or a folder of one, path or URI",
     "img2img_strengths": "comma-separated img2img / inpainting strengths to calibrate start plans for ('none': none)",
-    "screen_samples": "fresh samples (fit prompts, new seeds) a fitted plan must not lose to the best built-in on (0: no tail screen; default: twice the fit prompts)",
+    "screen_samples": "fresh samples (fit prompts, new seeds) a fitted plan must not lose to the best built-in on (0: no tail screen; default: the model's multiple of the fit prompts, 2 for networks, 64 for the analytic mixtures)",
     "output": "registry root the run is published under: a path or fsspec URI (s3://...)",
     "device": f"worker device: {', '.join(DEVICES)} (auto: GPUs when the cluster has any)",
     "num_workers": "actors (default: one per GPU, or one per CPU)",

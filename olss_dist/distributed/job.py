@@ -230,7 +230,7 @@ def run_job(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = 
             execution.storage_options,
         )
         train_shards = make_shards(fit, execution.shard_size)
-        screen = spec.screen_count(len(fit))
+        screen = spec.screen_count(len(fit), model["screen_multiple"])
         progress = ShardProgress(len(train_shards), len(fit), quiet=quiet)
         progress.log(
             f"calibrating {model['model_id']} on {num_workers} {device} workers: {len(fit)} fit prompts, "

@@ -53,8 +53,9 @@ class ChoiceRules:
             ships, with no trust region, evidence, significance rule or tail screen (the choice before these
             rules, kept for comparisons; the bootstrap interval is still recorded).
         screen_samples: fresh samples of the tail screen (``method.screen``) that a fitted winner must pass
-            against the best built-in; 0: no screen. ``calibrate`` draws them; the job's come from
-            ``CalibrationSpec.screen_samples``.
+            against the best built-in; 0: no screen; None: ``calibrate``'s default
+            (``method.run.default_screen_count``: 1024, or the model's multiple of the train samples where
+            that is more). ``calibrate`` draws them; the job's come from ``CalibrationSpec.screen_count``.
         screen_reference_steps: the screen's reference sampler's steps (at most N); fixed, so a K-step plan does
             not depend on which other step counts are calibrated with it.
         screen_bound_factor: the reference's distance to the teacher is bounded by this many times its worst
@@ -68,7 +69,7 @@ class ChoiceRules:
     coefficient_bound: float = 10.0
     seed: int = 0
     criterion: str = "robust"
-    screen_samples: int = 1024
+    screen_samples: int | None = None
     screen_reference_steps: int = 50
     screen_bound_factor: float = 2.0
 
@@ -81,14 +82,14 @@ class ChoiceRules:
             raise ValueError(f"resamples must be at least 10, got {self.resamples}")
         if self.coefficient_bound <= 0:
             raise ValueError(f"coefficient_bound must be positive, got {self.coefficient_bound}")
-        if self.screen_samples < 0 or self.screen_reference_steps < 1 or not self.screen_bound_factor >= 1.0:
+        if (self.screen_samples or 0) < 0 or self.screen_reference_steps < 1 or not self.screen_bound_factor >= 1.0:
             raise ValueError(f"screen: samples >= 0, reference steps >= 1 and bound factor >= 1 needed, got "
                              f"{self.screen_samples}, {self.screen_reference_steps}, {self.screen_bound_factor}")
 
     @property
     def screens(self) -> bool:
         """Whether a fitted winner must pass the tail screen (robust criterion with screen samples)."""
-        return self.criterion == "robust" and self.screen_samples > 0
+        return self.criterion == "robust" and self.screen_samples != 0
 
 
 DEFAULT_RULES = ChoiceRules()

@@ -30,6 +30,11 @@ class DiffusionModel(ABC):
         device: where ``__call__`` runs.
         resolution: ``(height, width)`` pixels of the images it samples (the latent shape follows it); ``None``
             for models without images (analytic).
+        screen_multiple: the tail screen's samples per fit prompt when a calibration does not state how many
+            (``CalibrationSpec.screen_count``; ``method.screen``): a tail of rate ``r`` needs about ``3 / r``
+            samples to be seen at all and ten times that to rank candidates by it, and each costs ~50 + K model
+            calls. 2 for networks (a quarter of the teacher's calls); the analytic mixtures, whose calls are
+            closed form, take 64 (docs/evaluation.md, "How many screen samples").
     """
 
     model_id: str
@@ -42,6 +47,7 @@ class DiffusionModel(ABC):
     device: torch.device
     mu: float | None = None
     resolution: tuple[int, int] | None = None
+    screen_multiple: int = 2
 
     @property
     def noise_process(self) -> NoiseProcess:
