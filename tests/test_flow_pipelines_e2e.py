@@ -184,11 +184,12 @@ def test_flux_job_at_a_stated_resolution_records_its_mu_and_drives_the_flux_pipe
     assert all(images.shape[1:] == (24, 32, 3) for images in evaluation.images[4].values())
 
 
-@pytest.mark.slow
 def test_a_resolution_the_model_cannot_take_is_one_error_line(sd3_folder, tmp_path):
     output = tmp_path / "registry"
-    # one worker: the workers refuse it when they load the model, a second would only fail the same way
-    assert_one_error_line(calibrate(output, sd3_folder, "--resolution", "33", "--num-workers", "1"), "resolution", output)
+    result = calibrate(output, sd3_folder, "--resolution", "33", "--num-workers", "1")
+    assert_one_error_line(result, "resolution", output)
+    assert "(SD3, VAE scale" in result.stderr and "patch" in result.stderr  # the multiple, from the folder's configs
+    assert "worker failed to start" not in result.stderr, "a local folder's resolution is checked before any worker starts"
 
 
 def test_a_folder_of_an_unsupported_family_is_one_error_line(tmp_path):

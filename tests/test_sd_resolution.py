@@ -92,6 +92,17 @@ def test_a_resolution_off_the_vae_scale_is_one_line_before_weights_load(folder, 
     assert "\n" not in str(error.value)
 
 
+
+def test_the_jobs_driver_refuses_the_same_resolution_from_the_folders_configs(folder):
+    """``check_local_model`` (the job, before Ray starts) applies the adapter's rule from the VAE config alone."""
+    from olss_dist.models.loading import check_local_model
+
+    check_local_model(str(folder), (32, 48))
+    check_local_model(str(folder), None)
+    with pytest.raises(ModelLoadError, match=r"^resolution: .*\(Stable Diffusion, VAE scale 2\) takes a positive "
+                                             r"multiple of 2 pixels"):
+        check_local_model(str(folder), 17)
+
 def test_the_embedded_model_takes_a_resolution():
     model = load_model("embedded", device="cpu", resolution=64)
     assert model.resolution == (64, 64) and model.latent_shape == (4, 16, 16)

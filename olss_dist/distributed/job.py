@@ -199,7 +199,7 @@ def run_job(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = 
     records = spec_prompt_records(spec, execution.storage_options)
     run_config = spec.identity(None if records is None else prompts_digest(records))
     check_writable(execution.output, execution.storage_options)
-    check_local_model(spec.model)  # an unsupported local folder fails here, not ~20 s later in a worker
+    check_local_model(spec.model, spec.resolution)  # a bad local folder or resolution fails here, not in a worker
     check_local_lora(spec.model, spec.lora)  # so does a local LoRA that does not fit a local base
     connect(execution.address, num_cpus=execution.local_cpus)
     device = resolve_device(execution)

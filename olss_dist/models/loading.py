@@ -36,7 +36,7 @@ import torch
 
 from olss_dist.models.base import DiffusionModel
 from olss_dist.spec import CalibrationSpec
-from olss_dist.models.common import ModelLoadError, read_json
+from olss_dist.models.common import ModelLoadError, parse_resolution, read_json, vae_scale_factor
 from olss_dist.models.stable_diffusion import StableDiffusionModel, check_scheduler_config
 
 # What a Stable Diffusion (1.x/2.x) folder needs, as hub allow-patterns and as remote-copy prefixes.
@@ -141,18 +141,40 @@ BUILTIN_MODELS = ("embedded", "embedded-flow", "analytic", "analytic-flow")
 """The specs ``load_model`` serves from this package, not from a folder, hub id or URI."""
 
 
-def check_local_model(spec: str) -> None:
-    """Refuse, before any worker starts, a local diffusers folder of a family no adapter serves.
+def check_local_model(spec: str, resolution: Any = None) -> None:
+    """Refuse, before any worker starts, a local diffusers folder of a family no adapter serves, or a
+    ``resolution`` its family cannot take.
 
-    Only what the driver can see for free is checked (a local folder's ``model_index.json`` and VP scheduler
-    config, ``check_scheduler_config``); hub ids, URIs and the built-in specs are checked where they load.
+    Only what the driver can see for free is checked (a local folder's ``model_index.json``, VP scheduler
+    config, ``check_scheduler_config``, and the VAE / transformer configs the resolution's multiple comes from,
+    ``resolution_multiple``); hub ids, URIs and the built-in specs are checked where they load (the adapters
+    check the resolution again there, with the same rule).
 
     Raises:
-        ModelLoadError: one line naming the folder's pipeline class and the supported ones, or its config's fault.
+        ModelLoadError: one line naming the folder's pipeline class and the supported ones, its config's fault,
+            or the resolution and the multiple the model takes.
     """
     folder = None if spec in BUILTIN_MODELS else local_path(spec)
     if folder is not None and (folder / "model_index.json").is_file():
-        check_scheduler_config(folder, pipeline_class(read_json(folder / "model_index.json"), str(folder)))
+        name = pipeline_class(read_json(folder / "model_index.json"), str(folder))
+        check_scheduler_config(folder, name)
+        if resolution is not None:
+            multiple, family = resolution_multiple(folder, name)
+            parse_resolution(resolution, multiple, f"{folder} ({family})")
+
+
+def resolution_multiple(folder: Path, pipeline: str) -> tuple[int, str]:
+    """``(multiple, description)``: what every side of an image of ``pipeline``'s folder must be a multiple of,
+    as its adapter requires: the VAE scale (SD 1.x/2.x, SDXL), times the transformer's patch (SD3), times the
+    2x2 packing (Flux)."""
+    scale = vae_scale_factor(folder)
+    if pipeline == "StableDiffusion3Pipeline":
+        config = folder / "transformer" / "config.json"
+        patch = int(read_json(config).get("patch_size", 2)) if config.is_file() else 2
+        return scale * patch, f"SD3, VAE scale {scale}, patch {patch}"
+    if pipeline == "FluxPipeline":
+        return 2 * scale, f"Flux, VAE scale {scale}, 2x2 packing"
+    return scale, f"{'SDXL' if 'XL' in pipeline else 'Stable Diffusion'}, VAE scale {scale}"
 
 
 def load_model(
