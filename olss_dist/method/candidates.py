@@ -1,5 +1,5 @@
 """The candidates of one step count: fitted paths on planner, even and quadratic nodes, the same on planner
-and even nodes with fewer outputs per step (a reduced basis of order ``q``, ``core.onpolicy.step_basis``), the
+nodes with fewer outputs per step (a reduced basis of order ``q``, ``core.onpolicy.step_basis``), the
 paper's fit, the built-ins in OLSS form, and the trust-region fits around the best built-in (``method.run``
 scores them).
 """
@@ -21,8 +21,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_RIDGES = (DEFAULT_RIDGE, 10 * DEFAULT_RIDGE)
 DEFAULT_ORDERS = (2,)
-"""Orders of the reduced-basis candidates (step ``i`` fits ``[x̂_i, ê_{i-q+1}, ..., ê_i]``), on minimax and even nodes."""
-REDUCED_SPACINGS = ("minimax", "uniform")
+"""Orders of the reduced-basis candidates (step ``i`` fits ``[x̂_i, ê_{i-q+1}, ..., ê_i]``; docs/evaluation.md, "Fewer
+outputs per step": order 1 never shipped, order 3 won once and lost once)."""
+REDUCED_SPACINGS = ("minimax",)
+"""Paths of the reduced-basis candidates (even nodes, the trailing built-ins' own, never shipped one: left out)."""
 
 
 @dataclass
@@ -78,7 +80,7 @@ def candidates_for(
         process_solvers: how the noise process's built-ins are built (``core.builtin.process_builtins``).
         builtins: the built-in solvers to include; None: the process's (``process_solvers.names``).
         ridges: relative ridge weights of the full on-policy fits.
-        orders: reduced-basis orders ``q`` fitted on the minimax and even nodes (with ``DEFAULT_RIDGE``); an
+        orders: reduced-basis orders ``q`` fitted on the ``REDUCED_SPACINGS`` nodes (with ``DEFAULT_RIDGE``); an
             order that is the full fit at every step (``q >= num_steps``) is left out; (): none.
     """
     n = calibration.num_teacher_steps
