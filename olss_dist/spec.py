@@ -164,7 +164,7 @@ class CalibrationSpec:
         screen_samples: fresh samples (fit prompts, new seeds) of the tail screen that a fitted plan must not
             lose to the best built-in on (``olss_dist.method.screen``); 0: none; ``None``: the model's multiple of
             the fit prompts (``screen_count``; ``DiffusionModel.screen_multiple``: 2 for networks, 128 for the
-            default job's 64; 64 for the analytic mixtures). Each costs 50 model calls for the reference plus K
+            default job's 64; 64 for the analytic mixtures). Each costs 100 model calls for the reference plus K
             per screened plan, not the teacher's N; 128 sees a 1.8 % tail with 90 % probability, 1024 one of
             0.22 %, 8192 one of 0.03 % (in-process ``calibrate``: at least 1024).
     """

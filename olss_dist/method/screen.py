@@ -5,7 +5,7 @@ that is better on almost every sample and sends one in a hundred to another mode
 (``method.choice.tail_seen_rate``). Seeing such a tail needs hundreds of samples, and the N-step teacher on
 each costs N model calls. The screen avoids the teacher: on ``S`` fresh samples (new initial noise with the
 calibration's own conditioning, the ``SCREEN`` split) it runs a **reference** sampler, the process's built-in
-solver at ``R = screen_reference_steps`` steps (50; at most N) that is closest to the teacher on the
+solver at ``R = screen_reference_steps`` steps (100; at most N) that is closest to the teacher on the
 validation samples, and compares each candidate's final state with the reference's.
 
 The comparison is exact up to the reference's own error. Write ``r_c(s)`` for a sampler's per-sample RMSE

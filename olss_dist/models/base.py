@@ -32,8 +32,8 @@ class DiffusionModel(ABC):
             for models without images (analytic).
         screen_multiple: the tail screen's samples per fit prompt when a calibration does not state how many
             (``CalibrationSpec.screen_count``; ``method.screen``): a tail of rate ``r`` needs about ``3 / r``
-            samples to be seen at all and ten times that to rank candidates by it, and each costs ~50 + K model
-            calls. 2 for networks (a quarter of the teacher's calls); the analytic mixtures, whose calls are
+            samples to be seen at all and ten times that to rank candidates by it, and each costs ~100 + K model
+            calls. 2 for networks (about a third of the teacher's calls); the analytic mixtures, whose calls are
             closed form, take 64 (docs/evaluation.md, "How many screen samples").
     """
 
