@@ -99,8 +99,11 @@ def shard_marks(root: Path) -> list[Path]:
 @pytest.mark.slow
 def test_killed_job_resumes_from_its_checkpoints_and_recomputes_no_finished_shard(ray_head, tmp_path):
     # N=1000 makes each shard take about a second, long enough to kill the job between shards.
+    # --screen-samples 16: the tail screen is not under test here (the analytic model's default, 64 per fit prompt,
+    # is 256 shards of 2 screen samples each run)
     options = ["--teacher-steps", "1000", "--steps", "4", "--shard-size", "2", "--guidance-scale", "3",
-               "--validation-fraction", "0.2", "--keep-states", "disk", "--keep-checkpoints", "--img2img-strengths", "none"]
+               "--validation-fraction", "0.2", "--keep-states", "disk", "--keep-checkpoints", "--img2img-strengths", "none",
+               "--screen-samples", "16"]
     resumed_root = tmp_path / "resumed"
     job = subprocess.Popen([*calibrate_command(resumed_root, *options), "--address", ray_head.gcs_address],
                            cwd=REPO, env=ray_head.client_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -69,7 +69,8 @@ class TeacherStateStore:
             self._memory[key] = {n: s for n, s in self._memory.get(key, {}).items() if n in keep}
             return
         for path in self._shard_dir(key).glob("*.npy"):
-            if int(path.stem) not in keep:
+            # ".<node>.<pid>.npy": a partial write of a process killed mid-write (``_write``); never a state
+            if path.name.startswith(".") or int(path.stem) not in keep:
                 path.unlink(missing_ok=True)
 
     def clear(self) -> None:
