@@ -49,6 +49,16 @@ def check_flux_folder(folder: Path, index: dict[str, Any]) -> None:
     check_components(folder, index, REQUIRED_COMPONENTS, (), "Flux")
 
 
+
+def flux_resolution(folder: Path, resolution: Any, vae_scale: int) -> tuple[int, int]:
+    """``(height, width)`` of ``resolution`` (an int or a pair), each a positive multiple of ``2 * vae_scale``
+    (the VAE's scale and FluxPipeline's 2x2 packing).
+
+    Raises:
+        ModelLoadError: one line (``resolution: ...``) naming the folder and what it takes.
+    """
+    return parse_resolution(resolution, 2 * vae_scale, f"{folder} (Flux, VAE scale {vae_scale}, 2x2 packing)")
+
 class FluxModel(FlowTransformerModel):
     """Guidance-embedded velocity of a diffusers Flux transformer on packed latents, at the pipeline's timestep ``σ·1000``.
 
@@ -96,9 +106,7 @@ class FluxModel(FlowTransformerModel):
 
         pipeline = self.pipeline
         self.vae_scale = int(vae_scale)
-        self.resolution = parse_resolution(
-            resolution, 2 * self.vae_scale, f"{self.folder} (Flux, VAE scale {vae_scale}, 2x2 packing)"
-        )
+        self.resolution = flux_resolution(self.folder, resolution, self.vae_scale)
         # FluxPipeline.prepare_latents: VAE latent of H/s x W/s, packed into (H/2s)(W/2s) patches of 4 channels each.
         self.latent_size = tuple(2 * (side // (2 * self.vae_scale)) for side in self.resolution)
         channels = int(self.transformer.config.in_channels) // 4

@@ -36,8 +36,11 @@ import torch
 
 from olss_dist.models.base import DiffusionModel
 from olss_dist.spec import CalibrationSpec
-from olss_dist.models.common import ModelLoadError, parse_resolution, read_json, vae_scale_factor
-from olss_dist.models.stable_diffusion import StableDiffusionModel, check_scheduler_config
+from olss_dist.models.common import ModelLoadError, read_json, vae_scale_factor
+from olss_dist.models.flux import flux_resolution
+from olss_dist.models.sd3 import sd3_resolution
+from olss_dist.models.sdxl import sdxl_resolution
+from olss_dist.models.stable_diffusion import StableDiffusionModel, check_scheduler_config, sd_resolution
 
 # What a Stable Diffusion (1.x/2.x) folder needs, as hub allow-patterns and as remote-copy prefixes.
 HUB_FILES = (
@@ -142,39 +145,36 @@ BUILTIN_MODELS = ("embedded", "embedded-flow", "analytic", "analytic-flow")
 
 
 def check_local_model(spec: str, resolution: Any = None) -> None:
-    """Refuse, before any worker starts, a local diffusers folder of a family no adapter serves, or a
-    ``resolution`` its family cannot take.
+    """Refuse, before any worker starts, a local diffusers folder no adapter serves or a ``resolution`` it cannot take.
 
-    Only what the driver can see for free is checked (a local folder's ``model_index.json``, VP scheduler
-    config, ``check_scheduler_config``, and the VAE / transformer configs the resolution's multiple comes from,
-    ``resolution_multiple``); hub ids, URIs and the built-in specs are checked where they load (the adapters
-    check the resolution again there, with the same rule).
+    Only what the driver can see for free is checked (``model_index.json``, the VP scheduler config and, for the
+    resolution, the adapter's own rule, ``check_resolution``); hub ids, URIs and built-in specs where they load.
 
     Raises:
-        ModelLoadError: one line naming the folder's pipeline class and the supported ones, its config's fault,
-            or the resolution and the multiple the model takes.
+        ModelLoadError: one line: the pipeline class and the supported ones, the config's fault, or the resolution.
     """
     folder = None if spec in BUILTIN_MODELS else local_path(spec)
     if folder is not None and (folder / "model_index.json").is_file():
         name = pipeline_class(read_json(folder / "model_index.json"), str(folder))
         check_scheduler_config(folder, name)
         if resolution is not None:
-            multiple, family = resolution_multiple(folder, name)
-            parse_resolution(resolution, multiple, f"{folder} ({family})")
+            check_resolution(folder, name, resolution)
 
 
-def resolution_multiple(folder: Path, pipeline: str) -> tuple[int, str]:
-    """``(multiple, description)``: what every side of an image of ``pipeline``'s folder must be a multiple of,
-    as its adapter requires: the VAE scale (SD 1.x/2.x, SDXL), times the transformer's patch (SD3), times the
-    2x2 packing (Flux)."""
+def check_resolution(folder: Path, pipeline: str, resolution: Any) -> None:
+    """``resolution`` by ``pipeline``'s adapter rule (``sd_resolution``, ``sdxl_resolution``, ``sd3_resolution``,
+    ``flux_resolution``), the VAE scale and SD3's patch from the folder's configs."""
     scale = vae_scale_factor(folder)
     if pipeline == "StableDiffusion3Pipeline":
         config = folder / "transformer" / "config.json"
         patch = int(read_json(config).get("patch_size", 2)) if config.is_file() else 2
-        return scale * patch, f"SD3, VAE scale {scale}, patch {patch}"
-    if pipeline == "FluxPipeline":
-        return 2 * scale, f"Flux, VAE scale {scale}, 2x2 packing"
-    return scale, f"{'SDXL' if 'XL' in pipeline else 'Stable Diffusion'}, VAE scale {scale}"
+        sd3_resolution(folder, resolution, scale, patch)
+    elif pipeline == "FluxPipeline":
+        flux_resolution(folder, resolution, scale)
+    elif pipeline == "StableDiffusionXLPipeline":
+        sdxl_resolution(folder, resolution, scale)
+    else:
+        sd_resolution(folder, resolution, scale)
 
 
 def load_model(

@@ -41,6 +41,15 @@ def check_sd3_folder(folder: Path, index: dict[str, Any]) -> None:
     check_components(folder, index, REQUIRED_COMPONENTS, OPTIONAL_COMPONENTS, "Stable Diffusion 3")
 
 
+
+def sd3_resolution(folder: Path, resolution: Any, vae_scale: int, patch: int) -> tuple[int, int]:
+    """``(height, width)`` of ``resolution`` (an int or a pair), each a positive multiple of ``vae_scale * patch``.
+
+    Raises:
+        ModelLoadError: one line (``resolution: ...``) naming the folder and what it takes.
+    """
+    return parse_resolution(resolution, vae_scale * patch, f"{folder} (SD3, VAE scale {vae_scale}, patch {patch})")
+
 class StableDiffusion3Model(FlowTransformerModel):
     """Classifier-free-guided velocity of a diffusers SD3 / SD3.5 transformer at the pipeline's timestep ``σ·1000``.
 
@@ -88,9 +97,7 @@ class StableDiffusion3Model(FlowTransformerModel):
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
         patch = int(self.transformer.config.patch_size)
-        self.resolution = parse_resolution(
-            resolution, vae_scale * patch, f"{self.folder} (SD3, VAE scale {vae_scale}, patch {patch})"
-        )
+        self.resolution = sd3_resolution(self.folder, resolution, vae_scale, patch)
         height, width = (side // vae_scale for side in self.resolution)
         self.latent_shape = (int(self.transformer.config.in_channels), height, width)
         scheduler = self.pipeline.scheduler.config  # with diffusers' defaults filled in, as the pipeline reads them
