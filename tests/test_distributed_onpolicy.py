@@ -176,3 +176,42 @@ def test_worker_dead_for_good_during_rounds_leaves_its_shards_to_the_live_one(cl
     for k in STEPS:
         assert plans[k].nodes == clean_plans[k].nodes
         np.testing.assert_allclose(plans[k].coefficients, clean_plans[k].coefficients, rtol=1e-12, atol=0)
+
+
+def test_the_screen_teacher_runs_where_the_samples_are_and_equals_in_process(local_ray, tmp_path):
+    """``teacher_differences`` on Ray: each asked screen sample's owner runs the teacher on it alone (any order,
+    repeats, across shards and workers) and the values equal the in-process backend's on the same samples."""
+    from olss_dist.core.builtin import process_builtins
+    from olss_dist.method.rollouts import SCREEN, InProcessBackend
+    from olss_dist.method.screen import run_to_end
+
+    fit, validation = small_split()
+    screen = screen_records(fit, 10)
+    model = load_model("analytic", guidance_scale=GUIDANCE)
+    pool = WorkerPool(ModelSpec("analytic", GUIDANCE, "cpu"), 2, TEACHER_STEPS, WorkerResources(), keep_states="memory")
+    try:
+        backend = RayRolloutBackend(
+            pool, make_shards(fit, SHARD_SIZE), make_shards(validation, SHARD_SIZE),
+            ShardCheckpoints(str(tmp_path / "staging"), "0" * 64), ShardProgress(4, len(fit), quiet=True),
+            planned_steps=(), planner_parallelism=2, screen_shards=make_shards(screen, SHARD_SIZE),
+        )
+        schedule = model.noise_process.teacher_schedule(TEACHER_STEPS)
+        backend.record_teacher(schedule)
+        backend.keep_train_states([0])  # as run_method does: every shard, the screen's too, gets its owner
+        plan = process_builtins(model.noise_process).plan("ddim", 4, schedule.stored_timesteps())
+        handle = run_to_end(backend, SCREEN, plan.coefficients, plan.timesteps)
+        asked = [9, 0, 4, 9, 3]  # shards of 3: the last, the first twice over, a middle one
+        on_ray = backend.teacher_differences(handle, asked)
+        np.testing.assert_array_equal(backend.teacher_differences(handle, asked), on_ray)  # kept, not run again
+        with pytest.raises(ValueError, match="not in the screen split"):
+            backend.teacher_differences(handle, [10])
+        backend.close(handle)
+    finally:
+        pool.shutdown()
+    local = InProcessBackend(model, model.initial_noise([r.seed for r in fit]), model.encode_prompts([r.prompt for r in fit]),
+                             screen_noise=model.initial_noise([r.seed for r in screen]),
+                             screen_cond=model.encode_prompts([r.prompt for r in screen]), batch_size=2)
+    local.record_teacher(schedule)
+    handle = run_to_end(local, SCREEN, plan.coefficients, plan.timesteps)
+    np.testing.assert_allclose(on_ray, local.teacher_differences(handle, asked), rtol=1e-9)
+    assert on_ray[0] == on_ray[3] and on_ray.max() > 0

@@ -1,6 +1,7 @@
 """The tail screen (``olss_dist.method.screen``): fresh samples scored against a fine-step reference, so a plan
 that validation likes but that sends fresh samples elsewhere does not ship; its spec field and CLI option."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -122,3 +123,87 @@ def test_the_screen_size_follows_the_model_family_unless_stated():
     fresh, taken = screen_samples(noise, cond, ChoiceRules(), default_screen_count(vp, 20))
     assert fresh.shape == (1280, *vp.latent_shape) and torch.equal(taken, cond[torch.arange(1280) % 3])
     assert len(screen_samples(noise, cond, ChoiceRules(screen_samples=7))[0]) == 7
+
+
+# ------------------------------------------------------------------------------ adjudication by the teacher
+
+@pytest.fixture(scope="module")
+def wrong_reference():
+    """A screen whose reference (DEIS at 4 of 40 steps) switches mode on fresh samples that its 8 validation samples
+    did not show: there the distance to it is the reference's error, not the sampler's."""
+    model = GaussianMixtureModel()
+    backend = InProcessBackend(model, *samples(model, 8, 1), *samples(model, 8, 2), screen_noise=samples(model, 256, 3)[0],
+                               screen_cond=samples(model, 256, 3)[1])
+    schedule = model.noise_process.teacher_schedule(TEACHER_STEPS)
+    backend.record_teacher(schedule)
+    timesteps = schedule.stored_timesteps()
+    solvers = process_builtins(model.noise_process)
+    plans = {"teacher": solvers.plan("ddim", TEACHER_STEPS, timesteps), "deis": solvers.plan("deis", 4, timesteps)}
+    return model, backend, solvers, timesteps, plans
+
+
+def screen_of(wrong_reference, teacher_samples):
+    model, backend, solvers, timesteps, plans = wrong_reference
+    rules = ChoiceRules(screen_samples=256, screen_reference_steps=4, screen_teacher_samples=teacher_samples)
+    return TailScreen(backend, solvers, timesteps, rules), rules
+
+
+def test_the_teacher_adjudicates_where_a_sampler_and_the_reference_part(wrong_reference):
+    model, backend, solvers, timesteps, plans = wrong_reference
+    teacher = (plans["teacher"].coefficients, plans["teacher"].timesteps)  # DDIM at N steps: the teacher itself
+    unjudged, _ = screen_of(wrong_reference, 0)
+    assert unjudged.record["reference"] == "builtin/deis"
+    charged = unjudged.distance("teacher", *teacher, adjudicate=True)
+    assert unjudged.tail(charged) > 0 and not unjudged.judged  # the reference's own errors, charged to the teacher
+    screen, _ = screen_of(wrong_reference, 32)
+    distance = screen.distance("teacher", *teacher, adjudicate=True)
+    flagged = set(np.flatnonzero(charged > screen.bound))
+    assert set(screen.judged) == flagged and len(flagged) > 0
+    assert np.all(np.asarray(screen.reference_errors) > screen.bound)  # the reference was wrong on every one
+    assert screen.tail(distance) == 0 and distance[screen.judged].max() < 1e-5
+    handle = run_to_end(backend, SCREEN, *teacher)
+    try:  # the teacher ran once per sample and is kept: asked again, the same exact values, in the order asked
+        again = backend.teacher_differences(handle, screen.judged[::-1] + screen.judged[:1])
+        np.testing.assert_allclose(np.sqrt(again), list(distance[screen.judged[::-1]]) + [distance[screen.judged[0]]])
+        with pytest.raises(ValueError, match="screen split"):
+            handle_v = run_to_end(backend, "validation", *teacher)
+            try:
+                backend.teacher_differences(handle_v, [0])
+            finally:
+                backend.close(handle_v)
+    finally:
+        backend.close(handle)
+    capped, _ = screen_of(wrong_reference, 2)  # at most this many teacher runs, the farthest first
+    capped.distance("teacher", *teacher, adjudicate=True)
+    assert capped.judged == [int(i) for i in np.argsort(-charged, kind="stable")[:2]]
+
+
+def test_a_sampler_measured_before_an_adjudication_is_measured_again(wrong_reference):
+    """The built-in that is the reference goes free until the teacher shows where it is wrong; then it is charged."""
+    model, backend, solvers, timesteps, plans = wrong_reference
+    screen, rules = screen_of(wrong_reference, 32)
+    names = ["builtin/deis", "on_policy/follows_the_teacher"]
+    samplers = [(plans["deis"].coefficients, plans["deis"].timesteps),
+                (plans["teacher"].coefficients, plans["teacher"].timesteps)]
+    assert screen.tail(screen.distance(*names[:1], *samplers[0])) == 0  # measured first: zero against itself
+    deis_errors = validation_errors(backend, *samplers[0])
+    choice = screen.choose(names, [deis_errors, deis_errors * 0.25], [True, False], [14.6, 14.6], 8, samplers, rules)
+    record = choice.record["tail_screen"]
+    assert record["teacher_samples"] == record["reference_beyond_bound"] > 0
+    assert record["screened"]["builtin/deis"]["tail"] > 0 == record["screened"]["on_policy/follows_the_teacher"]["tail"]
+    assert choice.record["shipped"] == "on_policy/follows_the_teacher", choice.record["reason"]
+
+
+def test_the_teacher_budget_is_per_step_count_and_follows_the_screen_size(wrong_reference):
+    model, backend, solvers, timesteps, plans = wrong_reference
+    rules = ChoiceRules(screen_samples=256, screen_reference_steps=4)
+    screen = TailScreen(backend, solvers, timesteps, rules)
+    assert screen.teacher_budget == 1  # one per 256 screen samples
+    teacher = (plans["teacher"].coefficients, plans["teacher"].timesteps)
+    screen.distance("builtin/ddim", *teacher)  # a built-in asks for no teacher run
+    assert screen.judged == []
+    screen.distance("on_policy/a", *teacher, adjudicate=True)
+    assert len(screen.judged) == 1
+    coarse = solvers.plan("ddim", 8, timesteps)  # another step count has its own budget
+    screen.distance("on_policy/b", coarse.coefficients, coarse.timesteps, adjudicate=True)
+    assert len(screen.judged) == 2 and screen.judged_by_steps == {TEACHER_STEPS: 1, 8: 1}

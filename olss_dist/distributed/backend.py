@@ -195,6 +195,28 @@ class RayRolloutBackend(RolloutBackend):
             split, lambda actor, shards: actor.rollout_final_differences.remote(handle, reference, shards)))
         return np.concatenate([differences[shard.shard_id] for shard in self.shards[split]])
 
+    def teacher_differences(self, handle: int, indices: Sequence[int]) -> np.ndarray:
+        """Each asked screen sample's owner runs the teacher on it (once; kept on the worker) and compares."""
+        split = self.history[handle].split
+        if split != SCREEN:
+            raise ValueError(f"teacher differences are for the screen split; the {split} split has its teacher (final_errors)")
+        shards = self.shards[SCREEN]
+        starts = np.cumsum([0] + [len(shard.records) for shard in shards])
+        asked: dict[int, list[int]] = {}
+        where = []  # per index: (shard id, position among that shard's asked samples)
+        for index in (int(i) for i in indices):
+            if not 0 <= index < starts[-1]:
+                raise ValueError(f"screen sample {index} is not in the screen split (0..{starts[-1] - 1})")
+            position = int(np.searchsorted(starts, index, side="right")) - 1
+            local = asked.setdefault(shards[position].shard_id, [])
+            where.append((shards[position].shard_id, len(local)))
+            local.append(index - int(starts[position]))
+        if not where:
+            return np.zeros(0)
+        differences = _merged_by_shard(self._on_owners(split, lambda actor, owned: actor.rollout_teacher_differences.remote(
+            handle, [s for s in owned if s.shard_id in asked], asked)))
+        return np.array([differences[shard_id][position] for shard_id, position in where], dtype=np.float64)
+
     def close(self, handle: int) -> None:
         self.history.pop(handle, None)
         for actor in self.pool.actors:

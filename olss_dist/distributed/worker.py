@@ -24,7 +24,7 @@ import torch
 
 from olss_dist.core.calibration import Calibration
 from olss_dist.core.onpolicy import apply_step, step_statistics
-from olss_dist.core.teacher import schedule_trajectories
+from olss_dist.core.teacher import schedule_states, schedule_trajectories
 from olss_dist.distributed.failure import StateLostError
 from olss_dist.distributed.parallel_search import PathSearchMethods
 from olss_dist.distributed.state_store import TeacherStateStore
@@ -123,6 +123,7 @@ class CalibrationWorker(PathSearchMethods):
         self.final_node = num_teacher_steps
         self.states = TeacherStateStore(keep_states, teacher_key(self.model, model_spec, num_teacher_steps), state_dir)
         self.rollouts: dict[int, dict[int, Rollout]] = {}
+        self.screen_teacher: dict[tuple[int, int], torch.Tensor] = {}  # (screen shard, sample) -> teacher's final state
 
     def describe(self) -> dict[str, Any]:
         """Identity of the loaded model and of this worker: for the report, digests and placement checks."""
@@ -264,12 +265,33 @@ class CalibrationWorker(PathSearchMethods):
             for shard in shards
         }
 
+    def rollout_teacher_differences(
+        self, handle: int, shards: Sequence[Shard], asked: dict[int, Sequence[int]]
+    ) -> dict[int, np.ndarray]:
+        """``{shard_id: (n,)}`` mean squared difference per element between screen rollout ``handle``'s last states at
+        the samples ``asked[shard_id]`` (positions in the shard) and the teacher's final states there: the teacher
+        runs on a sample the first time it is asked for, and is kept (``RolloutBackend.teacher_differences``)."""
+        differences = {}
+        for shard in shards:
+            local = [int(i) for i in asked.get(shard.shard_id, ())]
+            batch = self._batch(handle, shard)
+            missing = [i for i in dict.fromkeys(local) if (shard.shard_id, i) not in self.screen_teacher]
+            if missing:
+                x_T, cond = self.inputs(Shard(shard.shard_id, tuple(shard.records[i] for i in missing)))
+                with torch.inference_mode():
+                    finals = schedule_states(self.model, x_T, cond, self.schedule, [self.final_node])[:, 0]
+                self.screen_teacher.update({(shard.shard_id, i): final for i, final in zip(missing, finals)})
+            reference = torch.stack([self.screen_teacher[(shard.shard_id, i)] for i in local])
+            differences[shard.shard_id] = per_sample_mse(batch.state[local], reference.to(batch.state.device))
+        return differences
+
     def close_rollout(self, handle: int) -> None:
         self.rollouts.pop(handle, None)
 
     def clear_states(self) -> None:
         """Drop every kept teacher state of this run on this node (after the run is published)."""
         self.rollouts.clear()
+        self.screen_teacher.clear()
         self.states.clear()
 
     def replay_rollout(

@@ -62,6 +62,9 @@ class ChoiceRules:
             screen samples: DEIS at 50 steps sent 5 to another mode, worst RMSE 1.43; at 100 none, worst 0.011).
         screen_bound_factor: the reference's distance to the teacher is bounded by this many times its worst
             per-sample RMSE on the validation samples.
+        screen_teacher_samples: screen samples the teacher may adjudicate per step count (``method.screen``: where
+            a screened fitted sampler and the reference part beyond that bound; N model calls each); None: one per
+            256 screen samples (at least one); 0: none.
     """
 
     confidence: float = 0.9
@@ -74,6 +77,7 @@ class ChoiceRules:
     screen_samples: int | None = None
     screen_reference_steps: int = 100
     screen_bound_factor: float = 2.0
+    screen_teacher_samples: int | None = None
 
     def __post_init__(self) -> None:
         if self.criterion not in ("robust", "rmse"):
@@ -84,9 +88,11 @@ class ChoiceRules:
             raise ValueError(f"resamples must be at least 10, got {self.resamples}")
         if self.coefficient_bound <= 0:
             raise ValueError(f"coefficient_bound must be positive, got {self.coefficient_bound}")
-        if (self.screen_samples or 0) < 0 or self.screen_reference_steps < 1 or not self.screen_bound_factor >= 1.0:
-            raise ValueError(f"screen: samples >= 0, reference steps >= 1 and bound factor >= 1 needed, got "
-                             f"{self.screen_samples}, {self.screen_reference_steps}, {self.screen_bound_factor}")
+        if (self.screen_samples or 0) < 0 or self.screen_reference_steps < 1 or not self.screen_bound_factor >= 1.0 \
+                or (self.screen_teacher_samples or 0) < 0:
+            raise ValueError(f"screen: samples >= 0, reference steps >= 1, bound factor >= 1 and teacher samples >= 0 "
+                             f"needed, got {self.screen_samples}, {self.screen_reference_steps}, {self.screen_bound_factor}, "
+                             f"{self.screen_teacher_samples}")
 
     @property
     def screens(self) -> bool:

@@ -87,6 +87,13 @@ class RolloutBackend(ABC):
         of one split (``method.screen``: a sampler against the reference sampler on the screen split)."""
         raise NotImplementedError(f"{type(self).__name__} has no screen split")
 
+    def teacher_differences(self, handle: int, indices: Sequence[int]) -> np.ndarray:
+        """``(len(indices),)`` mean squared difference per element between a finished screen rollout's last states
+        at samples ``indices`` (positions in the split) and the teacher's final states there. The teacher runs on
+        a sample the first time one is asked for (N model calls each) and is kept: the screen's adjudication of
+        the few samples where a sampler and the reference part (``method.screen``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no screen split")
+
 
 @dataclass
 class Rollout:
@@ -107,6 +114,16 @@ def batch_slices(size: int, batch_size: int | None) -> list[slice]:
 def select(cond: Any, rows: slice) -> Any:
     """The conditioning of samples ``rows``; ``cond`` is indexable along the batch."""
     return cond[rows]
+
+
+def take(cond: Any, indices: Sequence[int]) -> Any:
+    """The conditioning of samples ``indices`` (any order, repeats allowed): a tensor, a list or tuple, or
+    anything indexable by an integer array."""
+    if isinstance(cond, torch.Tensor):
+        return cond[torch.as_tensor(np.asarray(indices, dtype=np.int64), device=cond.device)]
+    if isinstance(cond, (list, tuple)):
+        return type(cond)(cond[int(i)] for i in indices)
+    return cond[np.asarray(indices, dtype=np.int64)]
 
 
 class InProcessBackend(RolloutBackend):
@@ -147,12 +164,15 @@ class InProcessBackend(RolloutBackend):
         self.validation_states: dict[int, torch.Tensor] = {}
         self.rollouts: dict[int, tuple[str, list[Rollout]]] = {}
         self.next_handle = 0
+        self.schedule: TeacherSchedule | None = None  # the teacher of record_teacher, run on screen samples asked for
+        self.screen_teacher: dict[int, torch.Tensor] = {}  # screen sample -> the teacher's final state there
 
     @property
     def num_train_rows(self) -> int:
         return self.splits[TRAIN][0].numel()
 
     def record_teacher(self, schedule: TeacherSchedule) -> Calibration:
+        self.schedule = schedule
         noise, cond = self.splits[TRAIN]
         timesteps = schedule.stored_timesteps()
         calibrations, states = [], []
@@ -184,6 +204,7 @@ class InProcessBackend(RolloutBackend):
         """
         noise, cond = self.splits[TRAIN]
         keep = sorted(set(keep) | {schedule.num_steps})
+        self.schedule = schedule
         states = torch.cat([
             schedule_states(self.denoiser, noise[rows], select(cond, rows), schedule, keep)
             for rows in batch_slices(len(noise), self.batch_size)
@@ -246,6 +267,28 @@ class InProcessBackend(RolloutBackend):
         if split != reference_split:
             raise ValueError(f"rollouts {handle} ({split}) and {reference} ({reference_split}) are of different splits")
         return per_sample_mse(torch.cat([b.state for b in batches]), torch.cat([b.state for b in references]))
+
+    def teacher_differences(self, handle: int, indices: Sequence[int]) -> np.ndarray:
+        split, batches = self.rollouts[handle]
+        if split != SCREEN:
+            raise ValueError(f"teacher differences are for the screen split; the {split} split has its teacher (final_errors)")
+        if self.schedule is None:
+            raise ValueError("no teacher yet: record_teacher first")
+        indices = [int(i) for i in indices]
+        missing = [i for i in dict.fromkeys(indices) if i not in self.screen_teacher]
+        if missing:
+            noise, cond = self.splits[SCREEN]
+            noise, cond = noise[torch.as_tensor(missing)], take(cond, missing)
+            finals = torch.cat([
+                schedule_states(self.denoiser, noise[rows], select(cond, rows), self.schedule, [self.schedule.num_steps])[:, 0]
+                for rows in batch_slices(len(missing), self.batch_size)
+            ])
+            self.screen_teacher.update(zip(missing, finals))
+            self.progress(f"teacher: {len(missing)} screen samples")
+        if not indices:
+            return np.zeros(0)
+        final = torch.cat([batch.state for batch in batches])[torch.as_tensor(indices)]
+        return per_sample_mse(final, torch.stack([self.screen_teacher[i] for i in indices]))
 
     def final_errors(self, handle: int) -> np.ndarray:
         split, batches = self.rollouts[handle]

@@ -67,6 +67,7 @@ from olss_dist.method.rollouts import (
     InProcessBackend,
     RolloutBackend,
     error_summary,
+    take,
 )
 from olss_dist.method.screen import TailScreen, run_to_end
 from olss_dist.method.starts import fit_start_plans, start_nodes
@@ -337,14 +338,7 @@ def screen_samples(noise: torch.Tensor, cond: Any, rules: ChoiceRules, default: 
     count = default if rules.screen_samples is None else rules.screen_samples
     generator = torch.Generator().manual_seed(SCREEN_SEED + rules.seed)
     fresh = torch.randn((count, *noise.shape[1:]), generator=generator, dtype=torch.float64)
-    indices = np.arange(count) % len(noise)
-    if isinstance(cond, torch.Tensor):
-        taken = cond[torch.as_tensor(indices, device=cond.device)]
-    elif isinstance(cond, (list, tuple)):
-        taken = type(cond)(cond[i] for i in indices)
-    else:
-        taken = cond[indices]
-    return fresh.to(noise.dtype).to(noise.device), taken
+    return fresh.to(noise.dtype).to(noise.device), take(cond, np.arange(count) % len(noise))
 
 
 def calibration_teacher(

@@ -16,6 +16,15 @@ stays within ``w`` of the reference and of the order of the data's scale where i
 (``TailScreen.tail``) is the RMSE such samples contribute, with the rate of the ``k`` seen taken at its Poisson
 upper bound: a blow-up seen once may be five times as common as one in ``S``.
 
+**Adjudication.** ``d(s)`` is bounded on the validation samples only. On a fresh sample the reference can switch
+mode itself, and the built-ins it is one of tend to switch with it (flow mixture: every flow built-in at 100 and
+200 steps on the same 6 of 10240 samples): ``r_c(s)`` is then the reference's error, charged to a sampler that
+follows the teacher, while a built-in that follows the reference goes free. So the teacher runs on the samples
+a screened fitted sampler puts beyond ``w``, farthest first, up to ``screen_teacher_samples`` per step count
+(default one per 256 screen samples: N model calls each, next to the ``R`` of every screen sample;
+``RolloutBackend.teacher_differences``), and there every sampler's ``r`` is its RMSE against the teacher itself. Samplers measured before a sample was adjudicated are measured
+again. The record counts the adjudicated samples and those where the reference was beyond ``w``.
+
 The screen enters the choice twice:
 
 - **Criterion.** Each candidate's ``tail`` is added in quadrature to its validation bound
@@ -27,7 +36,8 @@ The screen enters the choice twice:
   plan passes or a built-in ships.
 
 Cost: ``R`` model calls per screen sample once, plus ``K`` per screened candidate (the winner and the best
-built-in; a failed winner's successor), a small fraction of the teacher's N when ``S`` is a few times the
+built-in; a failed winner's successor; again when samples were adjudicated after it), plus ``N`` per adjudicated
+sample, a small fraction of the teacher's N when ``S`` is a few times the
 validation size. Pure method code: the samples live in the backend (``RolloutBackend.final_differences``).
 """
 
@@ -78,7 +88,7 @@ class TailScreen:
                  rules: ChoiceRules, progress: Callable[[str], None] | None = None):
         self.backend, self.rules = backend, rules
         self.progress = progress or (lambda message: None)
-        self.distances: dict[str, np.ndarray] = {}  # by 'name@K'
+        self.distances: dict[str, tuple[np.ndarray, list[int]]] = {}  # by 'name@K': distances, samples judged then
         worst: dict[str, float] = {}
         plans = {}
         # R steps, or the teacher's own grid (N) where no built-in's R timesteps lie on it (small N)
@@ -103,22 +113,66 @@ class TailScreen:
         plan = plans[name]
         self.handle = run_to_end(backend, SCREEN, plan.coefficients, plan.timesteps)
         self.samples = len(backend.final_differences(self.handle, self.handle))
+        self.judged: list[int] = []  # screen samples adjudicated by the teacher, in the order they were
+        self.judged_by_steps: dict[int, int] = {}  # how many of them each step count's samplers asked for
+        self.reference_errors: list[float] = []  # the reference's RMSE against the teacher on each of them
         self.record: dict[str, Any] = {
             "reference": f"builtin/{name}", "reference_steps": len(plan.timesteps),
             "reference_worst_validation_rmse": worst[name], "bound": self.bound,
         }
         self.progress(f"tail screen: reference {name} at {len(plan.timesteps)} steps, worst validation RMSE {worst[name]:.3g}")
 
-    def distance(self, name: str, coefficients: np.ndarray, step_timesteps: Sequence[int | float]) -> np.ndarray:
-        """``(S,)`` per-sample RMSE of a sampler's final state against the reference's (cached by name and K)."""
+    def distance(self, name: str, coefficients: np.ndarray, step_timesteps: Sequence[int | float],
+                 adjudicate: bool = False) -> np.ndarray:
+        """``(S,)`` per-sample RMSE of a sampler's final state against the reference's, and against the teacher's
+        on the adjudicated samples (cached by name and K; measured again when samples were adjudicated since).
+
+        ``adjudicate`` (fitted samplers, in ``choose``): the first time the sampler is measured, its samples beyond
+        the bound that no teacher ran on yet are adjudicated, farthest first, while the step count's
+        ``teacher_budget`` allows (``adjudicate``)."""
         key = f"{name}@{len(step_timesteps)}"
-        if key not in self.distances:
+        cached = self.distances.get(key)
+        if cached is None or len(cached[1]) < len(self.judged):
             handle = run_to_end(self.backend, SCREEN, coefficients, step_timesteps)
             try:
-                self.distances[key] = np.sqrt(self.backend.final_differences(handle, self.handle))
+                distance = np.sqrt(self.backend.final_differences(handle, self.handle))
+                if cached is None and adjudicate:
+                    self.adjudicate(distance, len(step_timesteps))
+                if self.judged:
+                    distance[self.judged] = np.sqrt(self.backend.teacher_differences(handle, self.judged))
+                self.distances[key] = cached = (distance, list(self.judged))
             finally:
                 self.backend.close(handle)
-        return self.distances[key]
+        return cached[0]
+
+    @property
+    def teacher_budget(self) -> int:
+        """Samples the teacher may adjudicate per step count: ``ChoiceRules.screen_teacher_samples``, or one per 256
+        screen samples (at least 1; 40 of the analytic mixtures' 10240, 1 of a network's 2 per fit prompt)."""
+        stated = self.rules.screen_teacher_samples
+        return -(-self.samples // 256) if stated is None else stated
+
+    def adjudicate(self, distance: np.ndarray, num_steps: int) -> None:
+        """Run the teacher on the samples where ``distance`` (a K-step sampler's, to the reference) exceeds the bound
+        and no teacher ran yet, farthest first, up to ``teacher_budget`` for that K.
+
+        The bound is the reference's error on the validation samples; on a fresh sample the reference itself may
+        switch mode with the sampler's own built-ins (flow mixture: every built-in at 100 and 200 steps on the
+        same 6 of 10240 samples). There the distance is the reference's error, not the sampler's: on an
+        adjudicated sample every sampler's distance is its RMSE against the teacher, exactly."""
+        budget = self.teacher_budget - self.judged_by_steps.get(num_steps, 0)
+        with np.errstate(invalid="ignore"):
+            flagged = np.flatnonzero(np.isfinite(distance) & (distance > self.bound))
+        judged = set(self.judged)
+        new = [int(i) for i in flagged[np.argsort(-distance[flagged], kind="stable")] if int(i) not in judged][:max(budget, 0)]
+        if not new:
+            return
+        errors = np.sqrt(self.backend.teacher_differences(self.handle, new))
+        self.judged += new
+        self.judged_by_steps[num_steps] = self.judged_by_steps.get(num_steps, 0) + len(new)
+        self.reference_errors += [float(e) for e in errors]
+        self.progress(f"tail screen: teacher on {len(new)} samples, the reference beyond the bound on "
+                      f"{int(np.sum(errors > self.bound))} of them")
 
     def tail(self, distances: np.ndarray) -> float:
         """The certain part of a sampler's pooled RMSE on the screen, with the uncertainty of a rare event.
@@ -157,10 +211,13 @@ class TailScreen:
         screened: dict[str, dict[str, Any]] = {}
 
         def screen(index: int) -> None:
-            distance = self.distance(names[index], *samplers[index])
-            tails[names[index]] = self.tail(distance)
-            screened[names[index]] = {"tail": tails[names[index]], "worst_distance": float(np.max(distance)),
-                                      "beyond_bound": int(np.sum(distance > self.bound))}
+            self.distance(names[index], *samplers[index], adjudicate=not builtin[index])
+            for other in [names.index(name) for name in tails] + [index]:  # again where samples were adjudicated since
+                distance = self.distance(names[other], *samplers[other])
+                tails[names[other]] = self.tail(distance)
+                screened.setdefault(names[other], {}).update({
+                    "tail": tails[names[other]], "worst_distance": float(np.max(distance)),
+                    "beyond_bound": int(np.sum(distance > self.bound))})
 
         while True:
             choice = choose(names, errors, builtin, max_abs_coefficients, num_train_samples, rules, excluded, tails)
@@ -184,8 +241,11 @@ class TailScreen:
                                       f"samples, above the best built-in's at most {upper:.3g}")
             self.progress(f"{len(samplers[index][1])} steps: {names[index]} fails the tail screen "
                           f"({tails[names[index]]:.3g} > {upper:.3g})")
+        reference_errors = np.asarray(self.reference_errors)
         choice.record["tail_screen"] = {**self.record, "samples": self.samples,
                                         "tail_seen_rate": tail_seen_rate(self.samples, rules.confidence),
+                                        "teacher_samples": len(self.judged),
+                                        "reference_beyond_bound": int(np.sum(reference_errors > self.bound)),
                                         "screened": screened}
         return choice
 
