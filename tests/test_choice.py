@@ -163,6 +163,10 @@ def test_show_prints_the_choice_with_its_interval(calibrated, tmp_path):
     assert result.exit_code == 0, result.output
     low, high = enough[8].choice["ratio_interval"]
     assert f"[{low:.3g}, {high:.3g}]" in result.output and "90% bootstrap" in result.output
+    screen = enough[8].choice["tail_screen"]  # the screen's size and its teacher adjudication, per step count
+    assert f"tail screen: {screen['samples']} fresh samples" in result.output
+    assert f"the teacher on {screen['teacher_samples']} of them (the reference wrong on {screen['reference_beyond_bound']})" \
+        in result.output
 
 
 def test_evaluate_reports_the_held_out_interval_under_new_conditions(calibrated, tmp_path, monkeypatch):

@@ -192,7 +192,9 @@ def choice_table(plans: list[dict[str, Any]]):
             failed = [name for name, entry in screen.get("screened", {}).items() if entry.get("passed") is False]
             lines.append(Text(f"  tail screen: {screen.get('samples')} fresh samples against {screen.get('reference')} at "
                               f"{screen.get('reference_steps')} steps (sees a {screen.get('tail_seen_rate', 0):.2%} tail); "
-                              f"{len(screen.get('screened', {}))} screened" + (f", failed: {', '.join(failed)}" if failed else "")))
+                              f"{len(screen.get('screened', {}))} screened" + (f", failed: {', '.join(failed)}" if failed else "")
+                              + (f"; the teacher on {screen['teacher_samples']} of them (the reference wrong on "
+                                 f"{screen.get('reference_beyond_bound', 0)})" if "teacher_samples" in screen else "")))
     return Group(table, *lines, Text(""))
 
 
