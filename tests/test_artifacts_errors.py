@@ -41,7 +41,7 @@ def assert_fails_fast(action, match: str, bound_s: float = DEFAULT_BOUND_S) -> f
 def test_closed_port_is_one_clear_error(s3_bucket, monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     root = f"s3://{s3_bucket}/registry"
-    assert_fails_fast(lambda: publish(root), "cannot publish to .*cannot reach the storage endpoint")
+    assert_fails_fast(lambda: publish(root), "cannot publish to .*cannot reach the storage endpoint .*; check AWS_ENDPOINT_URL")
     assert_fails_fast(lambda: fetch_run(f"{root}/org--tiny-sd", cache_dir=tmp_path), "cannot read .*cannot reach")
     assert_fails_fast(lambda: list_models(root), "cannot list runs .*cannot reach")
 

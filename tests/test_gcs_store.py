@@ -23,7 +23,9 @@ def test_gs_uses_the_json_api_filesystem_with_bounded_attempts(monkeypatch):
 
 def test_closed_port_fails_fast(monkeypatch):
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{free_port()}")
-    assert_fails_fast(lambda: list_models("gs://olss-bucket/registry"), "cannot reach the storage endpoint", 12)
+    # one line, naming gcsfs's endpoint settings (not s3fs's AWS_ENDPOINT_URL)
+    assert_fails_fast(lambda: list_models("gs://olss-bucket/registry"),
+                      "cannot reach the storage endpoint .*; check STORAGE_EMULATOR_HOST or storage_options", 12)
 
 
 def test_silent_endpoint_gets_two_attempts_of_the_read_timeout(monkeypatch, silent_endpoint):  # noqa: F811

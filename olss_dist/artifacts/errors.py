@@ -44,8 +44,17 @@ def _causes(error: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
-def describe_storage_error(error: BaseException) -> str | None:
-    """A one-line reason for a storage failure, or None when ``error`` is not a storage failure (a bug)."""
+ENDPOINT_SETTINGS = {
+    "s3": "AWS_ENDPOINT_URL or storage_options['endpoint_url']",
+    "gs": "STORAGE_EMULATOR_HOST or storage_options['endpoint_url']",
+    "gcs": "STORAGE_EMULATOR_HOST or storage_options['endpoint_url']",
+}
+"""Where each scheme's endpoint is set (s3fs, gcsfs), for the one line of an unreachable endpoint."""
+
+
+def describe_storage_error(error: BaseException, uri: str = "") -> str | None:
+    """A one-line reason for a storage failure, or None when ``error`` is not a storage failure (a bug); ``uri``
+    names the store, so an unreachable endpoint's line names that store's own endpoint settings."""
     for cause in _causes(error):
         names = _class_names(cause)
         if names & _CREDENTIAL_ERRORS:
@@ -55,8 +64,8 @@ def describe_storage_error(error: BaseException) -> str | None:
             )
         if names & _CONNECTION_ERRORS:
             return (
-                f"cannot reach the storage endpoint ({cause}); check AWS_ENDPOINT_URL or "
-                "storage_options['endpoint_url'] and the network"
+                f"cannot reach the storage endpoint ({cause}); check "
+                f"{ENDPOINT_SETTINGS.get(uri.partition('://')[0].lower(), ENDPOINT_SETTINGS['s3'])} and the network"
             )
     if isinstance(error, PermissionError):
         return f"access denied: credentials rejected or not allowed ({error})"
@@ -75,7 +84,7 @@ def storage_errors(action: str, uri: str) -> Iterator[None]:
     except (ArtifactError, PreconditionFailed):
         raise
     except Exception as error:
-        reason = describe_storage_error(error)
+        reason = describe_storage_error(error, uri)
         if reason is None:
             raise
         raise ArtifactError(f"{action} {uri}: {reason}") from error
