@@ -108,6 +108,8 @@ def test_storage_options_flag_reaches_the_store(s3_bucket, moto_endpoint, monkey
         (["list", "{root}", "--storage-options", "{{not json"], "--storage-options is not valid JSON"),
         (["list", "{root}", "--storage-options", "[1]"], "must be a JSON object"),
         (["list", "s3://olss-no-such-bucket/x"], "bucket 'olss-no-such-bucket' does not exist"),
+        (["list", "{root}", "--storage-options", '{{"bogus_option": 1}}'],
+         "the store does not take a storage option given"),
     ],
 )
 def test_errors_are_one_line_and_exit_1(s3_root, tmp_path, args, message):

@@ -52,6 +52,18 @@ ENDPOINT_SETTINGS = {
 """Where each scheme's endpoint is set (s3fs, gcsfs), for the one line of an unreachable endpoint."""
 
 
+_STORE_PACKAGES = ("/s3fs/", "/gcsfs/", "/aiobotocore/", "/botocore/", "/fsspec/")
+
+
+def _raised_in_store(error: BaseException) -> bool:
+    """Whether ``error`` was raised inside a store's client library (not in our code calling it)."""
+    traceback, last = error.__traceback__, ""
+    while traceback is not None:
+        last = traceback.tb_frame.f_code.co_filename.replace("\\", "/")
+        traceback = traceback.tb_next
+    return any(package in last for package in _STORE_PACKAGES)
+
+
 def describe_storage_error(error: BaseException, uri: str = "") -> str | None:
     """A one-line reason for a storage failure, or None when ``error`` is not a storage failure (a bug); ``uri``
     names the store, so an unreachable endpoint's line names that store's own endpoint settings."""
@@ -67,6 +79,8 @@ def describe_storage_error(error: BaseException, uri: str = "") -> str | None:
                 f"cannot reach the storage endpoint ({cause}); check "
                 f"{ENDPOINT_SETTINGS.get(uri.partition('://')[0].lower(), ENDPOINT_SETTINGS['s3'])} and the network"
             )
+        if isinstance(cause, TypeError) and "keyword argument" in str(cause) and _raised_in_store(cause):
+            return f"the store does not take a storage option given ({cause}); check storage_options"
     if isinstance(error, PermissionError):
         return f"access denied: credentials rejected or not allowed ({error})"
     if isinstance(error, FileNotFoundError):
