@@ -207,3 +207,11 @@ def test_the_teacher_budget_is_per_step_count_and_follows_the_screen_size(wrong_
     coarse = solvers.plan("ddim", 8, timesteps)  # another step count has its own budget
     screen.distance("on_policy/b", coarse.coefficients, coarse.timesteps, adjudicate=True)
     assert len(screen.judged) == 2 and screen.judged_by_steps == {TEACHER_STEPS: 1, 8: 1}
+
+
+def test_a_screen_of_fewer_than_256_samples_asks_the_teacher_nothing_unless_told(screened):
+    model, backend, screen, plans, rules = screened  # 96 screen samples: a network's screen size
+    assert screen.samples == 96 and screen.teacher_budget == 0
+    told = TailScreen(backend, process_builtins(model.noise_process), model.noise_process.teacher_schedule(TEACHER_STEPS)
+                      .stored_timesteps(), ChoiceRules(screen_samples=96, screen_teacher_samples=3))
+    assert told.teacher_budget == 3

@@ -64,7 +64,7 @@ class ChoiceRules:
             per-sample RMSE on the validation samples.
         screen_teacher_samples: screen samples the teacher may adjudicate per step count (``method.screen``: where
             a screened fitted sampler and the reference part beyond that bound; N model calls each); None: one per
-            256 screen samples (at least one); 0: none.
+            256 screen samples (none below 256); 0: none.
     """
 
     confidence: float = 0.9

@@ -21,7 +21,7 @@ mode itself, and the built-ins it is one of tend to switch with it (flow mixture
 200 steps on the same 6 of 10240 samples): ``r_c(s)`` is then the reference's error, charged to a sampler that
 follows the teacher, while a built-in that follows the reference goes free. So the teacher runs on the samples
 a screened fitted sampler puts beyond ``w``, farthest first, up to ``screen_teacher_samples`` per step count
-(default one per 256 screen samples: N model calls each, next to the ``R`` of every screen sample;
+(default one per 256 screen samples, none below 256: N model calls each, next to the ``R`` of every screen sample;
 ``RolloutBackend.teacher_differences``), and there every sampler's ``r`` is its RMSE against the teacher itself. Samplers measured before a sample was adjudicated are measured
 again. The record counts the adjudicated samples and those where the reference was beyond ``w``.
 
@@ -148,9 +148,11 @@ class TailScreen:
     @property
     def teacher_budget(self) -> int:
         """Samples the teacher may adjudicate per step count: ``ChoiceRules.screen_teacher_samples``, or one per 256
-        screen samples (at least 1; 40 of the analytic mixtures' 10240, 1 of a network's 2 per fit prompt)."""
+        whole screen samples: 40 of the analytic mixtures' 10240; none of a network's 2 per fit prompt below 128 fit
+        prompts. The reference's own switches were 6 in 10240 on the flow mixture: a screen of a hundred samples
+        rarely holds one, and each adjudication is N model calls."""
         stated = self.rules.screen_teacher_samples
-        return -(-self.samples // 256) if stated is None else stated
+        return self.samples // 256 if stated is None else stated
 
     def adjudicate(self, distance: np.ndarray, num_steps: int) -> None:
         """Run the teacher on the samples where ``distance`` (a K-step sampler's, to the reference) exceeds the bound
