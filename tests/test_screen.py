@@ -25,16 +25,22 @@ def samples(model, count, seed):
     return noise, torch.randint(0, model.num_classes, (count,), generator=generator)
 
 
+def taught(num_validation, num_screen):
+    """The analytic mixture in a backend with 8 train, ``num_validation`` validation and ``num_screen`` screen samples,
+    its N = 40 teacher run: ``(model, backend, built-ins, teacher timesteps)``."""
+    model = GaussianMixtureModel()
+    screen_noise, screen_cond = samples(model, num_screen, 3)
+    backend = InProcessBackend(model, *samples(model, 8, 1), *samples(model, num_validation, 2), screen_noise=screen_noise,
+                               screen_cond=screen_cond)
+    schedule = model.noise_process.teacher_schedule(TEACHER_STEPS)
+    backend.record_teacher(schedule)
+    return model, backend, process_builtins(model.noise_process), schedule.stored_timesteps()
+
+
 @pytest.fixture(scope="module")
 def screened():
     """The analytic mixture with train, validation and 96 screen samples; the teacher run; the screen built."""
-    model = GaussianMixtureModel()
-    backend = InProcessBackend(model, *samples(model, 8, 1), *samples(model, 16, 2), screen_noise=samples(model, 96, 3)[0],
-                               screen_cond=samples(model, 96, 3)[1])
-    schedule = model.noise_process.teacher_schedule(TEACHER_STEPS)
-    backend.record_teacher(schedule)
-    timesteps = schedule.stored_timesteps()
-    solvers = process_builtins(model.noise_process)
+    model, backend, solvers, timesteps = taught(16, 96)
     rules = ChoiceRules(screen_samples=96)
     screen = TailScreen(backend, solvers, timesteps, rules)
     plans = {name: solvers.plan(name, K, timesteps) for name in ("ddim", "deis")}
@@ -131,13 +137,7 @@ def test_the_screen_size_follows_the_model_family_unless_stated():
 def wrong_reference():
     """A screen whose reference (DEIS at 4 of 40 steps) switches mode on fresh samples that its 8 validation samples
     did not show: there the distance to it is the reference's error, not the sampler's."""
-    model = GaussianMixtureModel()
-    backend = InProcessBackend(model, *samples(model, 8, 1), *samples(model, 8, 2), screen_noise=samples(model, 256, 3)[0],
-                               screen_cond=samples(model, 256, 3)[1])
-    schedule = model.noise_process.teacher_schedule(TEACHER_STEPS)
-    backend.record_teacher(schedule)
-    timesteps = schedule.stored_timesteps()
-    solvers = process_builtins(model.noise_process)
+    model, backend, solvers, timesteps = taught(8, 256)
     plans = {"teacher": solvers.plan("ddim", TEACHER_STEPS, timesteps), "deis": solvers.plan("deis", 4, timesteps)}
     return model, backend, solvers, timesteps, plans
 

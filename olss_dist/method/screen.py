@@ -88,7 +88,7 @@ class TailScreen:
                  rules: ChoiceRules, progress: Callable[[str], None] | None = None):
         self.backend, self.rules = backend, rules
         self.progress = progress or (lambda message: None)
-        self.distances: dict[str, tuple[np.ndarray, list[int]]] = {}  # by 'name@K': distances, samples judged then
+        self.distances: dict[str, tuple[np.ndarray, int]] = {}  # by 'name@K': distances, how many samples were judged then
         worst: dict[str, float] = {}
         plans = {}
         # R steps, or the teacher's own grid (N) where no built-in's R timesteps lie on it (small N)
@@ -132,7 +132,7 @@ class TailScreen:
         ``teacher_budget`` allows (``adjudicate``)."""
         key = f"{name}@{len(step_timesteps)}"
         cached = self.distances.get(key)
-        if cached is None or len(cached[1]) < len(self.judged):
+        if cached is None or cached[1] < len(self.judged):
             handle = run_to_end(self.backend, SCREEN, coefficients, step_timesteps)
             try:
                 distance = np.sqrt(self.backend.final_differences(handle, self.handle))
@@ -140,7 +140,7 @@ class TailScreen:
                     self.adjudicate(distance, len(step_timesteps))
                 if self.judged:
                     distance[self.judged] = np.sqrt(self.backend.teacher_differences(handle, self.judged))
-                self.distances[key] = cached = (distance, list(self.judged))
+                self.distances[key] = cached = (distance, len(self.judged))
             finally:
                 self.backend.close(handle)
         return cached[0]
