@@ -1,7 +1,8 @@
 """Connecting to Ray and asking it what hardware the job can use.
 
 Under ``ray job submit`` (or with ``RAY_ADDRESS`` set) ``ray.init()`` joins the running cluster; with
-neither it starts a private local Ray, so the same script is both the cluster job and the local run.
+neither it starts a private local Ray (even where another Ray runs on this machine), so the same script is
+both the cluster job and the local run.
 With token authentication (``RAY_AUTH_MODE=token``, the default for local clusters from Ray 2.59)
 Ray finds the token itself: ``RAY_AUTH_TOKEN``, the file named by ``RAY_AUTH_TOKEN_PATH``, or
 ``~/.ray/auth_token``. Jobs submitted to a token cluster inherit the head's settings.
@@ -44,7 +45,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
         return True
     for name, value in LOCAL_CLUSTER_ENV.items():
         os.environ.setdefault(name, value)
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True)
+    # "local": a private Ray even where another one runs on this machine (plain ``ray.init()`` would join the
+    # newest local cluster, e.g. another local job's, and refuse num_cpus there)
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True)
     return False
 
 
