@@ -310,3 +310,20 @@ def ray_head(tmp_path_factory):
         yield RayHead(exports["OLSS_TEST_RAY_ADDRESS"], exports["OLSS_TEST_RAY_GCS_ADDRESS"], exports["OLSS_TEST_RAY_AUTH_TOKEN_PATH"])
     finally:
         subprocess.run(["bash", str(RAY_HEAD_SCRIPT), "stop", str(state)], capture_output=True, timeout=120)
+
+
+# ------------------------------------------------------------------------------------- parallel runs (xdist)
+#
+# The README's test command runs the suite in two processes (pytest-xdist, ``-n 2 --dist loadgroup``): most
+# of a job test's time is start-up (a driver and its workers importing torch and diffusers, a local Ray
+# starting), which leaves a core idle. Every test module is one group, so a module's fixtures (a local Ray,
+# a tiny model) are built once, by one process; the modules that submit to the shared Ray head are one
+# group, as their jobs would otherwise compete for its CPUs (test_concurrent_jobs counts on them).
+
+RAY_HEAD_MODULES = frozenset({"test_job_submit", "test_concurrent_jobs", "test_refit_submit"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.path.stem
+        item.add_marker(pytest.mark.xdist_group("ray_head" if module in RAY_HEAD_MODULES else module))
