@@ -128,6 +128,24 @@ class KillingBackend(RayRolloutBackend):
         super().advance(handle, weights, next_timestep)
 
 
+class KillingInStepsBackend(KillingBackend):
+    """Kills the same worker right before the ``kill_at``-th ``advance_steps`` (a validation or screen rollout's
+    steps in one call): its open rollouts, those of other splits included, are replayed from their histories."""
+
+    def advance(self, handle, weights, next_timestep):
+        RayRolloutBackend.advance(self, handle, weights, next_timestep)
+
+    def advance_steps(self, handle, steps):
+        self.advances += 1
+        if self.advances == self.kill_at:
+            import ray
+
+            owner = self.pool.actors[self.owners[(TRAIN, 0)]]
+            self.killed_pid = ray.get(owner.pid.remote())
+            os.kill(self.killed_pid, 9)
+        super().advance_steps(handle, steps)
+
+
 def method_on_ray(tmp_path, keep_states, backend_class=RayRolloutBackend, resources=WorkerResources()):
     fit, validation = small_split()
     pool = WorkerPool(ModelSpec("analytic", GUIDANCE, "cpu"), 2, TEACHER_STEPS, resources, keep_states=keep_states,
@@ -151,9 +169,13 @@ def clean_plans(local_ray, tmp_path_factory):
     return method_on_ray(tmp_path_factory.mktemp("clean"), "memory")[0]
 
 
-@pytest.mark.parametrize("keep_states, reruns", [("memory", "recomputed"), ("disk", "read back")])
-def test_worker_lost_during_rounds_is_recovered_and_plans_equal_a_clean_run(clean_plans, tmp_path, keep_states, reruns):
-    plans, backend = method_on_ray(tmp_path, keep_states, KillingBackend)
+@pytest.mark.parametrize("keep_states, reruns, killing", [("memory", "recomputed", KillingBackend),
+                                                           ("disk", "read back", KillingBackend),
+                                                           ("memory", "recomputed", KillingInStepsBackend)],
+                         ids=["memory-recomputed", "disk-read back", "memory-in advance_steps"])
+def test_worker_lost_during_rounds_is_recovered_and_plans_equal_a_clean_run(clean_plans, tmp_path, keep_states, reruns,
+                                                                            killing):
+    plans, backend = method_on_ray(tmp_path, keep_states, killing)
     assert backend.killed_pid is not None and backend.summary.recoveries >= 1
     if reruns == "read back":
         assert backend.summary.teacher_runs == 0, "the restarted worker read its states back from the node's disk"

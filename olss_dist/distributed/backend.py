@@ -177,6 +177,14 @@ class RayRolloutBackend(RolloutBackend):
         )
         history.advances.append((weights, next_timestep))
 
+    def advance_steps(self, handle: int, steps: Sequence[tuple[np.ndarray, int | float | None]]) -> None:
+        """All ``steps`` in one call per owner (not one round trip per step); a rollout rebuilt after a loss
+        replays them like single advances."""
+        history = self.history[handle]
+        steps = [(np.array(weights, dtype=np.float64), next_timestep) for weights, next_timestep in steps]
+        self._on_owners(history.split, lambda actor, shards: actor.advance_rollout_steps.remote(handle, shards, steps))
+        history.advances.extend(steps)
+
     def final_errors(self, handle: int) -> np.ndarray:
         split = self.history[handle].split
         errors = _merged_by_shard(

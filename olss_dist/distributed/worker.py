@@ -249,6 +249,13 @@ class CalibrationWorker(PathSearchMethods):
                 if next_timestep is not None:
                     batch.outputs.append(self.model(batch.state, next_timestep, batch.cond))
 
+    def advance_rollout_steps(
+        self, handle: int, shards: Sequence[Shard], steps: Sequence[tuple[np.ndarray, int | float | None]]
+    ) -> None:
+        """``advance_rollout`` for each ``(weights, next_timestep)`` in order (a fixed sampler's steps, one call)."""
+        for weights, next_timestep in steps:
+            self.advance_rollout(handle, shards, weights, next_timestep)
+
     def rollout_final_errors(self, handle: int, split: str, shards: Sequence[Shard]) -> dict[int, np.ndarray]:
         """``{shard_id: (B,)}`` mean squared error per element of each sample's last state vs the teacher's."""
         errors = {}

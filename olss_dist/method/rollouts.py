@@ -20,6 +20,7 @@ from olss_dist.core.onpolicy import apply_step, step_statistics
 from olss_dist.core.teacher import (
     Denoiser,
     TeacherSchedule,
+    model_timestep,
     schedule_states,
     schedule_trajectories,
 )
@@ -70,6 +71,12 @@ class RolloutBackend(ABC):
     def advance(self, handle: int, weights: np.ndarray, next_timestep: int | float | None) -> None:
         """``x̂ = weights · [x_T, ê_0..ê_i]``; then call the model at ``next_timestep`` unless it is None."""
 
+    def advance_steps(self, handle: int, steps: Sequence[tuple[np.ndarray, int | float | None]]) -> None:
+        """``advance(handle, weights, next_timestep)`` for each step in order: a fixed sampler's steps, with no
+        statistics between them (validation, the screen), which a distributed backend runs in one round."""
+        for weights, next_timestep in steps:
+            self.advance(handle, weights, next_timestep)
+
     @abstractmethod
     def final_errors(self, handle: int) -> np.ndarray:
         """``(B_split,)`` mean squared error per element of each sample's last state against the teacher's."""
@@ -93,6 +100,21 @@ class RolloutBackend(ABC):
         a sample the first time one is asked for (N model calls each) and is kept: the screen's adjudication of
         the few samples where a sampler and the reference part (``method.screen``)."""
         raise NotImplementedError(f"{type(self).__name__} has no screen split")
+
+
+def run_to_end(backend: RolloutBackend, split: str, coefficients: np.ndarray, step_timesteps: Sequence[int | float],
+               start_node: int = 0) -> int:
+    """Start a rollout of ``split`` (from ``x_T``, or from the teacher's state at ``start_node``) and run the sampler
+    ``coefficients (K, K+1)`` through all its steps, calling the model at ``step_timesteps (K,)``, in one
+    ``advance_steps``; returns the open handle (the caller closes it)."""
+    handle = backend.start(split, model_timestep(step_timesteps[0]), start_node=start_node)
+    try:
+        following = [model_timestep(t) for t in step_timesteps[1:]] + [None]
+        backend.advance_steps(handle, [(coefficients[i, : i + 2], following[i]) for i in range(len(step_timesteps))])
+    except BaseException:
+        backend.close(handle)
+        raise
+    return handle
 
 
 @dataclass

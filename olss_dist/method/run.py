@@ -67,9 +67,10 @@ from olss_dist.method.rollouts import (
     InProcessBackend,
     RolloutBackend,
     error_summary,
+    run_to_end,
     take,
 )
-from olss_dist.method.screen import TailScreen, run_to_end
+from olss_dist.method.screen import TailScreen
 from olss_dist.method.starts import fit_start_plans, start_nodes
 from olss_dist.spec import CalibrationSpec
 

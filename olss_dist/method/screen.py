@@ -48,7 +48,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from olss_dist.core.builtin import ProcessBuiltins
-from olss_dist.core.teacher import model_timestep
 from olss_dist.method.choice import (
     Choice,
     ChoiceRules,
@@ -56,21 +55,7 @@ from olss_dist.method.choice import (
     rmse_upper,
     tail_seen_rate,
 )
-from olss_dist.method.rollouts import SCREEN, VALIDATION, RolloutBackend
-
-
-def run_to_end(backend: RolloutBackend, split: str, coefficients: np.ndarray, step_timesteps: Sequence[int | float]) -> int:
-    """Start a rollout of ``split`` and run the sampler ``coefficients (K, K+1)`` through all its steps, calling
-    the model at ``step_timesteps (K,)``; returns the open handle (the caller closes it)."""
-    handle = backend.start(split, model_timestep(step_timesteps[0]))
-    try:
-        for i in range(len(step_timesteps)):
-            next_timestep = model_timestep(step_timesteps[i + 1]) if i + 1 < len(step_timesteps) else None
-            backend.advance(handle, coefficients[i, : i + 2], next_timestep)
-    except BaseException:
-        backend.close(handle)
-        raise
-    return handle
+from olss_dist.method.rollouts import SCREEN, VALIDATION, RolloutBackend, run_to_end
 
 
 class TailScreen:

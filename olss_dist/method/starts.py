@@ -27,7 +27,7 @@ from olss_dist.core.plan import Plan
 from olss_dist.core.start_plans import start_builtins, start_steps
 from olss_dist.core.teacher import model_timestep
 from olss_dist.core.tsqr import merge_r_factors
-from olss_dist.method.rollouts import TRAIN, VALIDATION, RolloutBackend, error_summary
+from olss_dist.method.rollouts import TRAIN, VALIDATION, RolloutBackend, error_summary, run_to_end
 
 
 def on_teacher_grid(nodes: Sequence[int], timesteps: np.ndarray, teacher_timesteps: np.ndarray) -> bool:
@@ -68,11 +68,8 @@ def start_validation_errors(backend: RolloutBackend, coefficients: np.ndarray, s
                             start_node: int) -> np.ndarray:
     """``(V,)`` per-sample mean squared final error on the validation split of a sampler started from the
     teacher's validation state at ``start_node``, calling the model at ``step_timesteps``."""
-    handle = backend.start(VALIDATION, model_timestep(step_timesteps[0]), start_node=start_node)
+    handle = run_to_end(backend, VALIDATION, coefficients, step_timesteps, start_node=start_node)
     try:
-        for i in range(len(step_timesteps)):
-            following = model_timestep(step_timesteps[i + 1]) if i + 1 < len(step_timesteps) else None
-            backend.advance(handle, coefficients[i, : i + 2], following)
         return backend.final_errors(handle)
     finally:
         backend.close(handle)
