@@ -63,7 +63,7 @@ def test_ray_job_submit_runs_the_job_and_publishes_a_loadable_scheduler(ray_head
     output = tmp_path / "registry"
     entrypoint = " ".join(
         calibrate_command(output, "--teacher-steps", "40", "--steps", "3,5", "--shard-size", "3", "--guidance-scale", "3",
-                          "--img2img-strengths", "none")
+                          "--img2img-strengths", "none", "--screen-samples", "16")  # the screen: not under test here
     ).replace(sys.executable, "python")
     submit = subprocess.run(
         ["ray", "job", "submit", "--address", ray_head.address, "--submission-id", submission_id,
