@@ -108,16 +108,20 @@ def small_split():
 
 
 class KillingBackend(RayRolloutBackend):
-    """Kills the process of the worker owning train shard 0 right before the ``kill_at``-th ``advance``."""
+    """Kills the process of the worker owning train shard 0 right before the ``kill_at``-th call of ``killed_in``
+    (here ``advance``: an on-policy fit's step)."""
 
     kill_at = 3
+    killed_in = "advance"  # the call that is counted
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.advances = 0
         self.killed_pid = None
 
-    def advance(self, handle, weights, next_timestep):
+    def _count(self, call):
+        if call != self.killed_in:
+            return
         self.advances += 1
         if self.advances == self.kill_at:
             import ray
@@ -125,25 +129,21 @@ class KillingBackend(RayRolloutBackend):
             owner = self.pool.actors[self.owners[(TRAIN, 0)]]
             self.killed_pid = ray.get(owner.pid.remote())
             os.kill(self.killed_pid, 9)
+
+    def advance(self, handle, weights, next_timestep):
+        self._count("advance")
         super().advance(handle, weights, next_timestep)
+
+    def advance_steps(self, handle, steps):
+        self._count("advance_steps")
+        super().advance_steps(handle, steps)
 
 
 class KillingInStepsBackend(KillingBackend):
     """Kills the same worker right before the ``kill_at``-th ``advance_steps`` (a validation or screen rollout's
     steps in one call): its open rollouts, those of other splits included, are replayed from their histories."""
 
-    def advance(self, handle, weights, next_timestep):
-        RayRolloutBackend.advance(self, handle, weights, next_timestep)
-
-    def advance_steps(self, handle, steps):
-        self.advances += 1
-        if self.advances == self.kill_at:
-            import ray
-
-            owner = self.pool.actors[self.owners[(TRAIN, 0)]]
-            self.killed_pid = ray.get(owner.pid.remote())
-            os.kill(self.killed_pid, 9)
-        super().advance_steps(handle, steps)
+    killed_in = "advance_steps"
 
 
 def method_on_ray(tmp_path, keep_states, backend_class=RayRolloutBackend, resources=WorkerResources()):

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
-from test_job_submit import REPO, assert_one_error_line, calibrate_command, published_runs
+from test_job_submit import REPO, SMALL_SCREEN, assert_one_error_line, calibrate_command, published_runs
 
 from typer.testing import CliRunner
 
@@ -27,10 +27,8 @@ from olss_dist.artifacts import list_models
 from olss_dist.cli import app
 
 # no img2img start plans: the faults here are in the teacher, the rounds and publishing, not in start plans
-# --screen-samples 16: the tail screen is not under test here (the analytic default, 64 per fit prompt, is 288
-# shards of 2 samples; tests/test_screen.py and the job-equals tests cover it)
 FAST = ["--teacher-steps", "20", "--steps", "2,4", "--shard-size", "2", "--guidance-scale", "3", "--img2img-strengths", "none",
-        "--screen-samples", "16"]
+        *SMALL_SCREEN]
 
 FAULT_DRIVER = r'''
 import json, os, signal, sys

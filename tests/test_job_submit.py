@@ -44,6 +44,12 @@ def published_runs(root: Path) -> list[Path]:
     return sorted(p.parent for p in root.rglob("manifest.json"))
 
 
+SMALL_SCREEN = ("--screen-samples", "16")
+"""For analytic jobs whose tail screen is not under test: the model's default, 64 screen samples per fit prompt,
+is hundreds of shards of the job's 2-3 samples (14 s of a 38 s job); tests/test_screen.py and the job-equals
+tests cover the screen."""
+
+
 def calibrate_command(output: Path, *options: str) -> list[str]:
     """The job on the analytic model, 10% of the default prompts held out (fast and fixed sizes)."""
     return [sys.executable, "jobs/calibrate.py", "--output", str(output), "--model", "analytic",
@@ -63,7 +69,7 @@ def test_ray_job_submit_runs_the_job_and_publishes_a_loadable_scheduler(ray_head
     output = tmp_path / "registry"
     entrypoint = " ".join(
         calibrate_command(output, "--teacher-steps", "40", "--steps", "3,5", "--shard-size", "3", "--guidance-scale", "3",
-                          "--img2img-strengths", "none", "--screen-samples", "16")  # the screen: not under test here
+                          "--img2img-strengths", "none", *SMALL_SCREEN)
     ).replace(sys.executable, "python")
     submit = subprocess.run(
         ["ray", "job", "submit", "--address", ray_head.address, "--submission-id", submission_id,
@@ -99,11 +105,9 @@ def shard_marks(root: Path) -> list[Path]:
 @pytest.mark.slow
 def test_killed_job_resumes_from_its_checkpoints_and_recomputes_no_finished_shard(ray_head, tmp_path):
     # N=1000 makes each shard take about a second, long enough to kill the job between shards.
-    # --screen-samples 16: the tail screen is not under test here (the analytic model's default, 64 per fit prompt,
-    # is 256 shards of 2 screen samples each run)
     options = ["--teacher-steps", "1000", "--steps", "4", "--shard-size", "2", "--guidance-scale", "3",
                "--validation-fraction", "0.2", "--keep-states", "disk", "--keep-checkpoints", "--img2img-strengths", "none",
-               "--screen-samples", "16"]
+               *SMALL_SCREEN]
     resumed_root = tmp_path / "resumed"
     job = subprocess.Popen([*calibrate_command(resumed_root, *options), "--address", ray_head.gcs_address],
                            cwd=REPO, env=ray_head.client_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
