@@ -71,8 +71,11 @@ def test_each_distinct_prompt_is_encoded_once(tiny_model):
     assert sum(rows_encoded) == len(set(PROMPTS) | set(NEGATIVES))
 
 
-def test_guidance_scale_one_is_the_conditional_prediction(tiny_folders):
-    model = StableDiffusionModel.from_folder(tiny_folders["epsilon"], device="cpu", guidance_scale=1.0)
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_guidance_scale_at_most_one_is_the_conditional_prediction(tiny_folders, scale):
+    """StableDiffusionPipeline guides only when guidance_scale > 1 (``do_classifier_free_guidance``); at 0.5 it
+    runs the conditional branch alone, and so must the teacher it is compared with."""
+    model = StableDiffusionModel.from_folder(tiny_folders["epsilon"], device="cpu", guidance_scale=scale)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_folders["epsilon"], safety_checker=None)
     x = torch.randn(2, *model.latent_shape, generator=torch.Generator().manual_seed(3))
     positive, _ = pipe.encode_prompt(PROMPTS[:2], "cpu", 1, False)

@@ -107,7 +107,7 @@ class StableDiffusionModel(DiffusionModel):
         scheduler_config: the folder's ``scheduler/scheduler_config.json``.
         model_id: the spec the model was loaded from.
         digest: ``content_digest(folder)``.
-        guidance_scale: classifier-free guidance scale (1 runs the conditional branch only).
+        guidance_scale: classifier-free guidance scale (at most 1 runs the conditional branch only, as the pipeline does).
         prompts: default prompts; ``None`` uses a generic list of 24.
         resolution: ``(height, width)`` pixels (or an int, square), a positive multiple of the VAE scale; ``None``:
             the UNet's own. The latent shape is ``(in_channels, height / scale, width / scale)``.
@@ -257,7 +257,7 @@ class StableDiffusionModel(DiffusionModel):
         sample = x.to(self.device, self.dtype)
         cond = cond.to(self.device, self.dtype)
         timestep = torch.tensor(t, device=self.device)
-        if self.guidance_scale == 1.0:
+        if self.guidance_scale <= 1.0:  # StableDiffusionPipeline guides only above 1
             return self.unet(sample, timestep, encoder_hidden_states=cond[:, 1]).sample.float()
         both = self.unet(
             torch.cat([sample, sample]), timestep, encoder_hidden_states=torch.cat([cond[:, 0], cond[:, 1]])
