@@ -246,7 +246,7 @@ class CalibrationSpec:
             identity["screen_samples"] = self.screen_samples
         return identity
 
-    def screen_count(self, num_fit: int, multiple: int = 2) -> int:
+    def screen_count(self, num_fit: int, multiple: int) -> int:
         """The tail screen's samples of a job with ``num_fit`` fit prompts: ``screen_samples``, or the model's
         ``multiple`` (``DiffusionModel.screen_multiple``) of ``num_fit``."""
         return int(multiple) * int(num_fit) if self.screen_samples is None else self.screen_samples

@@ -102,7 +102,7 @@ def test_screen_records_are_fresh_seeds_of_the_fit_prompts():
 
 def test_screen_samples_is_a_spec_field_and_an_option_outside_the_default_identity():
     assert "screen_samples" not in CalibrationSpec().identity(None)
-    assert CalibrationSpec().screen_count(64) == 128 and CalibrationSpec(screen_samples=7).screen_count(64) == 7
+    assert CalibrationSpec().screen_count(64, 2) == 128 and CalibrationSpec(screen_samples=7).screen_count(64, 2) == 7
     spec, _, _ = parse_calibrate_arguments(["--screen-samples", "0"])
     assert spec.screen_samples == 0 and spec.identity(None)["screen_samples"] == 0
     assert parse_calibrate_arguments(spec.to_arguments())[0] == spec

@@ -143,7 +143,7 @@ class CalibrationWorker(PathSearchMethods):
             "mu": self.model.mu,
             "teacher_timesteps": self.timesteps.tolist(),
             "default_prompts": default_prompts(self.model),
-            "screen_multiple": int(getattr(self.model, "screen_multiple", 2)),
+            "screen_multiple": int(self.model.screen_multiple),
             "device": str(self.model.device),
             "worker": worker_name(),
             "pid": os.getpid(),
