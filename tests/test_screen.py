@@ -8,7 +8,7 @@ import torch
 from olss_dist.cli import parse_calibrate_arguments
 from olss_dist.core.builtin import process_builtins
 from olss_dist.method.choice import ChoiceRules
-from olss_dist.method.rollouts import SCREEN, InProcessBackend
+from olss_dist.method.rollouts import SCREEN, VALIDATION, InProcessBackend
 from olss_dist.method.run import validation_errors
 from olss_dist.method.screen import TailScreen, run_to_end
 from olss_dist.models.analytic import GaussianMixtureModel
@@ -62,6 +62,35 @@ def test_the_reference_is_the_builtin_closest_to_the_teacher_and_its_bound_is_me
         backend.close(handle)
     with pytest.raises(ValueError, match="no teacher"):
         backend.final_errors(screen.handle)
+
+
+class CountingBackend(InProcessBackend):
+    """Counts the validation rollouts started (``start`` on the VALIDATION split)."""
+
+    validation_runs = 0
+
+    def start(self, split, *args, **kwargs):
+        self.validation_runs += split == VALIDATION
+        return super().start(split, *args, **kwargs)
+
+
+@pytest.mark.parametrize("reference_steps", [100, 20])
+def test_on_the_teachers_own_grid_its_own_solver_is_the_reference_without_scoring_the_others(reference_steps):
+    """At R >= N the reference runs on the teacher's whole grid, where DDIM is the teacher (rounding): it is taken
+    without running the other built-ins on the validation split; at R < N every built-in is scored."""
+    model = GaussianMixtureModel()
+    backend = CountingBackend(model, *samples(model, 8, 1), *samples(model, 16, 2), screen_noise=samples(model, 32, 3)[0],
+                              screen_cond=samples(model, 32, 3)[1])
+    schedule = model.noise_process.teacher_schedule(TEACHER_STEPS)
+    backend.record_teacher(schedule)
+    solvers = process_builtins(model.noise_process)
+    screen = TailScreen(backend, solvers, schedule.stored_timesteps(), ChoiceRules(screen_reference_steps=reference_steps))
+    if reference_steps >= TEACHER_STEPS:
+        assert screen.record["reference"] == f"builtin/{solvers.names[0]}" == "builtin/ddim"
+        assert screen.record["reference_steps"] == TEACHER_STEPS and backend.validation_runs == 1
+        assert screen.record["reference_worst_validation_rmse"] < 1e-6  # OLSS-form weights, float64 rounding
+    else:
+        assert screen.record["reference_steps"] == reference_steps and backend.validation_runs == len(solvers.names)
 
 
 def test_a_plan_that_validation_likes_but_the_fresh_samples_do_not_is_excluded(screened):
