@@ -104,6 +104,35 @@ def test_a_start_plan_is_kept_only_when_it_beats_the_builtins(start_run):
             assert ("builtin/dpmsolver++" in names) == (k - record["start_step"] > 1), "one step: DPM-Solver++ is DDIM"
 
 
+def test_a_start_plan_ships_by_the_robust_choice_and_records_it(start_run):
+    """What serves a start is decided by ``method.choice.choose``: each record carries the choice, and a plan ships
+    only on a significant win (the paired interval of its RMSE ratio to the best built-in below 1)."""
+    _, plans = start_run
+    for k in (4, 8):
+        for record in plans[k].starts:
+            choice = record["choice"]
+            assert choice["criterion"] == "rmse_upper" and choice["validation_samples"] == 32
+            assert choice["shipped"] == record["fit"] and record["serves"] == "plan"
+            assert choice["ratio_interval"][1] < 1.0 and choice["reason"].startswith("significant win")
+            assert choice["best_builtin"] == f"builtin/{record['best_builtin']}"
+
+
+def test_start_plans_fall_back_when_the_evidence_is_thin():
+    """The fits beat the built-ins on validation, but 32 validation samples are too few for these rules: the built-ins
+    serve every start (the old rule, a lower validation RMSE, kept them), and the record says why."""
+    from olss_dist.method.choice import ChoiceRules
+
+    model = small_model()
+    (noise, cond), (v_noise, v_cond) = draw(24, 1), draw(32, 2)
+    plans = calibrate(model, noise, cond, trailing_timesteps(TEACHER_STEPS), model.alphas_cumprod, steps=(4,),
+                      validation_noise=v_noise, validation_cond=v_cond, start_strengths=STRENGTHS,
+                      choice_rules=ChoiceRules(min_validation_samples=33, screen_samples=0))
+    assert not any(isinstance(key, tuple) for key in plans), "no start plan ships"
+    for record in plans[4].starts:
+        assert record["serves"] == "fallback" and record["choice"]["reason"].startswith("thin evidence")
+        assert record["validation_rmse"] < min(record["builtin_rmse"].values()), "the fit alone was better"
+
+
 def test_start_plans_round_trip_through_their_json_form(start_run):
     _, plans = start_run
     for key, plan in plans.items():
@@ -175,7 +204,8 @@ def test_job_start_plans_equal_in_process_calibrate_and_are_published(local_ray,
     from olss_dist.spec import CalibrationSpec, ExecutionConfig
 
     prompts_path = tmp_path / "prompts.txt"
-    prompts_path.write_text("\n".join(f"a photo of digit {i % 10}, style {i}" for i in range(12)))
+    # 32 prompts: 8 held out, the least validation the choice takes as evidence (ChoiceRules.min_validation_samples)
+    prompts_path.write_text("\n".join(f"a photo of digit {i % 10}, style {i}" for i in range(32)))
     spec = CalibrationSpec(model="analytic", prompts=str(prompts_path), steps=(4,), teacher_steps=JOB_TEACHER_STEPS,
                            guidance_scale=3.0, validation_fraction=0.25, img2img_strengths=(0.5, 0.75))
     result = run_job(spec, ExecutionConfig(output=str(tmp_path / "registry"), shard_size=3, keep_states="disk",

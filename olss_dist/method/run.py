@@ -177,7 +177,7 @@ def run_method(
         if screen is not None:
             screen.close()
     if start_strengths:
-        plans.update(fit_start_plans(backend, process, calibration, plans, start_strengths, ridges, progress))
+        plans.update(fit_start_plans(backend, process, calibration, plans, start_strengths, ridges, progress, choice_rules))
     return plans, calibration
 
 

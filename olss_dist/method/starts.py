@@ -6,9 +6,11 @@ from the teacher's state at node ``n_s`` (in place of ``x_T``): the teacher-forc
 (``Calibration.fit_start``) and on-policy fits (train split, one per ridge). They are scored like every
 candidate, by the final error against the teacher on the validation split started from the teacher's
 validation state at ``n_s``, beside the built-ins in OLSS form on the same timesteps started there
-(``core.start_plans.start_builtins``: what ``OLSSScheduler`` falls back to without a plan). The best fit
-ships as a ``Plan`` with ``start_step = s`` only when it beats the best of those built-ins; either way the
-K-step plan's ``starts`` records the scores and what serves the start.
+(``core.start_plans.start_builtins``: what ``OLSSScheduler`` falls back to without a plan). What serves the
+start is decided by the start-0 plans' robust choice (``method.choice.choose``: thin evidence, trust region,
+the bootstrap upper bound of pooled RMSE as criterion, and a fit ships as a ``Plan`` with ``start_step = s``
+only when its paired bootstrap interval over the best built-in lies below 1); there is no tail screen from a
+mid-way start. Either way the K-step plan's ``starts`` records the scores, the choice and what serves the start.
 
 The rollouts start at teacher nodes, so the backend keeps the train states at the candidates' nodes (it
 does for the start-0 candidates already) and the validation states at ``start_nodes`` (a few per K).
@@ -27,6 +29,7 @@ from olss_dist.core.plan import Plan
 from olss_dist.core.start_plans import start_builtins, start_steps
 from olss_dist.core.teacher import model_timestep
 from olss_dist.core.tsqr import merge_r_factors
+from olss_dist.method.choice import DEFAULT_RULES, ChoiceRules, choose
 from olss_dist.method.rollouts import TRAIN, VALIDATION, RolloutBackend, error_summary, run_to_end
 
 
@@ -83,6 +86,7 @@ def fit_start_plans(
     strengths: Sequence[float],
     ridges: Sequence[float],
     progress: Callable[[str], None] | None = None,
+    rules: ChoiceRules = DEFAULT_RULES,
 ) -> dict[tuple[int, int], Plan]:
     """Start plans of the shipped ``plans`` for ``strengths``; fills each K-step plan's ``starts`` records.
 
@@ -95,9 +99,10 @@ def fit_start_plans(
         strengths: img2img strengths; each gives ``s = K - int(K * strength)`` (skipped unless ``0 < s < K``).
         ridges: ridges of the on-policy start fits.
         progress: called with a line per start.
+        rules: the choice's thresholds (``method.choice.ChoiceRules``; its screen fields are not used here).
 
     Returns:
-        ``{(K, s): Plan}`` the start plans that beat the built-ins (``Plan.start_step == s``).
+        ``{(K, s): Plan}`` the start plans the choice ships over the built-ins (``Plan.start_step == s``).
     """
     progress = progress or (lambda message: None)
     teacher_timesteps = calibration.timesteps
@@ -117,26 +122,34 @@ def fit_start_plans(
             fitted = [("teacher_forced", None, *calibration.fit_start(plan.nodes, s))]
             fitted += [("on_policy", ridge, *fit_start_on_policy(backend, nodes, teacher_timesteps, n, ridge))
                        for ridge in ridges]
-            scored = []
+            scored, errors = [], []
             for fit, ridge, coefficients, step_errors in fitted:
-                scores = error_summary(start_validation_errors(backend, coefficients, tail, nodes[0]))
+                errors.append(start_validation_errors(backend, coefficients, tail, nodes[0]))
                 name = fit if ridge is None else f"{fit}/ridge={ridge:g}"
                 scored.append({"name": name, "fit": fit, "ridge": ridge,
-                               "max_abs_coefficient": float(np.abs(coefficients).max()), **scores})
+                               "max_abs_coefficient": float(np.abs(coefficients).max()), **error_summary(errors[-1])})
             builtin_scores = {}
             for name, coefficients in start_builtins(process, plan.timesteps, s).items():
-                builtin_scores[name] = error_summary(start_validation_errors(backend, coefficients, tail, nodes[0]))
+                errors.append(start_validation_errors(backend, coefficients, tail, nodes[0]))
+                builtin_scores[name] = error_summary(errors[-1])
                 scored.append({"name": f"builtin/{name}", "fit": f"builtin:{name}", "ridge": None,
                                "max_abs_coefficient": float(np.abs(coefficients).max()), **builtin_scores[name]})
-            best = int(np.argmin([c["rmse"] for c in scored[: len(fitted)]]))
+            choice = choose([c["name"] for c in scored], errors, [i >= len(fitted) for i in range(len(scored))],
+                            [c["max_abs_coefficient"] for c in scored], calibration.num_samples, rules)
+            shipped = choice.index < len(fitted)
+            # the fit the record names: the shipped one, else the one the choice measured against the built-ins
+            best = choice.index if shipped else next(
+                (i for i, c in enumerate(scored[: len(fitted)]) if c["name"] == choice.record.get("best_fitted")),
+                int(np.argmin([c["rmse"] for c in scored[: len(fitted)]])))
             best_builtin = min(builtin_scores, key=lambda name: builtin_scores[name]["rmse"])
-            serves = "plan" if scored[best]["rmse"] < builtin_scores[best_builtin]["rmse"] else "fallback"
+            serves = "plan" if shipped else "fallback"
             plan.starts.append({**record, "serves": serves, "fit": scored[best]["name"],
                                 "validation_rmse": scored[best]["rmse"],
                                 "builtin_rmse": {name: v["rmse"] for name, v in builtin_scores.items()},
-                                "best_builtin": best_builtin, "candidates": scored})
+                                "best_builtin": best_builtin, "candidates": scored, "choice": choice.record})
             progress(f"{k} steps from step {s} (strength {strength:g}): {serves}, {scored[best]['name']} RMSE "
-                     f"{scored[best]['rmse']:.4g} vs {best_builtin} {builtin_scores[best_builtin]['rmse']:.4g}")
+                     f"{scored[best]['rmse']:.4g} vs {best_builtin} {builtin_scores[best_builtin]['rmse']:.4g}: "
+                     f"{choice.record['reason']}")
             if serves == "plan":
                 _, _, coefficients, step_errors = fitted[best]
                 found[(k, s)] = Plan(
