@@ -113,11 +113,13 @@ class Reservation:
         group: the Ray placement group.
         bundles: its bundles (bundle ``i`` holds actor ``i``).
         waited_s: seconds the job waited for the cluster to grant it.
+        granted_unix: when it was granted (``time.time()``).
     """
 
     group: PlacementGroup
     bundles: list[dict[str, float]]
     waited_s: float = 0.0
+    granted_unix: float = 0.0
 
     def strategy(self, bundle_index: int) -> PlacementGroupSchedulingStrategy:
         """Scheduling strategy of the actor held by bundle ``bundle_index``."""
@@ -181,4 +183,4 @@ def reserve(
     waited = time.monotonic() - started
     if waited > first:
         log(f"the cluster holds this job after waiting {waited:.0f}s")
-    return Reservation(group, bundles, waited)
+    return Reservation(group, bundles, waited, time.time())

@@ -33,7 +33,16 @@ from olss_dist.core.plan import Plan
 from olss_dist.core.scheduler_plans import scheduler_conditions
 from olss_dist.distributed.backend import RayRolloutBackend, TeacherSummary
 from olss_dist.distributed.checkpoints import ShardCheckpoints, check_writable
-from olss_dist.distributed.cluster import ReservationTimeout, cluster_cpus, cluster_gpus, connect, reserve, wait_for_gpus
+from olss_dist.distributed.cluster import (
+    Reservation,
+    ReservationTimeout,
+    cluster_cpus,
+    cluster_gpus,
+    connect,
+    describe_bundles,
+    reserve,
+    wait_for_gpus,
+)
 from olss_dist.distributed.pool import WorkerError, WorkerPool, WorkerResources, WorkersLostError
 from olss_dist.distributed.progress import ShardProgress
 from olss_dist.distributed.worker import ModelSpec
@@ -254,7 +263,8 @@ def run_job(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = 
         plans = [plans_by_steps[k] for k in spec.steps]
         start_plans = served_start_plans(plans_by_steps)
         conditions = calibrated_conditions(spec, model, records)
-        report = job_report(spec, model, workers, run_config, backend, calibration, plans, validation, started, conditions)
+        report = job_report(spec, model, workers, run_config, backend, calibration, plans, validation, started, conditions,
+                            reservation)
         published = publish_run(
             execution.output,
             model_id=model["model_id"],
@@ -354,8 +364,11 @@ def job_report(
     validation: list[PromptRecord],
     started: float,
     conditions: dict[str, Any] | None = None,
+    reservation: Reservation | None = None,
 ) -> dict[str, Any]:
-    """``report.json``: model identity, config, statistics counts, workers and per-step errors of each plan."""
+    """``report.json``: model identity, config, statistics counts, workers and per-step errors of each plan; the
+    cluster reservation (``waited_s`` for it, ``granted_unix``) and ``reported_unix``: the job held the cluster from
+    the one through the other at least, so two jobs' holds can be told apart."""
     summary = backend.summary
     return {
         "model": {
@@ -395,5 +408,9 @@ def job_report(
             }
             for p in plans
         ],
+        **({} if reservation is None else {"reservation": {
+            "bundles": describe_bundles(reservation.bundles), "waited_s": reservation.waited_s,
+            "granted_unix": reservation.granted_unix}}),
         "seconds": time.monotonic() - started,
+        "reported_unix": time.time(),
     }
