@@ -250,3 +250,22 @@ def test_show_labels_start_plans_by_their_step_count_and_start():
     start_plan = Plan([21, 25, 31], [474, 374, 224], np.zeros((3, 4)), [0.0] * 3, [np.nan] * 3, start_step=5).to_dict()
     assert steps_label(start_plan) == "8 from 5" and steps_label({"timesteps": [999, 499]}) == "2"
     assert plans_table([start_plan]).row_count == 1
+
+
+def test_show_says_what_serves_each_start_and_why(start_run):
+    from rich.console import Console
+
+    from olss_dist.cli.tables import choice_table, start_line
+
+    _, plans = start_run
+    document = [plans[8].to_dict()] + [p.to_dict() for key, p in plans.items() if isinstance(key, tuple) and key[0] == 8]
+    console = Console(width=400, record=True)
+    console.print(choice_table(document))
+    text = console.export_text()
+    for record in plans[8].starts:
+        line = start_line(record)
+        assert line in text and line.startswith(f"from step {record['start_step']} (strength {record['strength']}): ")
+        assert line.endswith(record["choice"]["reason"]) and ("start plan" in line) == (record["serves"] == "plan")
+    fallback = start_line({"start_step": 2, "strength": 0.75, "serves": "fallback", "best_builtin": "ddim",
+                           "choice": {"reason": "thin evidence: 8 fit and 3 validation samples"}})
+    assert fallback == "from step 2 (strength 0.75): built-in fallback (best ddim): thin evidence: 8 fit and 3 validation samples"

@@ -165,11 +165,12 @@ def choice_table(plans: list[dict[str, Any]]):
     """Why each plan ships (``Plan.choice``, ``method.choice``): a table of the shipped candidate, the best
     built-in, and the pooled validation RMSE ratio of the best fitted candidate over that built-in with its
     bootstrap interval; then one line per step count with the reason (a fallback to the built-in says why)
-    and the sample counts. A ``rich`` renderable; None when no plan records a choice."""
+    and the sample counts, and one per img2img start of that plan (``start_line``). A ``rich`` renderable; None when no plan records a choice."""
     from rich.console import Group
     from rich.text import Text
 
     choices = {len(plan["timesteps"]): plan["choice"] for plan in plans if plan.get("choice") and not plan.get("start_step")}
+    starts = {len(plan["timesteps"]): plan.get("starts") or [] for plan in plans if not plan.get("start_step")}
     if not choices:
         return None
     confidence = next((c["confidence"] for c in choices.values() if c.get("confidence")), None)
@@ -195,7 +196,19 @@ def choice_table(plans: list[dict[str, Any]]):
                               f"{len(screen.get('screened', {}))} screened" + (f", failed: {', '.join(failed)}" if failed else "")
                               + (f"; the teacher on {screen['teacher_samples']} of them (the reference wrong on "
                                  f"{screen.get('reference_beyond_bound', 0)})" if "teacher_samples" in screen else "")))
+        lines.extend(Text(f"  {start_line(start)}") for start in starts.get(steps, []))
     return Group(table, *lines, Text(""))
+
+
+def start_line(start: dict[str, Any]) -> str:
+    """One start record of a K-step plan (``Plan.starts``): what serves it and why."""
+    where = f"from step {start.get('start_step')} (strength {start.get('strength')})"
+    if start.get("serves") == "plan":
+        served = f"start plan {start.get('fit')}"
+    else:
+        served = f"built-in fallback (best {start.get('best_builtin', '?')})"
+    reason = (start.get("choice") or {}).get("reason") or start.get("reason") or ""
+    return f"{where}: {served}" + (f": {reason}" if reason else "")
 
 
 def _format_short(value: Any) -> str:
