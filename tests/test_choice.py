@@ -242,3 +242,13 @@ def test_calibrate_offers_the_searched_nodes_as_a_candidate(calibrated):
     assert len(searched) == 1 and searched[0]["name"].startswith("on_policy/searched/")
     assert not any(c["spacing"] == "searched" for c in enough[8].candidates)  # 8 steps are not searched
     assert len(names) == len(set(names))
+
+
+def test_a_job_with_too_few_prompts_says_so_before_its_teacher():
+    from olss_dist.distributed.job import thin_evidence_warning
+
+    rules = ChoiceRules()
+    assert thin_evidence_warning(rules.min_train_samples, rules.min_validation_samples, rules) is None
+    line = thin_evidence_warning(8, 2, rules)
+    assert line.startswith("warning: 8 fit and 2 held-out prompts are too few") and "--validation-fraction" in line
+    assert thin_evidence_warning(3, 100, rules) is not None and "\n" not in line

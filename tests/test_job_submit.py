@@ -131,6 +131,8 @@ def test_killed_job_resumes_from_its_checkpoints_and_recomputes_no_finished_shar
     clean_root = tmp_path / "clean"
     clean = run_calibrate(ray_head, *calibrate_command(clean_root, *options))
     assert clean.returncode == 0, clean.stderr[-3000:]
+    # the analytic model's 10 default prompts, 2 held out: said before the teacher runs
+    assert "warning: 8 fit and 2 held-out prompts are too few for a fitted plan to ship" in clean.stderr
     r_resumed = Calibration.load(published_runs(resumed_root)[0] / "calibration.safetensors").r_factor
     r_clean = Calibration.load(published_runs(clean_root)[0] / "calibration.safetensors").r_factor
     assert np.abs(r_resumed - r_clean).max() <= 1e-12 * np.abs(r_clean).max()

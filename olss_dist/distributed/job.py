@@ -118,6 +118,17 @@ def wait_log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def thin_evidence_warning(num_fit: int, num_validation: int, rules: ChoiceRules) -> str | None:
+    """The line a job prints before its teacher runs when its prompts are too few for the choice to ship a fitted
+    plan (``ChoiceRules.min_train_samples`` / ``min_validation_samples``): every step count will ship its best
+    built-in in OLSS form, and the user can fix that before spending the teacher's model calls."""
+    if num_fit >= rules.min_train_samples and num_validation >= rules.min_validation_samples:
+        return None
+    return (f"warning: {num_fit} fit and {num_validation} held-out prompts are too few for a fitted plan to ship (at "
+            f"least {rules.min_train_samples} and {rules.min_validation_samples}): every step count will ship its best "
+            f"built-in; pass more prompts (--prompts) or a larger --validation-fraction")
+
+
 def statistics_config(
     spec: CalibrationSpec, execution: ExecutionConfig, device: str, model: dict[str, Any], fit: list[PromptRecord]
 ) -> dict[str, Any]:
@@ -239,6 +250,9 @@ def run_job(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = 
             execution.storage_options,
         )
         train_shards = make_shards(fit, execution.shard_size)
+        thin = thin_evidence_warning(len(fit), len(validation), ChoiceRules())
+        if thin:
+            wait_log(thin)  # before the teacher's hours, also with --quiet
         screen = spec.screen_count(len(fit), model["screen_multiple"])
         progress = ShardProgress(len(train_shards), len(fit), quiet=quiet)
         progress.log(
