@@ -223,6 +223,37 @@ def test_a_sampler_measured_before_an_adjudication_is_measured_again(wrong_refer
     assert choice.record["shipped"] == "on_policy/follows_the_teacher", choice.record["reason"]
 
 
+def test_a_sampler_screened_before_an_adjudication_is_not_run_again_and_reads_the_same(wrong_reference):
+    """Within one step count's choice a screened sampler's rollout stays open: samples the teacher adjudicates after
+    it cost their teacher differences, not a second rollout over the screen, and the distances equal a fresh run's;
+    the rollouts are closed when the choice is made."""
+    model, backend, solvers, timesteps, plans = wrong_reference
+    screen, rules = screen_of(wrong_reference, 32)
+    names = ["builtin/deis", "on_policy/follows_the_teacher"]
+    samplers = [(plans["deis"].coefficients, plans["deis"].timesteps),
+                (plans["teacher"].coefficients, plans["teacher"].timesteps)]
+    deis_errors = validation_errors(backend, *samplers[0])
+    open_before = set(backend.rollouts)
+    started = []
+    original = backend.start
+    backend.start = lambda split, *args, **kwargs: started.append(split) or original(split, *args, **kwargs)
+    try:
+        choice = screen.choose(names, [deis_errors, deis_errors * 0.25], [True, False], [14.6, 14.6], 8, samplers, rules)
+    finally:
+        del backend.start
+    assert choice.record["tail_screen"]["teacher_samples"] > 0 and choice.record["shipped"] == names[1]
+    assert started.count(SCREEN) == 2, "each screened sampler ran once over the screen"
+    assert not screen.open and set(backend.rollouts) == open_before, "the choice closed the rollouts it kept"
+    for name, (coefficients, step_timesteps) in zip(names, samplers):
+        handle = run_to_end(backend, SCREEN, coefficients, step_timesteps)
+        try:
+            expected = np.sqrt(backend.final_differences(handle, screen.handle))
+            expected[screen.judged] = np.sqrt(backend.teacher_differences(handle, screen.judged))
+        finally:
+            backend.close(handle)
+        np.testing.assert_allclose(screen.distances[f"{name}@{len(step_timesteps)}"][0], expected, rtol=1e-12, atol=0)
+
+
 def test_the_teacher_budget_is_per_step_count_and_follows_the_screen_size(wrong_reference):
     model, backend, solvers, timesteps, plans = wrong_reference
     rules = ChoiceRules(screen_samples=256, screen_reference_steps=4)

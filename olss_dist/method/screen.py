@@ -22,8 +22,9 @@ mode itself, and the built-ins it is one of tend to switch with it (flow mixture
 follows the teacher, while a built-in that follows the reference goes free. So the teacher runs on the samples
 a screened fitted sampler puts beyond ``w``, farthest first, up to ``screen_teacher_samples`` per step count
 (default one per 256 screen samples, none below 256: N model calls each, next to the ``R`` of every screen sample;
-``RolloutBackend.teacher_differences``), and there every sampler's ``r`` is its RMSE against the teacher itself. Samplers measured before a sample was adjudicated are measured
-again. The record counts the adjudicated samples and those where the reference was beyond ``w``.
+``RolloutBackend.teacher_differences``), and there every sampler's ``r`` is its RMSE against the teacher itself.
+Samplers measured before a sample was adjudicated are measured again there: while one step count is chosen their
+rollouts stay open, so that costs the teacher differences on the new samples only, not K calls on every sample. The record counts the adjudicated samples and those where the reference was beyond ``w``.
 
 The screen enters the choice twice:
 
@@ -80,6 +81,7 @@ class TailScreen:
         self.backend, self.rules = backend, rules
         self.progress = progress or (lambda message: None)
         self.distances: dict[str, tuple[np.ndarray, int]] = {}  # by 'name@K': distances, how many samples were judged then
+        self.open: dict[str, int] = {}  # by 'name@K': rollouts kept while one step count is chosen (``choose``)
         worst: dict[str, float] = {}
         plans = {}
         # R steps, or the teacher's own grid (N) where no built-in's R timesteps lie on it (small N)
@@ -116,16 +118,21 @@ class TailScreen:
         self.progress(f"tail screen: reference {name} at {len(plan.timesteps)} steps, worst validation RMSE {worst[name]:.3g}")
 
     def distance(self, name: str, coefficients: np.ndarray, step_timesteps: Sequence[int | float],
-                 adjudicate: bool = False) -> np.ndarray:
+                 adjudicate: bool = False, keep: bool = False) -> np.ndarray:
         """``(S,)`` per-sample RMSE of a sampler's final state against the reference's, and against the teacher's
         on the adjudicated samples (cached by name and K; measured again when samples were adjudicated since).
 
         ``adjudicate`` (fitted samplers, in ``choose``): the first time the sampler is measured, its samples beyond
         the bound that no teacher ran on yet are adjudicated, farthest first, while the step count's
-        ``teacher_budget`` allows (``adjudicate``)."""
+        ``teacher_budget`` allows (``adjudicate``). ``keep``: the sampler's rollout stays open (until ``release``),
+        so samples adjudicated later cost only their teacher differences, not K calls on every screen sample."""
         key = f"{name}@{len(step_timesteps)}"
         cached = self.distances.get(key)
-        if cached is None or cached[1] < len(self.judged):
+        if cached is not None and cached[1] < len(self.judged) and key in self.open:
+            distance, new = cached[0].copy(), self.judged[cached[1]:]
+            distance[new] = np.sqrt(self.backend.teacher_differences(self.open[key], new))
+            self.distances[key] = cached = (distance, len(self.judged))
+        elif cached is None or cached[1] < len(self.judged):
             handle = run_to_end(self.backend, SCREEN, coefficients, step_timesteps)
             try:
                 distance = np.sqrt(self.backend.final_differences(handle, self.handle))
@@ -135,8 +142,16 @@ class TailScreen:
                     distance[self.judged] = np.sqrt(self.backend.teacher_differences(handle, self.judged))
                 self.distances[key] = cached = (distance, len(self.judged))
             finally:
-                self.backend.close(handle)
+                if keep:
+                    self.open[key] = handle
+                else:
+                    self.backend.close(handle)
         return cached[0]
+
+    def release(self) -> None:
+        """Close the rollouts ``distance(keep=True)`` kept open."""
+        while self.open:
+            self.backend.close(self.open.popitem()[1])
 
     @property
     def teacher_budget(self) -> int:
@@ -206,36 +221,39 @@ class TailScreen:
         screened: dict[str, dict[str, Any]] = {}
 
         def screen(index: int) -> None:
-            self.distance(names[index], *samplers[index], adjudicate=not builtin[index])
+            self.distance(names[index], *samplers[index], adjudicate=not builtin[index], keep=True)
             for other in [names.index(name) for name in tails] + [index]:  # again where samples were adjudicated since
-                distance = self.distance(names[other], *samplers[other])
+                distance = self.distance(names[other], *samplers[other], keep=True)
                 tails[names[other]] = self.tail(distance)
                 screened.setdefault(names[other], {}).update({
                     "tail": tails[names[other]], "worst_distance": float(np.max(distance)),
                     "beyond_bound": int(np.sum(distance > self.bound))})
 
-        while True:
-            choice = choose(names, errors, builtin, max_abs_coefficients, num_train_samples, rules, excluded, tails)
-            index = choice.index
-            if choice.record["best_builtin"] is None:  # nothing to screen against: as chosen
-                break
-            best = names.index(choice.record["best_builtin"])
-            if names[index] not in tails or names[best] not in tails:
-                for i in {index, best}:
-                    if names[i] not in tails:
-                        screen(i)
-                continue
-            if builtin[index]:
-                break
-            upper = max(rmse_upper(np.asarray(errors[best], dtype=np.float64), rules), tails[names[best]])
-            passed = tails[names[index]] <= upper
-            screened[names[index]].update({"builtin_upper": upper, "passed": passed})
-            if passed:
-                break
-            excluded[names[index]] = (f"tail screen: RMSE at least {tails[names[index]]:.3g} on {self.samples} fresh "
-                                      f"samples, above the best built-in's at most {upper:.3g}")
-            self.progress(f"{len(samplers[index][1])} steps: {names[index]} fails the tail screen "
-                          f"({tails[names[index]]:.3g} > {upper:.3g})")
+        try:
+            while True:
+                choice = choose(names, errors, builtin, max_abs_coefficients, num_train_samples, rules, excluded, tails)
+                index = choice.index
+                if choice.record["best_builtin"] is None:  # nothing to screen against: as chosen
+                    break
+                best = names.index(choice.record["best_builtin"])
+                if names[index] not in tails or names[best] not in tails:
+                    for i in {index, best}:
+                        if names[i] not in tails:
+                            screen(i)
+                    continue
+                if builtin[index]:
+                    break
+                upper = max(rmse_upper(np.asarray(errors[best], dtype=np.float64), rules), tails[names[best]])
+                passed = tails[names[index]] <= upper
+                screened[names[index]].update({"builtin_upper": upper, "passed": passed})
+                if passed:
+                    break
+                excluded[names[index]] = (f"tail screen: RMSE at least {tails[names[index]]:.3g} on {self.samples} fresh "
+                                          f"samples, above the best built-in's at most {upper:.3g}")
+                self.progress(f"{len(samplers[index][1])} steps: {names[index]} fails the tail screen "
+                              f"({tails[names[index]]:.3g} > {upper:.3g})")
+        finally:
+            self.release()  # this step count's rollouts: the next one screens other samplers
         reference_errors = np.asarray(self.reference_errors)
         choice.record["tail_screen"] = {**self.record, "samples": self.samples,
                                         "tail_seen_rate": tail_seen_rate(self.samples, rules.confidence),
