@@ -170,16 +170,15 @@ class RayRolloutBackend(RolloutBackend):
         return [factors[shard.shard_id] for shard in self.shards[split]]
 
     def advance(self, handle: int, weights: np.ndarray, next_timestep: int | float | None) -> None:
-        history = self.history[handle]
-        weights = np.array(weights, dtype=np.float64)
-        self._on_owners(
-            history.split, lambda actor, shards: actor.advance_rollout.remote(handle, shards, weights, next_timestep)
-        )
-        history.advances.append((weights, next_timestep))
+        self._advance(handle, [(weights, next_timestep)])
 
     def advance_steps(self, handle: int, steps: Sequence[tuple[np.ndarray, int | float | None]]) -> None:
         """All ``steps`` in one call per owner (not one round trip per step); a rollout rebuilt after a loss
         replays them like single advances."""
+        self._advance(handle, steps)
+
+    def _advance(self, handle: int, steps: Sequence[tuple[np.ndarray, int | float | None]]) -> None:
+        """``advance`` and ``advance_steps``: float64 weights, one call per owner, the steps in the history."""
         history = self.history[handle]
         steps = [(np.array(weights, dtype=np.float64), next_timestep) for weights, next_timestep in steps]
         self._on_owners(history.split, lambda actor, shards: actor.advance_rollout_steps.remote(handle, shards, steps))
