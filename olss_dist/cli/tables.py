@@ -165,7 +165,8 @@ def choice_table(plans: list[dict[str, Any]]):
     """Why each plan ships (``Plan.choice``, ``method.choice``): a table of the shipped candidate, the best
     built-in, and the pooled validation RMSE ratio of the best fitted candidate over that built-in with its
     bootstrap interval; then one line per step count with the reason (a fallback to the built-in says why)
-    and the sample counts, and one per img2img start of that plan (``start_line``). A ``rich`` renderable; None when no plan records a choice."""
+    and the sample counts, and one per img2img start of that plan (``start_line``). A ``rich`` renderable; None
+    when no plan records a choice."""
     from rich.console import Group
     from rich.text import Text
 

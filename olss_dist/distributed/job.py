@@ -113,7 +113,7 @@ def thin_evidence_warning(num_fit: int, num_validation: int, rules: ChoiceRules)
     """The line a job prints before its teacher runs when its prompts are too few for the choice to ship a fitted
     plan (``ChoiceRules.min_train_samples`` / ``min_validation_samples``): every step count will ship its best
     built-in in OLSS form, and the user can fix that before spending the teacher's model calls."""
-    if num_fit >= rules.min_train_samples and num_validation >= rules.min_validation_samples:
+    if not rules.thin_evidence(num_fit, num_validation):
         return None
     return (f"warning: {num_fit} fit and {num_validation} held-out prompts are too few for a fitted plan to ship (at "
             f"least {rules.min_train_samples} and {rules.min_validation_samples}): every step count will ship its best "
@@ -241,10 +241,11 @@ def run_job(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = 
             execution.storage_options,
         )
         train_shards = make_shards(fit, execution.shard_size)
-        thin = thin_evidence_warning(len(fit), len(validation), ChoiceRules())
+        screen = spec.screen_count(len(fit), model["screen_multiple"])
+        choice_rules = ChoiceRules(screen_samples=screen)
+        thin = thin_evidence_warning(len(fit), len(validation), choice_rules)
         if thin:
             wait_log(thin)  # before the teacher's hours, also with --quiet
-        screen = spec.screen_count(len(fit), model["screen_multiple"])
         progress = ShardProgress(len(train_shards), len(fit), quiet=quiet)
         progress.log(
             f"calibrating {model['model_id']} on {num_workers} {device} workers: {len(fit)} fit prompts, "
@@ -264,7 +265,7 @@ def run_job(spec: CalibrationSpec, execution: ExecutionConfig, *, quiet: bool = 
         process = model_process(model)
         plans_by_steps, calibration = run_method(backend, process, spec.teacher_steps, spec.steps, progress=progress.log,
                                                  start_strengths=spec.img2img_strengths,
-                                                 choice_rules=ChoiceRules(screen_samples=screen))
+                                                 choice_rules=choice_rules)
         plans = [plans_by_steps[k] for k in spec.steps]
         start_plans = served_start_plans(plans_by_steps)
         conditions = calibrated_conditions(spec, model, records)

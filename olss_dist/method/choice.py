@@ -94,6 +94,10 @@ class ChoiceRules:
                              f"needed, got {self.screen_samples}, {self.screen_reference_steps}, {self.screen_bound_factor}, "
                              f"{self.screen_teacher_samples}")
 
+    def thin_evidence(self, num_train_samples: int, num_validation_samples: int) -> bool:
+        """Whether these sample counts are too few for a fitted candidate to ship (step 1: the best built-in ships)."""
+        return num_train_samples < self.min_train_samples or num_validation_samples < self.min_validation_samples
+
     @property
     def screens(self) -> bool:
         """Whether a fitted winner must pass the tail screen (robust criterion with screen samples)."""
@@ -260,7 +264,7 @@ def choose(
             ratio, (low, high) = ratio_interval(errors[lowest], errors[best_builtin], rules, indices)
             record.update({"best_fitted": names[lowest], "ratio": ratio, "ratio_interval": [low, high]})
         return ship(lowest, "lowest validation RMSE (criterion 'rmse')")
-    if num_train_samples < rules.min_train_samples or num_validation < rules.min_validation_samples:
+    if rules.thin_evidence(num_train_samples, num_validation):
         return ship(best_builtin, f"thin evidence: {num_train_samples} fit and {num_validation} validation samples "
                                   f"(at least {rules.min_train_samples} and {rules.min_validation_samples} needed)")
     if best_fitted is None:

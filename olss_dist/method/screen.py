@@ -24,7 +24,8 @@ a screened fitted sampler puts beyond ``w``, farthest first, up to ``screen_teac
 (default one per 256 screen samples, none below 256: N model calls each, next to the ``R`` of every screen sample;
 ``RolloutBackend.teacher_differences``), and there every sampler's ``r`` is its RMSE against the teacher itself.
 Samplers measured before a sample was adjudicated are measured again there: while one step count is chosen their
-rollouts stay open, so that costs the teacher differences on the new samples only, not K calls on every sample. The record counts the adjudicated samples and those where the reference was beyond ``w``.
+rollouts stay open, so that costs the teacher differences on the new samples only, not K calls on every sample.
+The record counts the adjudicated samples and those where the reference was beyond ``w``.
 
 The screen enters the choice twice:
 
