@@ -118,19 +118,35 @@ def test_a_start_plan_ships_by_the_robust_choice_and_records_it(start_run):
 
 
 def test_start_plans_fall_back_when_the_evidence_is_thin():
-    """The fits beat the built-ins on validation, but 32 validation samples are too few for these rules: the built-ins
-    serve every start (the old rule, a lower validation RMSE, kept them), and the record says why."""
+    """The fits beat the built-ins on validation, but 32 validation samples are too few for these rules: the best
+    built-in serves every start (the old rule, a lower validation RMSE, kept the fits), shipped as the start plan in
+    OLSS form, so the scheduler serves the solver the choice measured, silently; the record says why."""
+    import warnings
+
     from olss_dist.method.choice import ChoiceRules
+    from olss_dist.scheduler import OLSSScheduler
 
     model = small_model()
     (noise, cond), (v_noise, v_cond) = draw(24, 1), draw(32, 2)
     plans = calibrate(model, noise, cond, trailing_timesteps(TEACHER_STEPS), model.alphas_cumprod, steps=(4,),
                       validation_noise=v_noise, validation_cond=v_cond, start_strengths=STRENGTHS,
                       choice_rules=ChoiceRules(min_validation_samples=33, screen_samples=0))
-    assert not any(isinstance(key, tuple) for key in plans), "no start plan ships"
+    assert plans[4].fit.startswith("builtin:"), "thin evidence from noise too"
+    scheduler = OLSSScheduler.from_plans([plans[key] for key in plans], num_train_timesteps=model.num_train_timesteps)
     for record in plans[4].starts:
-        assert record["serves"] == "fallback" and record["choice"]["reason"].startswith("thin evidence")
+        s = record["start_step"]
+        assert record["serves"] == "builtin" and record["choice"]["reason"].startswith("thin evidence")
         assert record["validation_rmse"] < min(record["builtin_rmse"].values()), "the fit alone was better"
+        assert record["builtin"] == record["best_builtin"], "the choice keeps the best built-in by pooled RMSE"
+        plan = plans[(4, s)]
+        expected = start_builtins(model.noise_process, plans[4].timesteps, s)[record["builtin"]]
+        assert plan.fit == f"builtin:{record['builtin']}" and plan.start_step == s
+        np.testing.assert_array_equal(plan.coefficients, expected)
+        scheduler.set_timesteps(4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "no start plan" warning: the start is calibrated
+            scheduler.set_begin_index(s)
+        np.testing.assert_allclose(scheduler.rows, expected, rtol=1e-6, atol=1e-9)
 
 
 def test_start_plans_round_trip_through_their_json_form(start_run):
@@ -269,3 +285,7 @@ def test_show_says_what_serves_each_start_and_why(start_run):
     fallback = start_line({"start_step": 2, "strength": 0.75, "serves": "fallback", "best_builtin": "ddim",
                            "choice": {"reason": "thin evidence: 8 fit and 3 validation samples"}})
     assert fallback == "from step 2 (strength 0.75): built-in fallback (best ddim): thin evidence: 8 fit and 3 validation samples"
+    kept = start_line({"start_step": 2, "strength": 0.75, "serves": "builtin", "builtin": "ddim", "fit": "on_policy/ridge=1e-06",
+                       "choice": {"reason": "thin evidence: 8 fit and 3 validation samples"}})
+    assert kept == ("from step 2 (strength 0.75): built-in ddim in OLSS form (best fit on_policy/ridge=1e-06): thin evidence: "
+                    "8 fit and 3 validation samples")

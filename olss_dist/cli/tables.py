@@ -206,6 +206,8 @@ def start_line(start: dict[str, Any]) -> str:
     where = f"from step {start.get('start_step')} (strength {start.get('strength')})"
     if start.get("serves") == "plan":
         served = f"start plan {start.get('fit')}"
+    elif start.get("serves") == "builtin":
+        served = f"built-in {start.get('builtin', '?')} in OLSS form (best fit {start.get('fit', '?')})"
     else:
         served = f"built-in fallback (best {start.get('best_builtin', '?')})"
     reason = (start.get("choice") or {}).get("reason") or start.get("reason") or ""

@@ -9,8 +9,11 @@ validation state at ``n_s``, beside the built-ins in OLSS form on the same times
 (``core.start_plans.start_builtins``: what ``OLSSScheduler`` falls back to without a plan). What serves the
 start is decided by the start-0 plans' robust choice (``method.choice.choose``: thin evidence, trust region,
 the bootstrap upper bound of pooled RMSE as criterion, and a fit ships as a ``Plan`` with ``start_step = s``
-only when its paired bootstrap interval over the best built-in lies below 1); there is no tail screen from a
-mid-way start. Either way the K-step plan's ``starts`` records the scores, the choice and what serves the start.
+only when its paired bootstrap interval over the best built-in lies below 1, else the built-in the choice keeps
+ships as the start plan in OLSS form, ``fit = "builtin:<name>"``, so that the scheduler serves the solver measured
+here rather than its configured fallback); there is no tail screen from a mid-way start. Either way the K-step
+plan's ``starts`` records the scores, the choice and what serves the start (``serves``: ``"plan"`` or
+``"builtin"``, with ``builtin`` naming it; ``"fallback"`` only for a plan off the teacher's grid).
 
 The rollouts start at teacher nodes, so the backend keeps the train states at the candidates' nodes (it
 does for the start-0 candidates already) and the validation states at ``start_nodes`` (a few per K).
@@ -102,7 +105,8 @@ def fit_start_plans(
         rules: the choice's thresholds (``method.choice.ChoiceRules``; its screen fields are not used here).
 
     Returns:
-        ``{(K, s): Plan}`` the start plans the choice ships over the built-ins (``Plan.start_step == s``).
+        ``{(K, s): Plan}`` one start plan per start on the teacher's grid (``Plan.start_step == s``): the fit the
+        choice ships, or the built-in it keeps, in OLSS form.
     """
     progress = progress or (lambda message: None)
     teacher_timesteps = calibration.timesteps
@@ -128,8 +132,8 @@ def fit_start_plans(
                 name = fit if ridge is None else f"{fit}/ridge={ridge:g}"
                 scored.append({"name": name, "fit": fit, "ridge": ridge,
                                "max_abs_coefficient": float(np.abs(coefficients).max()), **error_summary(errors[-1])})
-            builtin_scores = {}
-            for name, coefficients in start_builtins(process, plan.timesteps, s).items():
+            builtin_scores, builtin_rows = {}, start_builtins(process, plan.timesteps, s)
+            for name, coefficients in builtin_rows.items():
                 errors.append(start_validation_errors(backend, coefficients, tail, nodes[0]))
                 builtin_scores[name] = error_summary(errors[-1])
                 scored.append({"name": f"builtin/{name}", "fit": f"builtin:{name}", "ridge": None,
@@ -142,19 +146,23 @@ def fit_start_plans(
                 (i for i, c in enumerate(scored[: len(fitted)]) if c["name"] == choice.record.get("best_fitted")),
                 int(np.argmin([c["rmse"] for c in scored[: len(fitted)]])))
             best_builtin = min(builtin_scores, key=lambda name: builtin_scores[name]["rmse"])
-            serves = "plan" if shipped else "fallback"
-            plan.starts.append({**record, "serves": serves, "fit": scored[best]["name"],
+            # a built-in the choice keeps ships as the start plan in OLSS form: the scheduler then serves the
+            # solver measured here, not its configured fallback
+            served = "plan" if shipped else scored[choice.index]["name"].removeprefix("builtin/")
+            plan.starts.append({**record, "serves": "plan" if shipped else "builtin", "fit": scored[best]["name"],
                                 "validation_rmse": scored[best]["rmse"],
                                 "builtin_rmse": {name: v["rmse"] for name, v in builtin_scores.items()},
-                                "best_builtin": best_builtin, "candidates": scored, "choice": choice.record})
-            progress(f"{k} steps from step {s} (strength {strength:g}): {serves}, {scored[best]['name']} RMSE "
+                                "best_builtin": best_builtin, "candidates": scored, "choice": choice.record,
+                                **({} if shipped else {"builtin": served})})
+            progress(f"{k} steps from step {s} (strength {strength:g}): "
+                     f"{'start plan' if shipped else f'built-in {served}'}, {scored[best]['name']} RMSE "
                      f"{scored[best]['rmse']:.4g} vs {best_builtin} {builtin_scores[best_builtin]['rmse']:.4g}: "
                      f"{choice.record['reason']}")
-            if serves == "plan":
-                _, _, coefficients, step_errors = fitted[best]
-                found[(k, s)] = Plan(
-                    nodes=nodes, timesteps=tail, coefficients=coefficients, step_errors=step_errors,
-                    search_errors=np.full(len(nodes), np.nan), fit=fitted[best][0], spacing=plan.spacing,
-                    candidates=scored, num_teacher_steps=n, start_step=s,
-                )
+            fit, coefficients, step_errors = (fitted[best][0], fitted[best][2], fitted[best][3]) if shipped else (
+                f"builtin:{served}", builtin_rows[served], np.full(len(nodes), np.nan))
+            found[(k, s)] = Plan(
+                nodes=nodes, timesteps=tail, coefficients=coefficients, step_errors=step_errors,
+                search_errors=np.full(len(nodes), np.nan), fit=fit, spacing=plan.spacing,
+                candidates=scored, num_teacher_steps=n, start_step=s,
+            )
     return found
