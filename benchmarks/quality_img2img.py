@@ -15,8 +15,8 @@ factor, as ``StableDiffusionImg2ImgPipeline`` prepares its input image). For eac
 noise for every sampler; ᾱ from the model's exact schedule), and runs to the end; its final latent is
 compared with a 1000-step DDIM solve from the same noised latent at the same start timestep (DDIM over
 every train timestep from it down to 0, ending at the clean sample). Samplers: ``OLSSScheduler`` serving the
-calibrated plans (a start plan where one was kept, else its built-in fallback), DPM-Solver++ 2M and DDIM
-with trailing spacing. Prints the RMSE per sampler and OLSS / DPM-Solver++. The held-out latents and the
+calibrated plans (a fitted start plan where one was kept, else the built-in the choice kept, in OLSS form),
+DPM-Solver++ 2M and DDIM with trailing spacing. Prints the RMSE per sampler and OLSS / DPM-Solver++. The held-out latents and the
 references are cached in ``--held-out-cache`` (``.npz``); ``--only-references`` fills it for the built-ins'
 start timesteps without calibrating. A quality measurement, not a timing.
 """
