@@ -146,20 +146,19 @@ def fit_start_plans(
                 (i for i, c in enumerate(scored[: len(fitted)]) if c["name"] == choice.record.get("best_fitted")),
                 int(np.argmin([c["rmse"] for c in scored[: len(fitted)]])))
             best_builtin = min(builtin_scores, key=lambda name: builtin_scores[name]["rmse"])
-            # a built-in the choice keeps ships as the start plan in OLSS form: the scheduler then serves the
-            # solver measured here, not its configured fallback
-            served = "plan" if shipped else scored[choice.index]["name"].removeprefix("builtin/")
-            plan.starts.append({**record, "serves": "plan" if shipped else "builtin", "fit": scored[best]["name"],
-                                "validation_rmse": scored[best]["rmse"],
+            if shipped:
+                fit, coefficients, step_errors = fitted[best][0], fitted[best][2], fitted[best][3]
+                serves, served = {"serves": "plan"}, "start plan"
+            else:  # the built-in the choice keeps ships in OLSS form: the scheduler serves what was measured here
+                kept = scored[choice.index]["name"].removeprefix("builtin/")
+                fit, coefficients, step_errors = f"builtin:{kept}", builtin_rows[kept], np.full(len(nodes), np.nan)
+                serves, served = {"serves": "builtin", "builtin": kept}, f"built-in {kept}"
+            plan.starts.append({**record, **serves, "fit": scored[best]["name"], "validation_rmse": scored[best]["rmse"],
                                 "builtin_rmse": {name: v["rmse"] for name, v in builtin_scores.items()},
-                                "best_builtin": best_builtin, "candidates": scored, "choice": choice.record,
-                                **({} if shipped else {"builtin": served})})
-            progress(f"{k} steps from step {s} (strength {strength:g}): "
-                     f"{'start plan' if shipped else f'built-in {served}'}, {scored[best]['name']} RMSE "
+                                "best_builtin": best_builtin, "candidates": scored, "choice": choice.record})
+            progress(f"{k} steps from step {s} (strength {strength:g}): {served}, {scored[best]['name']} RMSE "
                      f"{scored[best]['rmse']:.4g} vs {best_builtin} {builtin_scores[best_builtin]['rmse']:.4g}: "
                      f"{choice.record['reason']}")
-            fit, coefficients, step_errors = (fitted[best][0], fitted[best][2], fitted[best][3]) if shipped else (
-                f"builtin:{served}", builtin_rows[served], np.full(len(nodes), np.nan))
             found[(k, s)] = Plan(
                 nodes=nodes, timesteps=tail, coefficients=coefficients, step_errors=step_errors,
                 search_errors=np.full(len(nodes), np.nan), fit=fit, spacing=plan.spacing,
